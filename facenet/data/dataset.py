@@ -1,0 +1,168 @@
+"""The dataset contract: which images train, which are held out, and their labels.
+
+Two layouts are accepted (README, "Dataset format"):
+
+* ROOT with `train_list.txt` and `test_list.txt` (what preprocessing writes).
+  Each line is `<path relative to ROOT> <class index>`; blank lines and lines
+  starting with `#` are ignored; a line with only a path takes its class from
+  the path's parent folder. The test list holds held-out images of the
+  training identities, so Acc@1 is measured on images the model never saw.
+* A folder of identity sub-folders (ImageFolder), or ROOT/train/ holding them:
+  each identity's images are split by a seeded shuffle, `holdout` (20%, as
+  the ModelZoo recipe) held out. The split is a pure function of (files, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from facenet.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+Sample = tuple[str, int]  # (absolute path, class index)
+
+
+@dataclass
+class DatasetSplit:
+    root: str
+    layout: str  # "lists" or "folders"
+    classes: list[str]
+    train: list[Sample]
+    test: list[Sample]
+    manifest_hash: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> str:
+        return (f"{self.layout} dataset at {self.root}: {self.num_classes} identities, "
+                f"{len(self.train)} training images, {len(self.test)} held out")
+
+
+def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456) -> DatasetSplit:
+    """Resolve ROOT to train / held-out samples. Raises UserError naming what is wrong."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.exists(root):
+        raise UserError(f"--data {root}: no such directory")
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root}: not a directory")
+    train_list = os.path.join(root, "train_list.txt")
+    if os.path.isfile(train_list):
+        split = _from_lists(root, train_list, os.path.join(root, "test_list.txt"))
+    else:
+        folder = root
+        if not _identity_dirs(root) and os.path.isdir(os.path.join(root, "train")):
+            folder = os.path.join(root, "train")
+        split = _from_folders(root, folder, holdout, seed)
+    split.manifest_hash = _manifest_hash(root)
+    if split.num_classes < 2:
+        raise UserError(f"--data {root}: found {split.num_classes} identity; classification needs at least 2")
+    if not split.train:
+        raise UserError(f"--data {root}: no training images found")
+    return split
+
+
+def _identity_dirs(folder: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except PermissionError:
+        raise UserError(f"--data {folder}: permission denied") from None
+
+
+def _list_images(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder)
+                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _from_folders(root: str, folder: str, holdout: float, seed: int) -> DatasetSplit:
+    classes, train, test = [], [], []
+    for name in _identity_dirs(folder):
+        files = _list_images(os.path.join(folder, name))
+        if not files:
+            continue
+        label = len(classes)
+        classes.append(name)
+        # Per-identity seeded shuffle: adding an identity never moves another's split.
+        rng = random.Random(f"{seed}:{name}")
+        rng.shuffle(files)
+        n_test = int(round(len(files) * holdout)) if len(files) > 1 else 0
+        paths = [os.path.join(folder, name, f) for f in files]
+        test += [(p, label) for p in paths[:n_test]]
+        train += [(p, label) for p in paths[n_test:]]
+    if not classes:
+        raise UserError(f"--data {root}: no identity sub-folders with images "
+                        f"(expected ROOT/<identity>/<image> or ROOT/train_list.txt)")
+    return DatasetSplit(root, "folders", classes, train, test)
+
+
+def _from_lists(root: str, train_list: str, test_list: str) -> DatasetSplit:
+    if not os.path.isfile(test_list):
+        raise UserError(f"{test_list}: missing (train_list.txt is present; both lists are needed)")
+    names: dict[int, str] = {}
+    train = _read_list(root, train_list, names)
+    test = _read_list(root, test_list, names)
+    if not names:
+        raise UserError(f"{train_list}: lists no images")
+    n = max(names) + 1
+    missing = [i for i in range(n) if i not in names]
+    if missing:
+        raise UserError(f"{train_list}: class indices must be 0..{n - 1}; {len(missing)} unused (first: {missing[0]})")
+    train_labels = {label for _, label in train}
+    unseen = sorted({label for _, label in test} - train_labels)
+    if unseen:
+        raise UserError(f"{test_list}: class {unseen[0]} ({names[unseen[0]]}) has no training images")
+    return DatasetSplit(root, "lists", [names[i] for i in range(n)], train, test)
+
+
+def _read_list(root: str, path: str, names: dict[int, str]) -> list[Sample]:
+    """Parse one list file; `names` maps class index -> identity name, shared across lists."""
+    by_name = {v: k for k, v in names.items()}
+    samples = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                rel, label = parts[0], int(parts[1])
+            else:
+                rel, label = line, None
+            if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+                raise UserError(f"{path}:{lineno}: path {rel!r} must be relative to the dataset root")
+            identity = os.path.basename(os.path.dirname(rel)) or rel
+            if label is None:
+                label = by_name.setdefault(identity, len(by_name))
+            if label < 0:
+                raise UserError(f"{path}:{lineno}: class index {label} is negative")
+            names.setdefault(label, identity)
+            by_name.setdefault(identity, label)
+            samples.append((os.path.join(root, rel), label))
+    return samples
+
+
+def _manifest_hash(root: str) -> str | None:
+    """The preprocessing manifest's content hash if present, else a hash of the list files."""
+    manifest = os.path.join(root, "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as fh:
+                value = json.load(fh).get("content_hash")
+            if value:
+                return str(value)
+        except (OSError, ValueError, AttributeError):
+            pass
+    lists = [os.path.join(root, n) for n in ("train_list.txt", "test_list.txt")]
+    if all(os.path.isfile(p) for p in lists):
+        h = hashlib.sha256()
+        for p in lists:
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+        return "lists-sha256:" + h.hexdigest()[:16]
+    return None

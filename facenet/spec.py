@@ -1,0 +1,162 @@
+"""The one typed training spec shared by the CLI, the queue payload and the trainer.
+
+A spec is plain data: it round-trips through JSON (never pickle), is logged
+whole to MLflow and stored in every checkpoint. Unknown keys are errors, so a
+typo in a queued job fails at submit time instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from facenet.errors import UserError
+
+DEVICES = ("auto", "npu", "cuda", "cpu")
+OPTIMIZERS = ("adam", "sgd")
+OPT_LEVELS = ("O0", "O1", "O2")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+CHECKPOINT_LOGGING = ("last", "every", "none")
+
+
+def default_pretrained_path() -> str:
+    """Where the seed expects vggface2 weights: $TORCH_HOME/checkpoints (default ~/.cache/torch)."""
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return os.path.join(torch_home, "checkpoints", "20180402-114759-vggface2.pt")
+
+
+@dataclass
+class TrainSpec:
+    """Everything that defines one training run. Defaults follow the ModelZoo recipe."""
+
+    data: str
+    epochs: int = 20
+    batch_size: int = 64  # global, split evenly over the processes
+    lr: float = 0.01
+    optimizer: str = "adam"
+    lr_steps: list[int] = field(default_factory=lambda: [5, 10])
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0
+    amp: bool = False
+    amp_dtype: str = "auto"
+    opt_level: str = "O2"
+    loss_scale: str = "dynamic"
+    npus: int = 1
+    device_list: list[int] | None = None
+    device: str = "auto"
+    workers: int | None = None  # None: min(4, cores per process)
+    seed: int = 123456
+    resume: str | None = None
+    output: str = "output/train"
+    json_out: str | None = None
+    events: str | None = None  # None: OUTPUT/events.jsonl
+    mlflow_uri: str | None = None
+    run_id: str | None = None
+    run_name: str | None = None
+    experiment: str = "facenet"
+    tags: dict[str, str] = field(default_factory=dict)
+    pretrained: str | None = "auto"  # "auto": the seed's cache path if present; None: from scratch
+    holdout: float = 0.2
+    augment: bool = False
+    image_size: int = 160
+    dropout: float = 0.6
+    log_every: int = 10
+    warmup_steps: int = 3
+    log_checkpoints: str = "last"
+
+    # -- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+        if "data" not in data:
+            raise UserError("training spec has no 'data' (the dataset root)")
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"training spec is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError("training spec must be a JSON object")
+        return cls.from_dict(data)
+
+    @property
+    def amp_enabled(self) -> bool:
+        """Mixed precision runs when --amp is on and the opt level is not O0 (apex's O0 is fp32)."""
+        return self.amp and self.opt_level != "O0"
+
+    # -- validation ----------------------------------------------------------
+    def validate(self) -> None:
+        """Raise UserError naming the first bad value."""
+
+        def bad(name: str, value: Any, why: str) -> UserError:
+            return UserError(f"--{name.replace('_', '-')} {value}: {why}")
+
+        if not self.data:
+            raise UserError("--data is required (the dataset root)")
+        if self.epochs < 1:
+            raise bad("epochs", self.epochs, "must be at least 1")
+        if self.batch_size < 1:
+            raise bad("batch_size", self.batch_size, "must be at least 1")
+        if not self.lr > 0:
+            raise bad("lr", self.lr, "must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
+        if any(s < 1 for s in self.lr_steps) or list(self.lr_steps) != sorted(set(self.lr_steps)):
+            raise bad("lr_steps", ",".join(map(str, self.lr_steps)), "must be increasing positive epochs")
+        if self.opt_level not in OPT_LEVELS:
+            raise bad("opt_level", self.opt_level, f"choose one of {', '.join(OPT_LEVELS)}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise bad("amp_dtype", self.amp_dtype, f"choose one of {', '.join(AMP_DTYPES)}")
+        if self.loss_scale != "dynamic":
+            try:
+                scale = float(self.loss_scale)
+            except ValueError:
+                raise bad("loss_scale", self.loss_scale, "must be 'dynamic' or a positive number") from None
+            if not scale > 0:
+                raise bad("loss_scale", self.loss_scale, "must be 'dynamic' or a positive number")
+        if self.npus < 1:
+            raise bad("npus", self.npus, "must be at least 1 (one process per device)")
+        if self.device not in DEVICES:
+            raise bad("device", self.device, f"unknown device; choose one of {', '.join(DEVICES)}")
+        if self.device_list is not None:
+            if len(self.device_list) != self.npus:
+                raise bad("device_list", ",".join(map(str, self.device_list)),
+                          f"names {len(self.device_list)} device(s) but --npus is {self.npus}")
+            if len(set(self.device_list)) != len(self.device_list) or min(self.device_list) < 0:
+                raise bad("device_list", ",".join(map(str, self.device_list)),
+                          "device ids must be distinct and non-negative")
+        if self.batch_size % self.npus:
+            raise bad("batch_size", self.batch_size,
+                      f"the global batch must divide evenly over --npus {self.npus}")
+        if self.workers is not None and self.workers < 0:
+            raise bad("workers", self.workers, "must be 0 or more")
+        if not 0 <= self.holdout < 1:
+            raise bad("holdout", self.holdout, "must be in [0, 1)")
+        if self.image_size < 32:
+            raise bad("image_size", self.image_size, "must be at least 32")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", self.dropout, "must be in [0, 1)")
+        if self.log_every < 1:
+            raise bad("log_every", self.log_every, "must be at least 1")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", self.warmup_steps, "must be 0 or more")
+        if self.log_checkpoints not in CHECKPOINT_LOGGING:
+            raise bad("log_checkpoints", self.log_checkpoints,
+                      f"choose one of {', '.join(CHECKPOINT_LOGGING)}")

@@ -1,0 +1,203 @@
+"""MLflow tracking for rank 0 that never stalls or kills training.
+
+Every record (params, metrics, artifacts) goes into an ordered queue that a
+background thread sends. When the server is briefly unreachable the thread
+keeps the record, backs off and retries, so the training loop never waits on
+HTTP; at the end `close()` flushes what is left (with a deadline) and says
+how many records were sent, retried or lost.
+
+The run itself is created (or reopened with --run-id) up front: an MLflow
+server that is unreachable at start is a configuration error, reported in
+one line, not something to discover after hours of training.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from facenet.errors import UserError
+
+# MLflow's client retries each HTTP call up to 7 times with exponential backoff
+# (minutes). We retry ourselves, off the training thread, so each attempt must
+# fail fast. Set before mlflow is imported so its config picks them up.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3: open in the model-training view, not GenAI
+
+
+def resolve_uri(uri: str | None) -> str | None:
+    return uri or os.environ.get("FACENET_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@dataclass
+class TrackerReport:
+    sent: int = 0
+    retries: int = 0
+    lost: list[str] = field(default_factory=list)
+    last_error: str | None = None
+
+    def summary(self) -> str:
+        if self.lost:
+            return (f"MLflow: {len(self.lost)} record(s) could not be sent ({self.last_error}); "
+                    f"{self.sent} sent")
+        if self.retries:
+            return (f"MLflow: all {self.sent} records sent after {self.retries} retr"
+                    f"{'y' if self.retries == 1 else 'ies'} (server was briefly unreachable: {self.last_error})")
+        return f"MLflow: all {self.sent} records sent"
+
+
+class Tracker:
+    """One MLflow run, written from a background thread."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, connect_timeout: float = 30.0):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=uri)
+        self.report = TrackerReport()
+        self._queue: queue.Queue[tuple[str, Callable[[], Any]] | None] = queue.Queue()
+        self._deadline: float | None = None  # set by close(): stop retrying there
+        self.run_id = self._with_retries(lambda: self._open_run(experiment, run_id, run_name, tags or {}),
+                                         connect_timeout)
+        self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    # -- set-up ------------------------------------------------------------
+    def _open_run(self, experiment: str, run_id: str | None, run_name: str | None, tags: dict) -> str:
+        if run_id:
+            run = self.client.get_run(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, v)
+            return run.info.run_id
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        else:
+            exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def _with_retries(self, fn: Callable[[], Any], timeout: float):
+        from mlflow.exceptions import MlflowException
+
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise UserError(f"MLflow at {self.uri}: {_one_line(exc)}") from None
+                err = exc
+            except Exception as exc:  # connection refused, DNS, timeouts
+                err = exc
+            if time.monotonic() + delay > deadline:
+                raise UserError(f"MLflow tracking server {self.uri} is unreachable: {_one_line(err)}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # -- records (non-blocking) -------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
+            chunk = items[i:i + 100]
+            self._put("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        self._put(f"metrics@{step}", lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._put("tags", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._put(f"artifact {os.path.basename(path)}",
+                  lambda: self.client.log_artifact(self.run_id, path, artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_model(self, model, pip_requirements: list[str]) -> None:
+        """Queue mlflow.pytorch.log_model for the run (sent in order, like everything else)."""
+
+        def send():
+            import mlflow.pytorch
+
+            with self._mlflow.start_run(run_id=self.run_id, nested=False):
+                mlflow.pytorch.log_model(model, name="model", pip_requirements=pip_requirements)
+
+        self._put("model", send)
+
+    def _put(self, what: str, fn: Callable[[], Any]) -> None:
+        self._queue.put((what, fn))
+
+    # -- sending -----------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            what, fn = item
+            delay = 1.0
+            while True:
+                try:
+                    fn()
+                    self.report.sent += 1
+                    break
+                except Exception as exc:
+                    self.report.last_error = _one_line(exc)
+                    if time.monotonic() >= self._give_up_at():
+                        self.report.lost.append(what)
+                        break
+                    self.report.retries += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self._queue.task_done()
+
+    def _give_up_at(self) -> float:
+        # While training runs, keep retrying; once close() set a deadline, stop there.
+        return self._deadline if self._deadline is not None else float("inf")
+
+    def close(self, status: str = "FINISHED", timeout: float = 300.0) -> TrackerReport:
+        """Flush queued records (up to `timeout` s), end the run with `status`, report."""
+        self._deadline = time.monotonic() + timeout
+        end = lambda: self.client.set_terminated(self.run_id, status=status)  # noqa: E731
+        self._put("end run", end)
+        self._queue.put(None)
+        self._thread.join(timeout + 60)
+        while not self._queue.empty():  # records the thread never reached
+            item = self._queue.get_nowait()
+            if item is not None:
+                self.report.lost.append(item[0])
+        return self.report
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -1,0 +1,5 @@
+import sys
+
+from facenet.train.launch import main
+
+sys.exit(main())

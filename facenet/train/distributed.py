@@ -1,0 +1,62 @@
+"""torch.distributed set-up that is also correct for world size 1 (same code path)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistInfo:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; absent means a single process."""
+    if "RANK" not in os.environ:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(info: DistInfo, backend: str, device: torch.device | None) -> None:
+    if info.world_size > 1 and not dist.is_initialized():
+        kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or max) a few scalars over all ranks; identity for world size 1."""
+    if not dist.is_initialized():
+        return list(values)
+    # HCCL has no float64 all-reduce; float32 is exact for counts below 2**24 per call.
+    dtype = torch.float32 if device.type == "npu" else torch.float64
+    t = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_object(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,384 @@
+"""The training loop: one process, one device; N of these under torchrun make DDP.
+
+Rank 0 does the side effects (console, events, checkpoints, MLflow);
+everything else is symmetric, and world size 1 runs the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from facenet import devices
+from facenet.data import loader as data_loader
+from facenet.data.dataset import DatasetSplit, load_dataset
+from facenet.errors import UserError
+from facenet.model import build_model, resolve_pretrained
+from facenet.spec import TrainSpec
+from facenet.train import checkpoint as ckpt_io
+from facenet.train import distributed as dist
+from facenet.train.metrics import EpochClock, EventLog, modelzoo_block
+from facenet.tracking import Tracker, resolve_uri
+
+MAX_NAMED_BAD = 10
+
+
+@dataclass
+class Amp:
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    static_scale: float | None
+
+    @property
+    def label(self) -> str:
+        if not self.enabled:
+            return "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def make_amp(spec: TrainSpec, device: devices.Device) -> Amp:
+    """One AMP path: autocast with the backend's dtype; a GradScaler only for fp16."""
+    dtype = device.autocast_dtype(spec.amp_dtype)
+    enabled = spec.amp_enabled
+    if enabled:
+        ok, why = device.amp_supported(dtype)
+        if not ok:
+            raise UserError(f"--amp on {device.type}: {why}; drop --amp or pick --amp-dtype")
+    use_scaler = enabled and dtype == torch.float16
+    static = None if spec.loss_scale == "dynamic" else float(spec.loss_scale)
+    kwargs = {"init_scale": static} if static else {}
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler, **kwargs)
+    return Amp(enabled, dtype, scaler, static)
+
+
+def default_run_name(spec: TrainSpec, device_type: str) -> str:
+    level = spec.opt_level if spec.amp_enabled else "O0"
+    return f"{spec.npus}p-{device_type}-bs{spec.batch_size}-{level}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Console:
+    """Rank-0 printing; other ranks stay quiet."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+
+def run(spec: TrainSpec) -> dict:
+    """Train per `spec` in this process (rank from torchrun's env). Returns the summary (rank 0)."""
+    t_start = time.time()
+    info = dist.from_env()
+    device_type = devices.resolve_device_type(spec.device)
+    device_ids = devices.check_device_request(device_type, spec.npus, spec.device_list)
+    if info.world_size != spec.npus:
+        raise UserError(f"--npus {spec.npus} but {info.world_size} process(es) were started")
+    device = devices.setup_device(device_type, info.local_rank, device_ids)
+    dist.init(info, device.dist_backend, device.torch_device)
+    say = Console(info.is_main)
+    try:
+        return _train(spec, info, device, say, t_start)
+    finally:
+        dist.shutdown()
+
+
+def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Console, t_start: float) -> dict:
+    torch_device = device.torch_device
+    data = load_dataset(spec.data, spec.holdout, spec.seed)
+    per_rank_batch = spec.batch_size // info.world_size
+    if len(data.train) // info.world_size < per_rank_batch:
+        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split "
+                        f"({len(data.train)} images over {info.world_size} process(es))")
+    pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained)
+    resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
+    amp = make_amp(spec, device)
+    workers = spec.workers if spec.workers is not None else data_loader.default_workers(info.world_size)
+    channels_last = device.channels_last
+
+    say(f"{data.describe()}")
+    say(f"{pretrained_note}")
+    say(f"device {device.type} x {info.world_size} ({device.dist_backend}), precision {amp.label}"
+        f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {channels_last}")
+    say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
+        f"{len(data.train) // spec.batch_size} steps per epoch; {workers} loader worker(s) per process")
+
+    seed_everything(spec.seed + info.rank)
+    model = build_model(data.num_classes, pretrained_file, spec.dropout)
+    model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if spec.optimizer == "adam":
+        optimizer = device.make_adam(model.parameters(), spec.lr, spec.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
+
+    start_epoch, history, run_id = 0, [], spec.run_id
+    if resume_path:
+        state = ckpt_io.load(resume_path)
+        _check_resumable(state, data, resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        amp.scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state.get("history", [])
+        run_id = run_id or state.get("mlflow_run_id")
+        if info.is_main and state.get("rng"):
+            ckpt_io.set_rng_state(state["rng"])
+        say(f"resumed from {resume_path}: {start_epoch} epoch(s) done")
+    if start_epoch >= spec.epochs:
+        say(f"nothing to do: checkpoint already has {start_epoch} of {spec.epochs} epochs")
+
+    ddp_model = model
+    if info.world_size > 1:
+        ids = [device.index] if device.index is not None else None
+        ddp_model = DistributedDataParallel(model, device_ids=ids)
+
+    tracker, events = None, EventLog(None)
+    if info.is_main:
+        os.makedirs(spec.output, exist_ok=True)
+        events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"))
+        uri = resolve_uri(spec.mlflow_uri)
+        if uri:
+            tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
+            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or default_run_name(spec, device.type), tags)
+            run_id = tracker.run_id
+            if not resume_path:
+                tracker.log_params(_params(spec, data, device, info, amp, workers))
+            say(f"MLflow run {run_id} at {uri}")
+    run_id = dist.all_gather_object(run_id)[0]
+
+    train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
+                                            workers, spec.image_size, spec.augment, device.pin_memory)
+    eval_loader = data_loader.eval_loader(data.test, per_rank_batch, info.rank, info.world_size,
+                                          workers, spec.image_size, device.pin_memory)
+    bad_paths: set[str] = set()
+    reported_bad: set[str] = set()
+    events.emit("start", world_size=info.world_size, device=device.type, epochs=spec.epochs,
+                start_epoch=start_epoch, mlflow_run_id=run_id, steps_per_epoch=len(train_loader))
+    status = "FAILED"
+    try:
+        for epoch in range(start_epoch, spec.epochs):
+            # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
+            seed_everything(spec.seed + 1000 * epoch + info.rank)
+            train_loader.sampler.set_epoch(epoch)
+            t_epoch = time.time()
+            stats = _train_epoch(ddp_model, train_loader, optimizer, amp, device, channels_last, spec,
+                                 epoch, events, say, bad_paths, info)
+            acc1, n_eval = _evaluate(model, eval_loader, amp, device, channels_last, bad_paths)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            bad_paths = _share_bad_paths(bad_paths, reported_bad, say)
+            record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"], "acc1": acc1,
+                      "fps": stats["fps"], "fps_per_device": stats["fps"] / info.world_size, "lr": lr,
+                      "epoch_time": time.time() - t_epoch, "window_images": stats["window_images"],
+                      "window_seconds": stats["window_seconds"], "eval_images": n_eval,
+                      "bad_images": len(bad_paths)}
+            history.append(record)
+            acc_text = "n/a" if acc1 is None else f"{acc1:.4f}"
+            say(f"Epoch {epoch + 1}/{spec.epochs} | loss {stats['loss']:.4f} | train acc {stats['train_acc']:.4f} | "
+                f"Acc@1 {acc_text} ({n_eval} held out) | fps {stats['fps']:.1f} "
+                f"({stats['fps'] / info.world_size:.1f}/device) | lr {lr:g} | {record['epoch_time']:.1f}s")
+            events.emit("epoch", **record)
+            if info.is_main:
+                path = os.path.join(spec.output, ckpt_io.CHECKPOINT_NAME)
+                ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict(),
+                                     "epoch": epoch + 1, "rng": ckpt_io.rng_state(), "history": history,
+                                     "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id},
+                                    path)
+                if tracker:
+                    tracker.log_metrics({k: record[k] for k in ("loss", "train_acc", "acc1", "fps", "fps_per_device",
+                                                                "lr", "epoch_time")}, step=epoch + 1)
+                    if spec.log_checkpoints == "every":
+                        tracker.log_artifact(path, "checkpoints")
+            dist.barrier()
+        status = "FINISHED"
+    finally:
+        if status != "FINISHED":
+            events.emit("failed")
+            if tracker:
+                tracker.close("FAILED", timeout=30)
+            events.close()
+
+    summary = _summary(spec, history, info, device, amp, t_start, run_id, data, bad_paths)
+    if info.is_main:
+        final = os.path.join(spec.output, "model.pt")
+        ckpt_io.save_atomic({"model": model.state_dict(), "classes": data.classes, "spec": spec.to_dict()}, final)
+        summary["model"] = final
+        if tracker:
+            tracker.log_metrics({"final_fps": summary["fps"], "final_acc1": summary["acc1"]}, step=spec.epochs)
+            if spec.log_checkpoints != "none":
+                tracker.log_artifact(summary["checkpoint"], "checkpoints")
+            tracker.log_text(json.dumps(summary, indent=2), "summary.json")
+            model.cpu().eval()
+            tracker.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                       "facenet-pytorch==2.5.3"])
+            report = tracker.close("FINISHED")
+            summary["mlflow_lost_records"] = len(report.lost)
+            say(report.summary())
+        events.emit("end", **{k: v for k, v in summary.items() if k != "event"})
+        events.close()
+        if spec.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
+            with open(spec.json_out, "w", encoding="utf-8") as fh:
+                json.dump(summary, fh, indent=2)
+        say(json.dumps(summary))
+        say(modelzoo_block(summary["fps"], summary["train_acc"], summary["e2e_seconds"]))
+    return summary
+
+
+def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
+                 epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo) -> dict:
+    model.train()
+    steps = len(loader)
+    clock = EpochClock(spec.warmup_steps, steps)
+    loss_sum = torch.zeros((), device=device.torch_device)
+    correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
+    seen = 0
+    if clock.warmup == 0:
+        device.synchronize()
+        clock.start()
+    t_log, seen_at_log = time.perf_counter(), 0
+    for step, (images, labels, bad) in enumerate(loader, 1):
+        bad_paths.update(bad)
+        if labels.numel() == 0:
+            raise UserError(f"no readable image in a whole batch (e.g. {bad[0] if bad else '?'}): "
+                            "the dataset is mostly unreadable")
+        x = data_loader.to_device(images, device.torch_device, channels_last)
+        y = labels.to(device.torch_device, non_blocking=True)
+        with device.autocast(amp.enabled, amp.dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(optimizer)
+        amp.scaler.update(amp.static_scale)  # a fixed --loss-scale is re-set after every step
+        n = labels.numel()
+        seen += n
+        loss_sum += loss.detach().float() * n
+        correct += (logits.detach().argmax(1) == y).sum()
+        if step == clock.warmup:
+            device.synchronize()
+            clock.start()
+        elif step > clock.warmup:
+            clock.count(n)
+        if step % spec.log_every == 0 or step == steps:
+            device.synchronize()
+            now = time.perf_counter()
+            # Rank 0's recent rate x world size is a progress estimate only; the epoch FPS below is measured.
+            fps_now = (seen - seen_at_log) * info.world_size / max(now - t_log, 1e-9)
+            t_log, seen_at_log = now, seen
+            loss_avg = loss_sum.item() / seen
+            acc = correct.item() / seen
+            say(f"Train | epoch {epoch + 1} | {step}/{steps} | loss: {loss_avg:.4f} | fps: {fps_now:.1f} | acc: {acc:.4f}")
+            events.emit("step", epoch=epoch + 1, step=step, steps=steps, loss=loss_avg, fps=fps_now, train_acc=acc)
+    device.synchronize()
+    clock.stop()
+    loss_total, correct_total, seen_total, images, _ = dist.all_reduce(
+        [loss_sum.item(), float(correct.item()), float(seen), float(clock.images), 0.0], device.torch_device)
+    (window,) = dist.all_reduce([clock.seconds], device.torch_device, op="max")
+    return {"loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
+            "fps": images / window if window > 0 else 0.0, "window_images": int(images), "window_seconds": window}
+
+
+@torch.inference_mode()
+def _evaluate(model, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set):
+    """Top-1 on the held-out split over all ranks. Returns (acc1 or None, images evaluated)."""
+    model.eval()
+    correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
+    total = 0
+    for images, labels, bad in loader:
+        bad_paths.update(bad)
+        if labels.numel() == 0:
+            continue
+        x = data_loader.to_device(images, device.torch_device, channels_last)
+        with device.autocast(amp.enabled, amp.dtype):
+            logits = model(x)
+        correct += (logits.argmax(1) == labels.to(device.torch_device)).sum()
+        total += labels.numel()
+    correct_all, total_all = dist.all_reduce([float(correct.item()), float(total)], device.torch_device)
+    model.train()
+    return (correct_all / total_all if total_all else None), int(total_all)
+
+
+def _share_bad_paths(local: set, reported: set, say: Console) -> set:
+    """Union of unreadable files over ranks; rank 0 names new ones (first few) once."""
+    merged = set().union(*dist.all_gather_object(sorted(local)))
+    new = sorted(merged - reported)
+    if new:
+        reported.update(new)
+        shown = ", ".join(new[:MAX_NAMED_BAD])
+        more = f" and {len(new) - MAX_NAMED_BAD} more" if len(new) > MAX_NAMED_BAD else ""
+        say(f"warning: skipped {len(new)} unreadable image(s): {shown}{more}")
+    return merged
+
+
+def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:
+    if state.get("classes") and state["classes"] != data.classes:
+        raise UserError(f"--resume {path}: the checkpoint was trained on {len(state['classes'])} other identities; "
+                        f"this dataset has {data.num_classes}")
+
+
+def _params(spec: TrainSpec, data: DatasetSplit, device: devices.Device, info: dist.DistInfo, amp: Amp,
+            workers: int) -> dict:
+    params = {k: v for k, v in spec.to_dict().items() if k not in ("tags",)}
+    params.update({"device_type": device.type, "world_size": info.world_size, "precision": amp.label,
+                   "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test),
+                   "dataset_layout": data.layout, "dataset_hash": data.manifest_hash, "loader_workers": workers,
+                   "per_device_batch": spec.batch_size // info.world_size, **devices.versions()})
+    return params
+
+
+def _summary(spec: TrainSpec, history: list, info: dist.DistInfo, device: devices.Device, amp: Amp,
+             t_start: float, run_id: str | None, data: DatasetSplit, bad_paths: set) -> dict:
+    images = sum(h["window_images"] for h in history)
+    seconds = sum(h["window_seconds"] for h in history)
+    fps = images / seconds if seconds > 0 else 0.0
+    last = history[-1] if history else {}
+    return {
+        "fps": round(fps, 3),
+        "fps_per_device": round(fps / info.world_size, 3),
+        "acc1": last.get("acc1"),
+        "train_acc": last.get("train_acc"),
+        "loss": last.get("loss"),
+        "epochs": len(history),
+        "world_size": info.world_size,
+        "device": device.type,
+        "amp": amp.enabled,
+        "precision": amp.label,
+        "batch_size": spec.batch_size,
+        "num_classes": data.num_classes,
+        "bad_images": len(bad_paths),
+        "e2e_seconds": round(time.time() - t_start, 3),
+        "checkpoint": os.path.abspath(os.path.join(spec.output, ckpt_io.CHECKPOINT_NAME)),
+        "mlflow_run_id": run_id,
+        "fps_measured_over": {"images": images, "seconds": round(seconds, 3),
+                              "note": "all ranks, steady-state steps only, device synchronized"},
+    }
+
+
+def main_worker(spec: TrainSpec) -> int:
+    """Entry for one process; UserError -> one line on stderr, exit 2."""
+    try:
+        run(spec)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,73 @@
+"""Entry point: validate at the edge, then run 1 process here or N under torchrun.
+
+With --npus N > 1 and no torchrun environment, this process becomes the
+launcher: it checks everything a user can get wrong (paths, devices, sizes)
+so mistakes are one line instead of N tracebacks, writes the spec as JSON and
+starts `torch.distributed.run --nproc-per-node N -m facenet.train --spec FILE`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from facenet import devices
+from facenet.data.dataset import load_dataset
+from facenet.errors import UserError
+from facenet.model import resolve_pretrained
+from facenet.spec import TrainSpec
+from facenet.train import checkpoint as ckpt_io
+from facenet.train.options import spec_from_args
+
+# Lets the queue's supervisor override how many processes the ModelZoo scripts start.
+NPROC_ENV = "FACENET_NPROC"
+
+
+def preflight(spec: TrainSpec) -> str:
+    """Everything checkable before processes start; returns the resolved device type."""
+    device_type = devices.resolve_device_type(spec.device)
+    devices.check_device_request(device_type, spec.npus, spec.device_list)
+    data = load_dataset(spec.data, spec.holdout, spec.seed)
+    if len(data.train) // spec.npus < spec.batch_size // spec.npus:
+        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split "
+                        f"({len(data.train)} images over {spec.npus} process(es))")
+    resolve_pretrained(spec.pretrained)
+    ckpt_io.resolve_resume(spec.resume, spec.output)
+    return device_type
+
+
+def launch_distributed(spec: TrainSpec, device_type: str) -> int:
+    os.makedirs(spec.output, exist_ok=True)
+    spec_path = os.path.join(os.path.abspath(spec.output), "spec.json")
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        fh.write(spec.to_json())
+    env = dict(os.environ)
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in env:
+        # N CPU processes share the cores; without this each spawns a thread per core and they thrash.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.npus))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.npus}",
+           "-m", "facenet.train", "--spec", spec_path]
+    print(f"launching {spec.npus} processes ({device_type}): {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from facenet.train.engine import main_worker
+
+    try:
+        spec = spec_from_args(argv)
+        if "RANK" in os.environ:  # a torchrun child: preflight already ran in the launcher
+            return main_worker(spec)
+        device_type = preflight(spec)
+        if spec.npus > 1:
+            return launch_distributed(spec, device_type)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return main_worker(spec)
