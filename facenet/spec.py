@@ -66,6 +66,7 @@ class TrainSpec:
     log_every: int = 10
     warmup_steps: int = 3
     log_checkpoints: str = "last"
+    audit_samples: str | None = None  # DIR: each rank lists the training images it reads per epoch
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -57,12 +57,13 @@ class Tracker:
     """One MLflow run, written from a background thread."""
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, connect_timeout: float = 30.0):
+                 tags: dict[str, str] | None = None, connect_timeout: float = 15.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self._mlflow = mlflow
+        mlflow.set_tracking_uri(uri)  # log_model goes through the fluent API
         self.client = MlflowClient(tracking_uri=uri)
         self.report = TrackerReport()
         self._queue: queue.Queue[tuple[str, Callable[[], Any]] | None] = queue.Queue()
@@ -90,21 +91,20 @@ class Tracker:
         return self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
     def _with_retries(self, fn: Callable[[], Any], timeout: float):
-        from mlflow.exceptions import MlflowException
-
         deadline = time.monotonic() + timeout
         delay = 0.5
         while True:
             try:
                 return fn()
-            except MlflowException as exc:
-                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            except Exception as exc:
+                if not _transient(exc):
                     raise UserError(f"MLflow at {self.uri}: {_one_line(exc)}") from None
-                err = exc
-            except Exception as exc:  # connection refused, DNS, timeouts
                 err = exc
             if time.monotonic() + delay > deadline:
                 raise UserError(f"MLflow tracking server {self.uri} is unreachable: {_one_line(err)}") from None
+            if delay == 0.5:
+                print(f"MLflow at {self.uri} is not answering ({_one_line(err)}); retrying for {timeout:.0f} s",
+                      flush=True)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -137,14 +137,19 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file))
 
-    def log_model(self, model, pip_requirements: list[str]) -> None:
-        """Queue mlflow.pytorch.log_model for the run (sent in order, like everything else)."""
+    def log_model(self, model, example, pip_requirements: list[str]) -> None:
+        """Queue mlflow.pytorch.log_model for the run (sent in order, like everything else).
+
+        MLflow 3 saves it as a torch.export program (pt2): no pickle, and
+        `example` (a numpy input batch) fixes the signature.
+        """
 
         def send():
             import mlflow.pytorch
 
             with self._mlflow.start_run(run_id=self.run_id, nested=False):
-                mlflow.pytorch.log_model(model, name="model", pip_requirements=pip_requirements)
+                mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                         pip_requirements=pip_requirements)
 
         self._put("model", send)
 
@@ -167,7 +172,7 @@ class Tracker:
                     break
                 except Exception as exc:
                     self.report.last_error = _one_line(exc)
-                    if time.monotonic() >= self._give_up_at():
+                    if not _transient(exc) or time.monotonic() >= self._give_up_at():
                         self.report.lost.append(what)
                         break
                     self.report.retries += 1
@@ -193,11 +198,32 @@ class Tracker:
         return self.report
 
 
+# Server-side answers that will not change on retry (a bad request, a missing run).
+_PERMANENT_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS",
+                    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: connection refused/reset, timeouts, 5xx. Not: the server said no."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, RestException):  # the server answered
+        return exc.error_code not in _PERMANENT_CODES
+    if isinstance(exc, MlflowException):  # raised client-side: only a failed HTTP request is worth a retry
+        return "API request to" in str(exc)
+    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
+
+
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     return text[:6000]  # MLflow's param value limit
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    raw = str(exc)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("Connection reset", "connection reset")):
+        if needle in raw:
+            return short
+    text = raw.strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -56,9 +56,9 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456) -> Dataset
     if os.path.isfile(train_list):
         split = _from_lists(root, train_list, os.path.join(root, "test_list.txt"))
     else:
-        folder = root
-        if not _identity_dirs(root) and os.path.isdir(os.path.join(root, "train")):
-            folder = os.path.join(root, "train")
+        # The seed's tree (ROOT/train/<identity>, ROOT/test/<identity>) without lists: train on ROOT/train.
+        train_dir = os.path.join(root, "train")
+        folder = train_dir if os.path.isdir(train_dir) and _identity_dirs(train_dir) else root
         split = _from_folders(root, folder, holdout, seed)
     split.manifest_hash = _manifest_hash(root)
     if split.num_classes < 2:

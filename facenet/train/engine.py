@@ -178,16 +178,20 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
             seed_everything(spec.seed + 1000 * epoch + info.rank)
             train_loader.sampler.set_epoch(epoch)
+            if spec.audit_samples:
+                _audit_samples(spec.audit_samples, train_loader, data, info.rank, epoch)
             t_epoch = time.time()
             stats = _train_epoch(ddp_model, train_loader, optimizer, amp, device, channels_last, spec,
                                  epoch, events, say, bad_paths, info)
+            train_seconds = time.time() - t_epoch
             acc1, n_eval = _evaluate(model, eval_loader, amp, device, channels_last, bad_paths)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             bad_paths = _share_bad_paths(bad_paths, reported_bad, say)
             record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"], "acc1": acc1,
                       "fps": stats["fps"], "fps_per_device": stats["fps"] / info.world_size, "lr": lr,
-                      "epoch_time": time.time() - t_epoch, "window_images": stats["window_images"],
+                      "epoch_time": time.time() - t_epoch, "train_seconds": train_seconds,
+                      "train_images": stats["images"], "window_images": stats["window_images"],
                       "window_seconds": stats["window_seconds"], "eval_images": n_eval,
                       "bad_images": len(bad_paths)}
             history.append(record)
@@ -201,7 +205,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict(),
                                      "epoch": epoch + 1, "rng": ckpt_io.rng_state(), "history": history,
-                                     "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id},
+                                     "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id,
+                                     "writer_rank": info.rank},
                                     path)
                 if tracker:
                     tracker.log_metrics({k: record[k] for k in ("loss", "train_acc", "acc1", "fps", "fps_per_device",
@@ -227,9 +232,11 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             if spec.log_checkpoints != "none":
                 tracker.log_artifact(summary["checkpoint"], "checkpoints")
             tracker.log_text(json.dumps(summary, indent=2), "summary.json")
-            model.cpu().eval()
-            tracker.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                       "facenet-pytorch==2.5.3"])
+            tracker.log_artifact(final, "final")
+            model.cpu().float().eval()
+            example = np.zeros((1, 3, spec.image_size, spec.image_size), dtype=np.float32)
+            tracker.log_model(model, example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                                "facenet-pytorch==2.5.3"])
             report = tracker.close("FINISHED")
             summary["mlflow_lost_records"] = len(report.lost)
             say(report.summary())
@@ -295,7 +302,8 @@ def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, cha
         [loss_sum.item(), float(correct.item()), float(seen), float(clock.images), 0.0], device.torch_device)
     (window,) = dist.all_reduce([clock.seconds], device.torch_device, op="max")
     return {"loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
-            "fps": images / window if window > 0 else 0.0, "window_images": int(images), "window_seconds": window}
+            "fps": images / window if window > 0 else 0.0, "window_images": int(images), "window_seconds": window,
+            "images": int(seen_total)}
 
 
 @torch.inference_mode()
@@ -328,6 +336,14 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
         more = f" and {len(new) - MAX_NAMED_BAD} more" if len(new) > MAX_NAMED_BAD else ""
         say(f"warning: skipped {len(new)} unreadable image(s): {shown}{more}")
     return merged
+
+
+def _audit_samples(folder: str, loader, data: DatasetSplit, rank: int, epoch: int) -> None:
+    """Write the training images this rank reads this epoch (the sampler's order, full batches only)."""
+    used = list(iter(loader.sampler))[:len(loader) * loader.batch_size]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{rank}_epoch{epoch + 1}.txt"), "w", encoding="utf-8") as fh:
+        fh.writelines(data.train[i][0] + "\n" for i in used)
 
 
 def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:

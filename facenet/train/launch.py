@@ -57,11 +57,11 @@ def launch_distributed(spec: TrainSpec, device_type: str) -> int:
         return proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -> int:
     from facenet.train.engine import main_worker
 
     try:
-        spec = spec_from_args(argv)
+        spec = spec_from_args(argv, prog)
         if "RANK" in os.environ:  # a torchrun child: preflight already ran in the launcher
             return main_worker(spec)
         device_type = preflight(spec)

@@ -98,15 +98,17 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
                    help="extra MLflow run tag (repeatable)")
     g.add_argument("--log-checkpoints", choices=CHECKPOINT_LOGGING, default=d.log_checkpoints,
                    help="upload checkpoints to MLflow: the last one, every epoch, or none")
+    g.add_argument("--audit-samples", metavar="DIR",
+                   help="each process writes DIR/rank<R>_epoch<E>.txt: the training images it reads (sampler audit)")
     g.add_argument("--spec", metavar="FILE", help="read the whole spec from a JSON file (other flags are ignored)")
     g.add_argument("--epochs_per_save", type=int, default=1, help=argparse.SUPPRESS)  # seed: always 1 here
     g.add_argument("--multiprocessing_distributed", action="store_true", help=argparse.SUPPRESS)  # seed: implied by --npus
     return p
 
 
-def spec_from_args(argv: list[str] | None = None) -> TrainSpec:
+def spec_from_args(argv: list[str] | None = None, prog: str = "python -m facenet.train") -> TrainSpec:
     """Parse argv into a validated TrainSpec (UserError on bad values)."""
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser(prog).parse_args(argv)
     if args.spec:
         try:
             with open(args.spec, encoding="utf-8") as fh:

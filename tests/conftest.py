@@ -1,0 +1,120 @@
+"""Shared fixtures: real face photos, a real MLflow server process, helpers to run the trainer.
+
+The sample set (8 real people x 40 loosely cropped photos, MTCNN-cropped) is
+built once per machine into the cache (FACENET_CACHE, default
+~/.cache/facenet-stack) from photos that scikit-image / insightface wheels
+ship; tests copy what they need into their own tmp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from services.entrypoints import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_VERSION = "v1"
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> str:
+    """ROOT with raw/<identity>/*.jpg and faces/<identity>/*.png (8 x ~40), cached per machine."""
+    from facenet.data.samples import build_sample_dataset, cache_dir
+
+    root = os.path.join(cache_dir(), "test-data", SAMPLE_VERSION)
+    done = os.path.join(root, ".complete")
+    if not os.path.exists(done):
+        build_sample_dataset(root, per_identity=40, identities=8, seed=0)
+        open(done, "w").close()
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_faces(sample_root) -> str:
+    return os.path.join(sample_root, "faces")
+
+
+def copy_subset(src: str, dst: str, identities: int, per_identity: int) -> str:
+    """A smaller ImageFolder: the first `identities` folders, `per_identity` images each."""
+    for ident in sorted(os.listdir(src))[:identities]:
+        os.makedirs(os.path.join(dst, ident))
+        for name in sorted(os.listdir(os.path.join(src, ident)))[:per_identity]:
+            shutil.copy(os.path.join(src, ident, name), os.path.join(dst, ident, name))
+    return dst
+
+
+@pytest.fixture
+def small_faces(sample_faces, tmp_path) -> str:
+    """4 identities x 12 crops: enough for the mechanics (DDP, resume) in seconds."""
+    return copy_subset(sample_faces, str(tmp_path / "small"), 4, 12)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    port: int
+    workdir: str
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from services.entrypoints import mlflow_server_command, wait_until_healthy
+
+        log_path = os.path.join(self.workdir, "mlflow.log")
+        cmd = mlflow_server_command(host="127.0.0.1", port=self.port,
+                                    backend_store_uri=f"sqlite:///{self.workdir}/mlflow.db",
+                                    artifacts_destination=os.path.join(self.workdir, "artifacts"))
+        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     start_new_session=True)
+        wait_until_healthy(f"{self.uri}/health", self.proc, 90, log_path)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process (sqlite backend, served artifacts) on a free port."""
+    workdir = str(tmp_path_factory.mktemp("mlflow"))
+    port = free_port()
+    server = MlflowServer(f"http://127.0.0.1:{port}", port, workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "facenet.train", *args]
+
+
+def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def read_json(path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_events(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,254 @@
+"""The training engine, end to end on CPU: real photos, real processes, a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, read_events, read_json, run_train, train_cmd
+
+
+def test_learns_real_faces_with_bf16_amp_and_logs_to_mlflow(sample_faces, mlflow_server, tmp_path):
+    """8 real people: loss falls, held-out Acc@1 far above chance (1/8), bf16 AMP recorded everywhere."""
+    out = tmp_path / "run"
+    res = run_train("--data", sample_faces, "--epochs", "6", "--batch-size", "32", "--lr", "0.001",
+                    "--amp", "--output", str(out), "--json-out", str(out / "summary.json"),
+                    "--mlflow-uri", mlflow_server.uri, "--experiment", "test-learn", "--tag", "job_id=j-learn")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    events = [e for e in read_events(out / "events.jsonl") if e["event"] == "epoch"]
+    assert [e["epoch"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert events[-1]["loss"] < 0.5 * events[0]["loss"]
+    assert summary["acc1"] >= 0.5, summary  # chance is 0.125
+    assert summary["amp"] is True and summary["precision"] == "bf16"
+    assert summary["epochs"] == 6 and summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["fps"] > 0 and summary["fps_per_device"] == summary["fps"]
+    assert summary["mlflow_lost_records"] == 0
+    assert "Final Performance images/sec :" in res.stdout and "E2E Training Duration sec :" in res.stdout
+
+    client = mlflow_server.client()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["precision"] == "bf16" and run.data.params["amp"] == "True"
+    assert run.data.params["world_size"] == "1" and run.data.params["num_classes"] == "8"
+    assert run.data.params["torch_version"] == torch.__version__
+    assert run.data.tags["job_id"] == "j-learn"
+    acc_history = client.get_metric_history(run.info.run_id, "acc1")
+    assert sorted(m.step for m in acc_history) == [1, 2, 3, 4, 5, 6]
+    assert abs(max(acc_history, key=lambda m: m.step).value - summary["acc1"]) < 1e-9
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "final", "summary.json"} <= artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+
+
+def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
+    out, audit = tmp_path / "ddp", tmp_path / "audit"
+    res = run_train("--data", small_faces, "--npus", "2", "--device", "cpu", "--epochs", "2", "--batch-size", "8",
+                    "--lr", "0.001", "--output", str(out), "--json-out", str(out / "summary.json"),
+                    "--audit-samples", str(audit))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    assert summary["fps_per_device"] == pytest.approx(summary["fps"] / 2, rel=1e-3)
+    train_set = set()
+    for ident in os.listdir(small_faces):
+        train_set |= {os.path.join(small_faces, ident, f) for f in os.listdir(os.path.join(small_faces, ident))}
+    for epoch in (1, 2):
+        r0 = (audit / f"rank0_epoch{epoch}.txt").read_text().split("\n")[:-1]
+        r1 = (audit / f"rank1_epoch{epoch}.txt").read_text().split("\n")[:-1]
+        assert len(r0) == len(r1) > 0
+        assert not set(r0) & set(r1), "ranks read the same images"
+        assert set(r0) | set(r1) <= train_set
+    # Held-out images never reach training (the ModelZoo 8p sampler trained on its own validation set).
+    held_out = {p for p, _ in _split(small_faces).test}
+    assert not held_out & (set(r0) | set(r1))
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["writer_rank"] == 0 and ckpt["epoch"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "events.jsonl", "model.pt", "spec.json", "summary.json"]
+
+
+def _split(root):
+    from facenet.data.dataset import load_dataset
+
+    return load_dataset(root)
+
+
+def test_killed_run_resumes_into_the_same_mlflow_run(small_faces, mlflow_server, tmp_path):
+    """SIGKILL after epoch 1, --resume auto: 3 epochs in all, one MLflow run, same result as uninterrupted."""
+    common = ["--data", small_faces, "--epochs", "3", "--batch-size", "8", "--lr", "0.001", "--workers", "0",
+              "--mlflow-uri", mlflow_server.uri, "--experiment", "test-resume"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(*common, "--output", str(out)), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_path = out / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt_path.exists():
+        assert proc.poll() is None, "trainer ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert first["epoch"] in (1, 2)  # killed right after a checkpoint landed
+
+    res = run_train(*common, "--output", str(out), "--resume", "auto", "--json-out", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{first['epoch']} epoch(s) done" in res.stdout
+    resumed = read_json(out / "summary.json")
+    assert resumed["epochs"] == 3
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+
+    ref = tmp_path / "uninterrupted"
+    res = run_train(*common, "--output", str(ref), "--json-out", str(ref / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    straight = read_json(ref / "summary.json")
+    assert straight["epochs"] == resumed["epochs"]
+    # Same data order, same per-epoch seeds, restored optimizer state: the same training trajectory.
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=0.05)
+
+    client = mlflow_server.client()
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == [1, 2, 3]
+    runs = client.search_runs([run.info.experiment_id])
+    assert len(runs) == 2  # the killed+resumed run and the uninterrupted one, nothing else
+
+
+def test_mlflow_outage_mid_training_is_buffered_and_flushed(small_faces, tmp_path):
+    """Stop the tracking server during training, bring it back: training finishes, nothing is lost."""
+    from conftest import MlflowServer, free_port
+
+    port = free_port()
+    workdir = tmp_path / "mlflow"
+    workdir.mkdir()
+    server = MlflowServer(f"http://127.0.0.1:{port}", port, str(workdir))
+    server.start()
+    out = tmp_path / "run"
+    try:
+        proc = subprocess.Popen(train_cmd("--data", small_faces, "--epochs", "4", "--batch-size", "8", "--lr", "0.001",
+                                          "--workers", "0", "--mlflow-uri", server.uri, "--output", str(out),
+                                          "--json-out", str(out / "summary.json")),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        events = out / "events.jsonl"
+        deadline = time.time() + 300
+        while not (events.exists() and '"start"' in events.read_text()):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        server.stop()
+        while '"epoch": 2' not in events.read_text():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        server.start()
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+    finally:
+        server.stop()
+    server.start()
+    try:
+        summary = read_json(out / "summary.json")
+        assert summary["mlflow_lost_records"] == 0
+        assert "retr" in output and "MLflow: all" in output
+        client = server.client()
+        steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "fps"))
+        assert steps == [1, 2, 3, 4]
+        assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        server.stop()
+
+
+def test_corrupt_images_are_skipped_and_named(small_faces, tmp_path):
+    ident = sorted(os.listdir(small_faces))[0]
+    folder = os.path.join(small_faces, ident)
+    victim = sorted(os.listdir(folder))[0]
+    with open(os.path.join(folder, victim), "rb") as fh:
+        data = fh.read()
+    with open(os.path.join(folder, "truncated.png"), "wb") as fh:
+        fh.write(data[: len(data) // 3])
+    with open(os.path.join(folder, "notes.jpg"), "w") as fh:
+        fh.write("this is not an image\n")
+    out = tmp_path / "run"
+    # holdout 0: every file is in training, so both bad files are met in epoch 1
+    res = run_train("--data", small_faces, "--epochs", "1", "--batch-size", "8", "--holdout", "0", "--workers", "1",
+                    "--output", str(out), "--json-out", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["bad_images"] == 2
+    assert "skipped 2 unreadable image(s)" in res.stdout
+    assert "truncated.png" in res.stdout and "notes.jpg" in res.stdout
+
+
+def test_list_layout_and_pretrained_weights(small_faces, tmp_path):
+    """ROOT/{train,test}_list.txt + a vggface2-shaped weights file (8631-way head replaced)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    root = tmp_path / "lists"
+    shutil.copytree(small_faces, root / "train")
+    idents = sorted(os.listdir(root / "train"))
+    train_lines, test_lines = [], []
+    for label, ident in enumerate(idents):
+        files = sorted(os.listdir(root / "train" / ident))
+        test_lines += [f"train/{ident}/{f} {label}" for f in files[:2]]
+        train_lines += [f"train/{ident}/{f} {label}" for f in files[2:]]
+    (root / "train_list.txt").write_text("# path label\n" + "\n".join(train_lines) + "\n")
+    (root / "test_list.txt").write_text("\n".join(test_lines) + "\n")
+    weights = tmp_path / "vggface2.pt"
+    torch.save(InceptionResnetV1(classify=True, num_classes=8631).state_dict(), weights)
+    out = tmp_path / "run"
+    res = run_train("--data", str(root), "--epochs", "1", "--batch-size", "8", "--pretrained", str(weights),
+                    "--output", str(out), "--json-out", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"pretrained weights: {weights}" in res.stdout
+    assert f"lists dataset at {root}: 4 identities, {len(train_lines)} training images, {len(test_lines)} held out" \
+        in res.stdout
+    summary = read_json(out / "summary.json")
+    assert summary["num_classes"] == 4
+    events = [e for e in read_events(out / "events.jsonl") if e["event"] == "epoch"]
+    assert events[0]["eval_images"] == len(test_lines)
+
+
+def test_opt_level_o0_trains_in_fp32_and_says_so(small_faces, tmp_path):
+    out = tmp_path / "run"
+    res = run_train("--data", small_faces, "--epochs", "1", "--batch-size", "8", "--amp", "--opt-level", "O0",
+                    "--output", str(out), "--json-out", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["amp"] is False and summary["precision"] == "fp32"
+    assert "precision fp32" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{missing}"], "--data {missing}: no such directory"),
+    (["--data", "{data}", "--npus", "0"], "--npus 0: must be at least 1"),
+    (["--data", "{data}", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--data", "{data}", "--pretrained", "{missing}.pt"], "--pretrained {missing}.pt: no such file"),
+    (["--data", "{data}", "--device", "cuda"], "--device cuda: no CUDA device is visible"),
+    (["--data", "{data}", "--npus", "3", "--batch-size", "8"], "--batch-size 8: the global batch must divide evenly"),
+    (["--data", "{data}", "--batch-size", "4096"], "--batch-size 4096: larger than the training split"),
+    (["--data", "{data}", "--loss-scale", "big"], "--loss-scale big: must be 'dynamic' or a positive number"),
+    (["--data", "{data}", "--resume", "{missing}.pt"], "--resume {missing}.pt: no such checkpoint"),
+    (["--data", "{data}", "--mlflow-uri", "http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
+])
+def test_bad_input_is_one_clear_line(small_faces, tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    missing = str(tmp_path / "nope")
+    fill = {"missing": missing, "data": small_faces}
+    # a batch the small set can fill, so only the value under test is wrong (a later flag wins)
+    res = run_train("--batch-size", "8", *[a.format(**fill) for a in args], "--output", str(tmp_path / "out"),
+                    timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    error_lines = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1, res.stderr
+    assert message.format(**fill) in error_lines[0]
