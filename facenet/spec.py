@@ -47,7 +47,7 @@ class TrainSpec:
     npus: int = 1
     device_list: list[int] | None = None
     device: str = "auto"
-    workers: int | None = None  # None: min(4, cores per process)
+    workers: int | None = None  # None: 0 with <= 2 cores per process, else min(8, cores - 1)
     seed: int = 123456
     resume: str | None = None
     output: str = "output/train"

@@ -93,3 +93,17 @@ def test_one_identity_is_refused(tmp_path):
     _touch_images(tmp_path, ["only/1.jpg", "only/2.jpg"])
     with pytest.raises(UserError, match="needs at least 2"):
         load_dataset(str(tmp_path))
+
+
+def test_train_sampler_covers_every_image_in_whole_batches():
+    from facenet.data.loader import TrainSampler
+
+    n, world, batch = 45, 2, 8  # 45 images -> 3 global batches of 16 = 48 slots, 3 read twice
+    shards = [list(TrainSampler(n, r, world, batch, seed=7)) for r in range(world)]
+    assert [len(s) for s in shards] == [24, 24]
+    both = shards[0] + shards[1]
+    assert set(both) == set(range(n)) and len(both) - len(set(both)) == 3
+    again = TrainSampler(n, 0, world, batch, seed=7)
+    assert list(again) == shards[0]
+    again.set_epoch(1)
+    assert list(again) != shards[0]

@@ -59,18 +59,21 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert summary["fps_per_device"] == pytest.approx(summary["fps"] / 2, rel=1e-3)
-    train_set = set()
-    for ident in os.listdir(small_faces):
-        train_set |= {os.path.join(small_faces, ident, f) for f in os.listdir(os.path.join(small_faces, ident))}
+    split = _split(small_faces)
+    train_set = {p for p, _ in split.train}
+    assert len(train_set) == 40  # 4 identities x (12 - 2 held out)
+    orders = []
     for epoch in (1, 2):
         r0 = (audit / f"rank0_epoch{epoch}.txt").read_text().split("\n")[:-1]
         r1 = (audit / f"rank1_epoch{epoch}.txt").read_text().split("\n")[:-1]
-        assert len(r0) == len(r1) > 0
+        # 40 images in global batches of 8: 5 whole steps, 20 images per rank, no padding needed
+        assert len(r0) == len(r1) == 20
         assert not set(r0) & set(r1), "ranks read the same images"
-        assert set(r0) | set(r1) <= train_set
+        assert set(r0) | set(r1) == train_set, "every training image is read once per epoch"
+        orders.append(r0)
+    assert orders[0] != orders[1], "set_epoch reshuffles"
     # Held-out images never reach training (the ModelZoo 8p sampler trained on its own validation set).
-    held_out = {p for p, _ in _split(small_faces).test}
-    assert not held_out & (set(r0) | set(r1))
+    assert not {p for p, _ in split.test} & train_set
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["writer_rank"] == 0 and ckpt["epoch"] == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])

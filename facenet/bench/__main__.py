@@ -19,17 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="epochs for both loops")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for both loops (use 512 on a GPU)")
     p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate for both loops")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers for both loops")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader workers for both loops (default: the trainer's default for this host)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the reference loop has no NPU path)")
     args = p.parse_args(argv)
 
     from facenet.bench.train_bench import run_benchmark
+    from facenet.data.loader import default_workers
     from facenet.data.samples import build_sample_dataset, cache_dir
+
+    workers = default_workers(1) if args.workers is None else args.workers
 
     try:
         data = args.data or build_sample_dataset(os.path.join(cache_dir(), "bench-data", "v1"))
         work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench-work")
-        results = {"train": run_benchmark(data, work, args.epochs, args.batch_size, args.lr, args.workers,
+        results = {"train": run_benchmark(data, work, args.epochs, args.batch_size, args.lr, workers,
                                           device=args.device)}
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results, indent=2))
     print(f"train: ours {train['ours']['img_per_s']:.1f} img/s vs reference {train['reference']['img_per_s']:.1f} "
           f"img/s = {train['ratio']:.2f}x; held-out Acc@1 ours {train['ours']['acc1']:.3f}, "
-          f"reference {train['reference']['acc1']:.3f}; written to {args.out}")
+          f"reference {train['reference']['acc1']:.3f}; compute-only ceiling "
+          f"{train['step_ceiling']['ratio']:.2f}x; written to {args.out}")
     return 0
 
 

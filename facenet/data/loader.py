@@ -19,7 +19,7 @@ import os
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
@@ -86,6 +86,38 @@ def collate(batch):
     return images, labels, bad
 
 
+class TrainSampler(Sampler[int]):
+    """Seeded shuffle of the training split, sharded over ranks, padded to whole global batches.
+
+    Every image is read every epoch (the tail is filled by wrapping around to
+    the start of the shuffled order, so a few images are read twice) and every
+    step has the same shape on every rank: static shapes for NPU graph
+    compilation, equal step counts for DDP. torch's DistributedSampler would
+    either drop up to a global batch of images per epoch (drop_last) or leave a
+    ragged last batch.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int, batch_size: int, seed: int):
+        self.length, self.rank, self.world_size, self.seed = length, rank, world_size, seed
+        global_batch = batch_size * world_size
+        self.total = -(-length // global_batch) * global_batch  # ceil to whole global batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        while len(order) < self.total:
+            order += order[: self.total - len(order)]
+        return iter(order[self.rank:self.total:self.world_size])
+
+    def __len__(self) -> int:
+        return self.total // self.world_size
+
+
 class StridedSampler(Sampler[int]):
     """rank, rank+world, ... : every held-out image exactly once over all ranks, no padding.
 
@@ -104,21 +136,28 @@ class StridedSampler(Sampler[int]):
 
 
 def default_workers(world_size: int) -> int:
+    """Loader processes per training process: leave a core for compute, none at all on tiny hosts.
+
+    With 2 cores or fewer per process, worker processes only steal cycles from
+    the compute threads (measured on a 2-core host: 57 img/s in-process vs 49
+    with 2 workers, whose start-up also stalls the first step of each epoch);
+    decoding 160x160 crops in-process costs far less.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // max(1, world_size)))
+    per_process = cores // max(1, world_size)
+    return 0 if per_process <= 2 else min(8, per_process - 1)
 
 
 def train_loader(samples: list[Sample], batch_size: int, rank: int, world_size: int, seed: int,
                  workers: int, image_size: int, augment: bool, pin_memory: bool) -> DataLoader:
     """Shuffled, rank-sharded loader over the training subset; call sampler.set_epoch each epoch.
 
-    The DistributedSampler indexes this dataset (the training samples only),
-    unlike the ModelZoo's DistributedSampler(SubsetRandomSampler) that indexed
-    the whole folder. drop_last keeps every step the same shape on every rank.
+    The sampler indexes this dataset (the training samples only), unlike the
+    ModelZoo's DistributedSampler(SubsetRandomSampler), which indexed the whole
+    folder and so trained on its own validation images.
     """
     dataset = FaceImages(samples, image_size, augment, replace_bad=True)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+    sampler = TrainSampler(len(dataset), rank, world_size, batch_size, seed)
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
 
 

@@ -104,9 +104,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     torch_device = device.torch_device
     data = load_dataset(spec.data, spec.holdout, spec.seed)
     per_rank_batch = spec.batch_size // info.world_size
-    if len(data.train) // info.world_size < per_rank_batch:
-        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split "
-                        f"({len(data.train)} images over {info.world_size} process(es))")
+    if len(data.train) < spec.batch_size:
+        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split ({len(data.train)} images)")
     pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained)
     resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
     amp = make_amp(spec, device)
@@ -118,7 +117,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     say(f"device {device.type} x {info.world_size} ({device.dist_backend}), precision {amp.label}"
         f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {channels_last}")
     say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
-        f"{len(data.train) // spec.batch_size} steps per epoch; {workers} loader worker(s) per process")
+        f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
 
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout)
@@ -153,7 +152,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     tracker, events = None, EventLog(None)
     if info.is_main:
         os.makedirs(spec.output, exist_ok=True)
-        events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"))
+        events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"), append=bool(resume_path))
         uri = resolve_uri(spec.mlflow_uri)
         if uri:
             tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
@@ -339,8 +338,8 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
 
 
 def _audit_samples(folder: str, loader, data: DatasetSplit, rank: int, epoch: int) -> None:
-    """Write the training images this rank reads this epoch (the sampler's order, full batches only)."""
-    used = list(iter(loader.sampler))[:len(loader) * loader.batch_size]
+    """Write the training images this rank reads this epoch, in the sampler's order."""
+    used = list(iter(loader.sampler))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank{rank}_epoch{epoch + 1}.txt"), "w", encoding="utf-8") as fh:
         fh.writelines(data.train[i][0] + "\n" for i in used)

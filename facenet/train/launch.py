@@ -29,9 +29,8 @@ def preflight(spec: TrainSpec) -> str:
     device_type = devices.resolve_device_type(spec.device)
     devices.check_device_request(device_type, spec.npus, spec.device_list)
     data = load_dataset(spec.data, spec.holdout, spec.seed)
-    if len(data.train) // spec.npus < spec.batch_size // spec.npus:
-        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split "
-                        f"({len(data.train)} images over {spec.npus} process(es))")
+    if len(data.train) < spec.batch_size:
+        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split ({len(data.train)} images)")
     resolve_pretrained(spec.pretrained)
     ckpt_io.resolve_resume(spec.resume, spec.output)
     return device_type

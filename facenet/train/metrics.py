@@ -38,12 +38,13 @@ class EpochClock:
 class EventLog:
     """Append-only JSON lines a supervisor can tail (one per logged step and per epoch)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
+        """append: a resumed run continues its file; a new run starts it afresh."""
         self.path = path
         self._fh = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._fh = open(path, "a", encoding="utf-8", buffering=1)
+            self._fh = open(path, "a" if append else "w", encoding="utf-8", buffering=1)
 
     def emit(self, event: str, **fields) -> None:
         if self._fh is None:

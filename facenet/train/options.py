@@ -47,7 +47,7 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
     g.add_argument("--augment", action="store_true", help="random flip + small crop at train time (off in the recipe)")
     g.add_argument("--image-size", type=int, default=d.image_size, help="face crop side in pixels")
     g.add_argument("--workers", type=int, default=None,
-                   help="data loader processes per training process (default: min(4, cores per process))")
+                   help="data loader processes per training process (default: 0 with <= 2 cores per process, else min(8, cores per process - 1))")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--epoch", type=int, default=d.epochs, help="training epochs")
