@@ -1,0 +1,94 @@
+"""Finalizing: shard records -> train_list.txt, test_list.txt and manifest.json.
+
+Deterministic: the same records give byte-identical files (no timestamps),
+so a rerun or a second finalizer rewrites the same content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter, defaultdict
+
+from facenet.errors import UserError
+from facenet.preprocess.plan import Plan
+from facenet.preprocess.shard import write_atomic, load_shard_record
+
+MANIFEST_VERSION = 1
+
+
+def collect_records(plan: Plan) -> list[dict]:
+    records, missing = [], []
+    for index in range(plan.num_shards):
+        rec = load_shard_record(plan, index)
+        if rec is None:
+            missing.append(index)
+        else:
+            records += rec["records"]
+    if missing:
+        raise UserError(f"{len(missing)} of {plan.num_shards} shards are not finished (first: {missing[0]}); "
+                        "run them before finalizing")
+    return records
+
+
+def finalize(plan: Plan) -> dict:
+    """Write the lists and the manifest for a fully processed plan; returns the manifest."""
+    records = collect_records(plan)
+    p = plan.params
+    faces_by_identity: dict[str, list[str]] = defaultdict(list)
+    splits = {s: Counter() for s in sorted({r["item"][0] for r in records})}
+    identities = {s: set() for s in splits}
+    rejects, reasons, converted = [], Counter(), Counter()
+    for r in records:
+        split, identity, _ = r["item"]
+        splits[split]["images"] += 1
+        identities[split].add(identity)
+        if "reject" in r:
+            splits[split]["rejects"] += 1
+            rejects.append({"path": "/".join(r["item"]), "reason": r["reject"]})
+            reasons[r["reject"].split(" (")[0]] += 1
+            continue
+        splits[split]["faces"] += 1
+        if r.get("converted"):
+            converted[r["converted"]] += 1
+        if split == "train":
+            faces_by_identity[identity].append(r["out"])
+
+    classes = sorted(i for i, files in faces_by_identity.items() if files)
+    train_lines, test_lines = [], []
+    for label, identity in enumerate(classes):
+        files = sorted(faces_by_identity[identity])
+        random.Random(f"{p.seed}:{identity}").shuffle(files)  # per identity: stable when others change
+        n_test = int(round(len(files) * p.holdout)) if len(files) > 1 else 0
+        test_lines += [f"{f} {label}" for f in files[:n_test]]
+        train_lines += [f"{f} {label}" for f in files[n_test:]]
+    train_text = "".join(line + "\n" for line in sorted(train_lines))
+    test_text = "".join(line + "\n" for line in sorted(test_lines))
+
+    content = hashlib.sha256()
+    for r in sorted((r for r in records if "out" in r), key=lambda r: r["out"]):
+        content.update(f"{r['out']} {r['sha256']}\n".encode())
+    content.update(train_text.encode())
+    content.update(test_text.encode())
+
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "raw": plan.raw,
+        "layout": plan.layout,
+        "plan_id": plan.plan_id,
+        "params": {k: getattr(p, k) for k in ("image_size", "margin", "detect_size", "min_face_frac", "holdout",
+                                               "seed", "shard_size")},
+        "splits": {s: {"identities": len(identities[s]), "images": c["images"], "faces": c["faces"],
+                       "rejects": c["rejects"]} for s, c in splits.items()},
+        "lists": {"classes": len(classes), "train_list": len(train_lines), "test_list": len(test_lines)},
+        "reject_reasons": dict(sorted(reasons.items())),
+        "converted": dict(sorted(converted.items())),
+        "rejects": sorted(rejects, key=lambda r: r["path"]),
+        "content_hash": "sha256:" + content.hexdigest(),
+    }
+    write_atomic(os.path.join(plan.out, "train_list.txt"), train_text.encode())
+    write_atomic(os.path.join(plan.out, "test_list.txt"), test_text.encode())
+    write_atomic(os.path.join(plan.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest

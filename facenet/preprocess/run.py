@@ -1,0 +1,93 @@
+"""Running a whole preprocessing job locally: plan, shards in N processes, finalize."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+
+from facenet.preprocess.finalize import finalize
+from facenet.preprocess.plan import Params, Plan, make_plan, save_plan
+from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files, run_shard
+
+_PLAN: Plan | None = None
+_DEVICE = "cpu"
+
+
+def _init_worker(plan_json: str, device: str, threads: int) -> None:
+    import torch
+
+    global _PLAN, _DEVICE
+    torch.set_num_threads(threads)
+    _PLAN, _DEVICE = Plan.from_json(plan_json), device
+
+
+def _shard_task(index: int) -> dict:
+    rec = run_shard(_PLAN, index, _DEVICE)
+    return {"index": index, "images": len(rec["records"]), "skipped": rec["skipped"],
+            "faces": sum(1 for r in rec["records"] if "out" in r)}
+
+
+def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str = "cpu",
+              progress: bool = True) -> dict:
+    """Preprocess RAW into OUT with `workers` processes; returns the summary (also see manifest.json)."""
+    from facenet.errors import UserError
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    t0 = time.perf_counter()
+    plan = make_plan(raw, out, params)
+    os.makedirs(plan.out, exist_ok=True)
+    save_plan(plan)
+    stale = remove_stale_temp_files(plan.out)
+    # Finished shards are skipped here, before any worker (and its MTCNN) is started.
+    pending = [i for i in range(plan.num_shards) if load_shard_record(plan, i) is None]
+    skipped = len(plan.items) - sum(len(plan.shard_items(i)) for i in pending)
+    processed = 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers, len(pending)))
+    threads = max(1, cores // workers)
+    bar = _progress(len(plan.items), progress)
+    bar.update(skipped)
+    pool = None
+    if workers == 1:
+        _init_worker(plan.to_json(), device, threads)
+        results = map(_shard_task, pending)
+    else:
+        # spawn: each worker builds its own MTCNN in a clean interpreter (no forked OpenMP state)
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (plan.to_json(), device, threads))
+        results = pool.imap_unordered(_shard_task, pending)
+    try:
+        for res in results:
+            if res["skipped"]:
+                skipped += res["images"]
+            else:
+                processed += res["images"]
+            bar.update(res["images"])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    manifest = finalize(plan)
+    seconds = time.perf_counter() - t0
+    splits = manifest["splits"].values()
+    return {
+        "raw": plan.raw, "out": plan.out, "layout": plan.layout,
+        "images": sum(s["images"] for s in splits), "faces": sum(s["faces"] for s in splits),
+        "rejects": sum(s["rejects"] for s in splits), "reject_reasons": manifest["reject_reasons"],
+        "processed": processed, "skipped": skipped, "stale_temp_files_removed": stale,
+        "shards": plan.num_shards, "workers": workers, "device": device,
+        "seconds": round(seconds, 3), "img_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
+        "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
+        "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"],
+        "manifest": os.path.join(plan.out, "manifest.json"),
+    }
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="preprocess", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)

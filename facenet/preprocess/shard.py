@@ -1,0 +1,141 @@
+"""Running one shard: read, detect, crop, write atomically, record. Idempotent and crash-safe.
+
+A finished shard leaves OUT/.preprocess/shards/<plan id>/<index>.json with
+one record per image (the crop's path and sha256, or a reject reason). Rerun
+or redelivered, a finished shard is skipped whole; a shard cut short reuses
+every crop already on disk (a crop only ever appears by rename, so one that
+exists is complete) and detects the rest. Nothing a bad file does ends the
+shard: it becomes a reject record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+
+from facenet.preprocess.faces import DetectorSettings, FaceCropper
+from facenet.preprocess.images import conversion_of, load_rgb
+from facenet.preprocess.plan import Plan, state_dir
+
+_CROPPERS: dict[DetectorSettings, FaceCropper] = {}
+
+
+def cropper_for(plan: Plan, device: str) -> FaceCropper:
+    """The process's MTCNN for these settings, built on first use and kept (never one per image)."""
+    p = plan.params
+    settings = DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac, device=device)
+    if settings not in _CROPPERS:
+        _CROPPERS[settings] = FaceCropper(settings)
+    return _CROPPERS[settings]
+
+
+def shard_record_path(plan: Plan, index: int) -> str:
+    return os.path.join(state_dir(plan.out), "shards", plan.plan_id, f"{index:06d}.json")
+
+
+def load_shard_record(plan: Plan, index: int) -> dict | None:
+    try:
+        with open(shard_record_path(plan, index), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run_shard(plan: Plan, index: int, device: str = "cpu") -> dict:
+    """Process shard `index` of `plan`; returns its record (also written to disk)."""
+    done = load_shard_record(plan, index)
+    if done is not None:
+        return {**done, "skipped": True}
+    t0 = time.perf_counter()
+    cropper = None
+    records = []
+    for item in plan.shard_items(index):
+        rel = plan.out_rel(item)
+        target = os.path.join(plan.out, rel)
+        if os.path.exists(target):
+            record = {"item": list(item), "out": rel, "sha256": _sha256_file(target), "reused": True}
+            converted = conversion_of(plan.raw_path(item))
+            if converted:
+                record["converted"] = converted
+            records.append(record)
+            continue
+        cropper = cropper or cropper_for(plan, device)
+        records.append(_process(plan, item, rel, target, cropper))
+    record = {"plan_id": plan.plan_id, "index": index, "records": records,
+              "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
+    write_atomic(shard_record_path(plan, index), json.dumps(record).encode())
+    return {**record, "skipped": False}
+
+
+def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper) -> dict:
+    raw = plan.raw_path(item)
+    loaded = load_rgb(raw, max_side=max(2000, 3 * plan.params.detect_size))
+    base = {"item": list(item)}
+    if loaded.reject:
+        return {**base, "reject": loaded.reject}
+    try:
+        face = cropper.find(loaded.image, loaded.scale)
+    except Exception as exc:  # a detector failure on one odd image must not end the shard
+        return {**base, "reject": f"detector error ({type(exc).__name__}: {str(exc)[:100]})"}
+    if face is None:
+        return {**base, "reject": "no face found"}
+    buf = io.BytesIO()
+    if rel.lower().endswith((".jpg", ".jpeg")):
+        face.crop.save(buf, "JPEG", quality=95)
+    else:
+        face.crop.save(buf, "PNG")
+    data = buf.getvalue()
+    write_atomic(target, data)
+    out = {**base, "out": rel, "sha256": hashlib.sha256(data).hexdigest(),
+           "box": [round(v, 2) for v in face.box], "prob": round(face.prob, 5)}
+    if loaded.converted:
+        out["converted"] = loaded.converted
+    return out
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write PATH via a hidden temp file and rename: readers see all of it or nothing."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def remove_stale_temp_files(out: str) -> int:
+    """Delete temp files left by killed writers (their pid is gone). Returns how many."""
+    removed = 0
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if ".tmp-" not in name:
+                continue
+            try:
+                pid = int(name.rsplit(".tmp-", 1)[1])
+            except ValueError:
+                continue
+            if not _alive(pid):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
