@@ -29,7 +29,8 @@ def train(args: tuple[str, ...]) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--workers", type=int, default=None, show_default="CPU cores",
               help="processes, each with its own MTCNN")
-@click.option("--shard-size", type=int, default=256, show_default=True, help="images per shard (unit of work)")
+@click.option("--shard-size", type=int, default=0, show_default=True,
+              help="images per shard, the unit of work a worker takes (0: auto, ~8 shards per worker, <= 256)")
 @click.option("--image-size", type=int, default=160, show_default=True, help="side of the square face crop")
 @click.option("--margin", type=int, default=0, show_default=True, help="margin around the face, in crop pixels")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default="cpu", show_default=True,

@@ -22,7 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="data loader workers for both loops (default: the trainer's default for this host)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the reference loop has no NPU path)")
+    p.add_argument("--only", default="train,preprocess", help="comma-separated benchmarks to run")
+    p.add_argument("--preprocess-workers", type=int, default=2, help="processes for both preprocessing runs")
     args = p.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",")}
+    unknown = only - {"train", "preprocess"}
+    if unknown:
+        p.error(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))}")
 
     from facenet.bench.train_bench import run_benchmark
     from facenet.data.loader import default_workers
@@ -30,23 +36,38 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = default_workers(1) if args.workers is None else args.workers
 
+    results = {}
     try:
-        data = args.data or build_sample_dataset(os.path.join(cache_dir(), "bench-data", "v1"))
+        root = os.path.join(cache_dir(), "bench-data", "v1")
+        data = args.data or build_sample_dataset(root)
         work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench-work")
-        results = {"train": run_benchmark(data, work, args.epochs, args.batch_size, args.lr, workers,
-                                          device=args.device)}
+        if "preprocess" in only:
+            from facenet.bench.preprocess_bench import run_benchmark as run_preprocess_benchmark
+
+            results["preprocess"] = run_preprocess_benchmark(os.path.join(root, "raw"), work, args.preprocess_workers)
+        if "train" in only:
+            results["train"] = run_benchmark(data, work, args.epochs, args.batch_size, args.lr, workers,
+                                             device=args.device)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
-    train = results["train"]
     print(json.dumps(results, indent=2))
-    print(f"train: ours {train['ours']['img_per_s']:.1f} img/s vs reference {train['reference']['img_per_s']:.1f} "
-          f"img/s = {train['ratio']:.2f}x; held-out Acc@1 ours {train['ours']['acc1']:.3f}, "
-          f"reference {train['reference']['acc1']:.3f}; compute-only ceiling "
-          f"{train['step_ceiling']['ratio']:.2f}x; written to {args.out}")
+    if "preprocess" in results:
+        pre = results["preprocess"]
+        print(f"preprocess: ours {pre['ours']['img_per_s']:.1f} img/s vs seed shape {pre['reference']['img_per_s']:.1f} "
+              f"img/s = {pre['ratio']:.2f}x; faces {pre['ours']['faces']} vs {pre['reference']['faces']}; "
+              f"mean IoU {pre['mean_iou_vs_reference']:.3f}; vs the seed with threads pinned "
+              f"{pre['ratio_vs_pinned_reference']:.2f}x")
+    if "train" in results:
+        train = results["train"]
+        print(f"train: ours {train['ours']['img_per_s']:.1f} img/s vs reference {train['reference']['img_per_s']:.1f} "
+              f"img/s = {train['ratio']:.2f}x; held-out Acc@1 ours {train['ours']['acc1']:.3f}, "
+              f"reference {train['reference']['acc1']:.3f}; compute-only ceiling "
+              f"{train['step_ceiling']['ratio']:.2f}x")
+    print(f"written to {args.out}")
     return 0
 
 

@@ -77,9 +77,9 @@ def finalize(plan: Plan) -> dict:
         "version": MANIFEST_VERSION,
         "raw": plan.raw,
         "layout": plan.layout,
-        "plan_id": plan.plan_id,
+        # What the output is, not how it was scheduled: no shard size, plan id or timings.
         "params": {k: getattr(p, k) for k in ("image_size", "margin", "detect_size", "min_face_frac", "holdout",
-                                               "seed", "shard_size")},
+                                               "seed")},
         "splits": {s: {"identities": len(identities[s]), "images": c["images"], "faces": c["faces"],
                        "rejects": c["rejects"]} for s, c in splits.items()},
         "lists": {"classes": len(classes), "train_list": len(train_lines), "test_list": len(test_lines)},

@@ -26,7 +26,7 @@ RAW_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 class Params:
     image_size: int = 160
     margin: int = 0
-    shard_size: int = 256
+    shard_size: int = 0  # 0: auto (run_local sizes shards to keep every worker busy; at most 256)
     detect_size: int = 640
     min_face_frac: float = 0.1
     holdout: float = 0.2
@@ -37,8 +37,8 @@ class Params:
             raise UserError(f"--image-size {self.image_size}: must be at least 32")
         if not 0 <= self.margin < self.image_size:
             raise UserError(f"--margin {self.margin}: must be in [0, image size)")
-        if self.shard_size < 1:
-            raise UserError(f"--shard-size {self.shard_size}: must be at least 1")
+        if self.shard_size < 0:
+            raise UserError(f"--shard-size {self.shard_size}: must be at least 1 (or 0 for auto)")
         if self.detect_size < 64:
             raise UserError(f"--detect-size {self.detect_size}: must be at least 64")
         if not 0 < self.min_face_frac < 1:
@@ -60,11 +60,21 @@ class Plan:
         h = hashlib.sha256(json.dumps([dataclasses.asdict(self.params), self.items]).encode())
         return h.hexdigest()[:16]
 
+    def with_shard_size(self, workers: int) -> "Plan":
+        """Resolve shard_size 0 (auto): about 8 shards per worker, 8..256 images each, so small jobs
+        spread over all workers and big ones stay at 256-image units of work."""
+        if self.params.shard_size:
+            return self
+        size = min(256, max(8, -(-len(self.items) // (8 * max(1, workers)))))
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, shard_size=size))
+
     @property
     def num_shards(self) -> int:
-        return -(-len(self.items) // self.params.shard_size)
+        return -(-len(self.items) // self.params.shard_size) if self.params.shard_size else 0
 
     def shard_items(self, index: int) -> list[tuple[str, str, str]]:
+        if not self.params.shard_size:
+            raise ValueError("shard size not resolved (call with_shard_size first)")
         if not 0 <= index < self.num_shards:
             raise UserError(f"shard {index}: the plan has shards 0..{self.num_shards - 1}")
         size = self.params.shard_size

@@ -37,7 +37,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
     t0 = time.perf_counter()
-    plan = make_plan(raw, out, params)
+    plan = make_plan(raw, out, params).with_shard_size(workers)
     os.makedirs(plan.out, exist_ok=True)
     save_plan(plan)
     stale = remove_stale_temp_files(plan.out)
@@ -48,16 +48,17 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(workers, len(pending)))
     threads = max(1, cores // workers)
-    bar = _progress(len(plan.items), progress)
-    bar.update(skipped)
     pool = None
     if workers == 1:
         _init_worker(plan.to_json(), device, threads)
         results = map(_shard_task, pending)
     else:
-        # spawn: each worker builds its own MTCNN in a clean interpreter (no forked OpenMP state)
+        # spawn, not fork: a caller that already ran torch (the queue worker, the benchmark) has an
+        # OpenMP pool that a forked child deadlocks on. Each worker builds its own MTCNN on first use.
         pool = mp.get_context("spawn").Pool(workers, _init_worker, (plan.to_json(), device, threads))
         results = pool.imap_unordered(_shard_task, pending)
+    bar = _progress(len(plan.items), progress)
+    bar.update(skipped)
     try:
         for res in results:
             if res["skipped"]:
@@ -78,7 +79,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
         "images": sum(s["images"] for s in splits), "faces": sum(s["faces"] for s in splits),
         "rejects": sum(s["rejects"] for s in splits), "reject_reasons": manifest["reject_reasons"],
         "processed": processed, "skipped": skipped, "stale_temp_files_removed": stale,
-        "shards": plan.num_shards, "workers": workers, "device": device,
+        "shards": plan.num_shards, "shard_size": plan.params.shard_size, "workers": workers, "device": device,
         "seconds": round(seconds, 3), "img_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
         "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
         "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"],
