@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-mlflow", action="store_true", help="leave the MLflow server running to browse the run")
     args = p.parse_args(argv)
     try:
-        print("building the sample data set (8 real people x 40 photos, MTCNN-cropped; cached) ...", flush=True)
-        faces = build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v1"))
+        print("building the sample data set (8 real people x 40 raw photos -> MTCNN preprocessing; cached) ...",
+              flush=True)
+        faces = build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
         proc, uri = start_mlflow(os.path.join(args.state_dir, "mlflow"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

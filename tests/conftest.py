@@ -21,12 +21,12 @@ import pytest
 from services.entrypoints import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_VERSION = "v1"
+SAMPLE_VERSION = "v2"
 
 
 @pytest.fixture(scope="session")
 def sample_root() -> str:
-    """ROOT with raw/<identity>/*.jpg and faces/<identity>/*.png (8 x ~40), cached per machine."""
+    """ROOT with raw/<identity>/*.jpg and prep/ (our preprocessing of it), cached per machine."""
     from facenet.data.samples import build_sample_dataset, cache_dir
 
     root = os.path.join(cache_dir(), "test-data", SAMPLE_VERSION)
@@ -39,7 +39,7 @@ def sample_root() -> str:
 
 @pytest.fixture(scope="session")
 def sample_faces(sample_root) -> str:
-    return os.path.join(sample_root, "faces")
+    return os.path.join(sample_root, "prep", "train")  # 8 identity folders of ~40 crops
 
 
 def copy_subset(src: str, dst: str, identities: int, per_identity: int) -> str:

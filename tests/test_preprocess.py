@@ -29,7 +29,7 @@ CONVERTED = ("cmyk.jpg", "gray.png", "deep16.png", "alpha.png", "palette.gif", "
 
 def _photos_with_faces(sample_root, identity, n):
     """Raw photos of `identity` whose MTCNN crop exists in the sample set (so a face is findable)."""
-    faces = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(sample_root, "faces", identity))}
+    faces = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(sample_root, "prep", "train", identity))}
     raw = sorted(f for f in os.listdir(os.path.join(sample_root, "raw", identity)) if os.path.splitext(f)[0] in faces)
     return [os.path.join(sample_root, "raw", identity, f) for f in raw[:n]]
 

