@@ -52,13 +52,13 @@ def preprocess(raw, out, workers, shard_size, image_size, margin, device, detect
     test_list.txt and manifest.json (counts, rejects with reasons, content hash).
     """
     import json
-    import os
 
     from facenet.errors import UserError
+    from facenet.fsutil import cpu_cores
     from facenet.preprocess import Params, run_local
 
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = cpu_cores()
     params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
                     min_face_frac=min_face_frac, holdout=holdout, seed=seed)
     try:

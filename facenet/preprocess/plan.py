@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from facenet.errors import UserError
+from facenet.fsutil import write_atomic
 
 STATE_DIR = ".preprocess"
 RAW_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -144,13 +145,8 @@ def _list_identities(folder: str) -> list[tuple[str, str]]:
 
 def save_plan(plan: Plan) -> str:
     """Write OUT/.preprocess/plan.json atomically (identical content from concurrent planners)."""
-    folder = state_dir(plan.out)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "plan.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(plan.to_json())
-    os.replace(tmp, path)
+    path = os.path.join(state_dir(plan.out), "plan.json")
+    write_atomic(path, plan.to_json().encode())
     return path
 
 

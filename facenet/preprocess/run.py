@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from facenet.fsutil import cpu_cores
 from facenet.preprocess.finalize import finalize
 from facenet.preprocess.plan import Params, Plan, make_plan, save_plan
 from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files, run_shard
@@ -49,9 +50,8 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
     pending = [i for i in range(plan.num_shards) if load_shard_record(plan, i) is None]
     skipped = len(plan.items) - sum(len(plan.shard_items(i)) for i in pending)
     processed = 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(workers, len(pending)))
-    threads = max(1, cores // workers)
+    threads = max(1, cpu_cores() // workers)
     pool = None
     if workers == 1:
         _init_worker(plan.to_json(), device, threads)

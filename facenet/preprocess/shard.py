@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+from facenet.fsutil import write_atomic
 from facenet.preprocess.faces import DetectorSettings, FaceCropper
 from facenet.preprocess.images import conversion_of, load_rgb
 from facenet.preprocess.plan import Plan, state_dir
@@ -98,16 +99,6 @@ def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper) -> d
     if loaded.converted:
         out["converted"] = loaded.converted
     return out
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write PATH via a hidden temp file and rename: readers see all of it or nothing."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def _sha256_file(path: str) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from facenet.errors import UserError
+from facenet.fsutil import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -24,14 +25,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to PATH.tmp-<pid>, fsync, rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    """torch.save through a temp file, fsync, rename: a crash never leaves a half-written checkpoint."""
+    with atomic_write(path, fsync=True) as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_resume(resume: str | None, output: str) -> str | None:

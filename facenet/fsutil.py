@@ -1,0 +1,40 @@
+"""Files that appear whole or not at all, and the host's usable cores."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, fsync: bool = False):
+    """Yield a binary file handle; on success it replaces PATH in one rename.
+
+    The data goes to a hidden `.NAME.tmp-<pid>` beside PATH first, so readers
+    (and a process killed midway) never see a partial file; leftovers of dead
+    writers are recognisable by that name and pid.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_atomic(path: str, data: bytes, fsync: bool = False) -> None:
+    with atomic_write(path, fsync) as fh:
+        fh.write(data)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
