@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_mlflow and rc == 0:
             print(f"MLflow keeps running (pid {proc.pid}); stop it with: kill -- -{proc.pid}")
             return 0
+        print("(the MLflow server stops now; run `python -m services.demo --keep-mlflow` to browse the run)")
         return rc
     finally:
         if not args.keep_mlflow and proc.poll() is None:
