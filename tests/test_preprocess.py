@@ -142,6 +142,11 @@ def test_layout_lists_manifest_and_rejects_are_exact(raw_tree, tmp_path):
     again = run_preprocess(raw, out, "--workers", "2", "--shard-size", "5")
     assert again["processed"] == 0 and again["skipped"] == 43
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    # crops made with other settings are never mixed into this output
+    res = subprocess.run(preprocess_cmd(raw, out, "--image-size", "112"), capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"--image-size 112: {out} was preprocessed with 160" in res.stderr
 
 
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(raw_tree, tmp_path):

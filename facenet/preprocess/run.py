@@ -9,7 +9,7 @@ import time
 
 from facenet.fsutil import cpu_cores
 from facenet.preprocess.finalize import finalize
-from facenet.preprocess.plan import Params, Plan, make_plan, save_plan
+from facenet.preprocess.plan import Params, Plan, load_plan, make_plan, save_plan
 from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files, run_shard
 
 _PLAN: Plan | None = None
@@ -43,6 +43,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
         resolve_device_type(device)  # loads torch_npu / checks CUDA, or one line saying why not
     t0 = time.perf_counter()
     plan = make_plan(raw, out, params).with_shard_size(workers)
+    _check_same_crops(plan)
     os.makedirs(plan.out, exist_ok=True)
     save_plan(plan)
     stale = remove_stale_temp_files(plan.out)
@@ -89,6 +90,26 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
         "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"],
         "manifest": os.path.join(plan.out, "manifest.json"),
     }
+
+
+# Settings that change the crops themselves: a rerun may not mix them (reused crops would disagree).
+CROP_SETTINGS = ("image_size", "margin", "detect_size", "min_face_frac")
+
+
+def _check_same_crops(plan: Plan) -> None:
+    from facenet.errors import UserError
+
+    try:
+        previous = load_plan(plan.out)
+    except UserError:
+        return  # a new OUT
+    if previous.raw != plan.raw:
+        raise UserError(f"{plan.out} holds crops of {previous.raw}, not {plan.raw}; use another output folder")
+    for name in CROP_SETTINGS:
+        old, new = getattr(previous.params, name), getattr(plan.params, name)
+        if old != new:
+            raise UserError(f"--{name.replace('_', '-')} {new}: {plan.out} was preprocessed with {old}; "
+                            "use another output folder (or delete it) to change how faces are cropped")
 
 
 def _progress(total: int, enabled: bool):
