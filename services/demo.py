@@ -18,24 +18,12 @@ import sys
 
 from facenet.data.samples import build_sample_dataset, cache_dir
 from facenet.errors import UserError
-from services.entrypoints import free_port, mlflow_server_command, wait_until_healthy
+from services.entrypoints import free_port, start_mlflow_server
 
 
 def start_mlflow(state_dir: str) -> tuple[subprocess.Popen, str]:
-    os.makedirs(state_dir, exist_ok=True)
     port = int(os.environ.get("FACENET_MLFLOW_PORT") or free_port())
-    uri = f"http://127.0.0.1:{port}"
-    cmd = mlflow_server_command("127.0.0.1", port, f"sqlite:///{os.path.abspath(state_dir)}/mlflow.db",
-                                os.path.join(os.path.abspath(state_dir), "artifacts"))
-    log_path = os.path.join(state_dir, "mlflow.log")
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_healthy(f"{uri}/health", proc, 90, log_path)
-    except UserError:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        raise
-    return proc, uri
+    return start_mlflow_server(state_dir, port), f"http://127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,29 @@ def wait_until_healthy(url: str, proc, timeout: float, log_path: str) -> None:
         except OSError:
             time.sleep(0.3)
     raise UserError(f"{url} did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def start_mlflow_server(workdir: str, port: int, host: str = "127.0.0.1", timeout: float = 90):
+    """Start `mlflow server` keeping its sqlite db, artifacts and log in WORKDIR; return it once healthy.
+
+    Its own process group, so a stop takes its gunicorn/uvicorn workers too. Raises UserError
+    (naming the log) if it exits or does not answer in time; a server that never came up is killed.
+    """
+    import signal
+    import subprocess
+
+    from facenet.errors import UserError
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, "mlflow.log")
+    cmd = mlflow_server_command(host, port, f"sqlite:///{workdir}/mlflow.db", os.path.join(workdir, "artifacts"))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://{host}:{port}/health", proc, timeout, log_path)
+    except UserError:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        raise
+    return proc

@@ -65,15 +65,9 @@ class MlflowServer:
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        from services.entrypoints import mlflow_server_command, wait_until_healthy
+        from services.entrypoints import start_mlflow_server
 
-        log_path = os.path.join(self.workdir, "mlflow.log")
-        cmd = mlflow_server_command(host="127.0.0.1", port=self.port,
-                                    backend_store_uri=f"sqlite:///{self.workdir}/mlflow.db",
-                                    artifacts_destination=os.path.join(self.workdir, "artifacts"))
-        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir,
-                                     start_new_session=True)
-        wait_until_healthy(f"{self.uri}/health", self.proc, 90, log_path)
+        self.proc = start_mlflow_server(self.workdir, self.port)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
