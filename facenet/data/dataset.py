@@ -68,6 +68,14 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456) -> Dataset
     return split
 
 
+def load_for_training(root: str, holdout: float, seed: int, batch_size: int) -> DatasetSplit:
+    """load_dataset, plus the check that one global batch fits in the training split."""
+    split = load_dataset(root, holdout, seed)
+    if len(split.train) < batch_size:
+        raise UserError(f"--batch-size {batch_size}: larger than the training split ({len(split.train)} images)")
+    return split
+
+
 def _identity_dirs(folder: str) -> list[str]:
     try:
         return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facenet import devices
 from facenet.data import loader as data_loader
-from facenet.data.dataset import DatasetSplit, load_dataset
+from facenet.data.dataset import DatasetSplit, load_for_training
 from facenet.errors import UserError
 from facenet.model import build_model, resolve_pretrained
 from facenet.spec import TrainSpec
@@ -102,10 +102,8 @@ def run(spec: TrainSpec) -> dict:
 
 def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Console, t_start: float) -> dict:
     torch_device = device.torch_device
-    data = load_dataset(spec.data, spec.holdout, spec.seed)
+    data = load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size)
     per_rank_batch = spec.batch_size // info.world_size
-    if len(data.train) < spec.batch_size:
-        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split ({len(data.train)} images)")
     pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained)
     resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
     amp = make_amp(spec, device)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from facenet import devices
-from facenet.data.dataset import load_dataset
+from facenet.data.dataset import load_for_training
 from facenet.errors import UserError
 from facenet.model import resolve_pretrained
 from facenet.spec import TrainSpec
@@ -28,9 +28,7 @@ def preflight(spec: TrainSpec) -> str:
     """Everything checkable before processes start; returns the resolved device type."""
     device_type = devices.resolve_device_type(spec.device)
     devices.check_device_request(device_type, spec.npus, spec.device_list)
-    data = load_dataset(spec.data, spec.holdout, spec.seed)
-    if len(data.train) < spec.batch_size:
-        raise UserError(f"--batch-size {spec.batch_size}: larger than the training split ({len(data.train)} images)")
+    load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size)
     resolve_pretrained(spec.pretrained)
     ckpt_io.resolve_resume(spec.resume, spec.output)
     return device_type
@@ -61,11 +59,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -
 
     try:
         spec = spec_from_args(argv, prog)
-        if "RANK" in os.environ:  # a torchrun child: preflight already ran in the launcher
-            return main_worker(spec)
-        device_type = preflight(spec)
-        if spec.npus > 1:
-            return launch_distributed(spec, device_type)
+        # One process (or a torchrun child) runs the same checks inside run(), so only the launcher of
+        # N processes preflights: it must catch mistakes before N ranks each report them.
+        if spec.npus > 1 and "RANK" not in os.environ:
+            return launch_distributed(spec, preflight(spec))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
