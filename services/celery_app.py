@@ -1,0 +1,51 @@
+"""The Celery app: Redis broker and result backend, JSON only, configured for long jobs.
+
+Workers start it with `celery -A services.celery_app worker ...` (see
+services/entrypoints.py); the CLI uses it to send tasks. Importing it does
+not import torch.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from services.config import DEVICE_TYPES, load_settings
+
+PREPROCESS_QUEUE = "preprocess"
+
+
+def train_queue(device_type: str) -> str:
+    return f"train.{device_type}"
+
+
+def make_app() -> Celery:
+    s = load_settings()
+    app = Celery("facenet", broker=s.redis_url, backend=s.redis_url, include=["services.tasks", "services.worker"])
+    # A message is acknowledged only when its task ends (acks_late), one at a time (prefetch 1), and
+    # put back if the worker process dies under it (reject_on_worker_lost). A whole worker that dies
+    # leaves its message unacknowledged until the visibility timeout, which must exceed the longest job
+    # or long jobs run twice; Celery reads it in three places, so it is set in all three. The job
+    # registry's heartbeats bring a lost job back long before that (services/registry.py).
+    vt = s.visibility_timeout
+    app.conf.update(
+        task_serializer="json", result_serializer="json", event_serializer="json",
+        accept_content=["json"], result_accept_content=["json"],
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": vt}, result_backend_transport_options={"visibility_timeout": vt},
+        visibility_timeout=vt,
+        task_queues=[Queue(PREPROCESS_QUEUE)] + [Queue(train_queue(t)) for t in DEVICE_TYPES],
+        task_default_queue=PREPROCESS_QUEUE,
+        # Flower shows tasks from these events; STARTED and custom PROGRESS states show running work.
+        worker_send_task_events=True, task_send_sent_event=True, task_track_started=True, result_extended=True,
+        result_expires=30 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        # A CLI must not hang on a broker that is down: the CLI checks Redis first, this bounds the rest.
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        worker_hijack_root_logger=False, worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,138 @@
+"""Where the service finds Redis, MLflow and Flower, and the limits it runs under.
+
+Order: FACENET_* environment variables, then the `stack.json` that
+`facenet-cli stack up` wrote into the state directory (FACENET_STATE_DIR,
+default ~/.facenet/stack), then defaults. So with no flags every command
+finds the local stack, and compose (or a user) points elsewhere with the
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from facenet.errors import UserError
+
+DEVICE_TYPES = ("npu", "cuda", "cpu")
+STACK_FILE = "stack.json"
+
+
+def default_state_dir() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("FACENET_STATE_DIR") or "~/.facenet/stack"))
+
+
+def read_stack_file(state_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(state_dir, STACK_FILE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r}: must be an integer") from None
+
+
+@dataclass
+class Settings:
+    state_dir: str
+    redis_url: str
+    mlflow_uri: str | None
+    flower_url: str | None
+    # Data paths jobs may read and write; empty = no confinement.
+    data_roots: list[str] = field(default_factory=list)
+    # Where train jobs keep checkpoints, events and logs (shared by every worker that may resume them).
+    runs_dir: str = ""
+    experiment: str = "facenet"
+    # The longest a job may run; Redis' visibility timeout must exceed it or long jobs run twice.
+    max_job_seconds: int = 7 * 24 * 3600
+    max_attempts: int = 3
+    heartbeat_ttl: int = 30
+    sweep_seconds: int = 10
+    from_stack_file: bool = False
+
+    @property
+    def visibility_timeout(self) -> int:
+        return self.max_job_seconds + 3600
+
+    @property
+    def redis_display(self) -> str:
+        """The Redis URL without its password, for messages."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.redis_url)
+        return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
+
+
+def load_settings() -> Settings:
+    state_dir = default_state_dir()
+    stack = read_stack_file(state_dir) or {}
+    env = os.environ.get
+    roots = env("FACENET_DATA_ROOTS")
+    if roots is None:
+        roots_list = stack.get("data_roots", [])
+    else:
+        roots_list = [os.path.abspath(os.path.expanduser(r)) for r in roots.split(os.pathsep) if r]
+    return Settings(
+        state_dir=state_dir,
+        redis_url=env("FACENET_REDIS_URL") or stack.get("redis_url") or "redis://127.0.0.1:6379/0",
+        mlflow_uri=env("FACENET_MLFLOW_URI") or env("MLFLOW_TRACKING_URI") or stack.get("mlflow_uri"),
+        flower_url=env("FACENET_FLOWER_URL") or stack.get("flower_url"),
+        data_roots=roots_list,
+        runs_dir=os.path.abspath(env("FACENET_RUNS_DIR") or stack.get("runs_dir") or os.path.join(state_dir, "runs")),
+        experiment=env("FACENET_EXPERIMENT") or "facenet",
+        max_job_seconds=_int_env("FACENET_MAX_JOB_SECONDS", 7 * 24 * 3600),
+        max_attempts=_int_env("FACENET_MAX_ATTEMPTS", 3),
+        heartbeat_ttl=_int_env("FACENET_HEARTBEAT_TTL", 30),
+        sweep_seconds=_int_env("FACENET_SWEEP_SECONDS", 10),
+        from_stack_file=bool(stack) and not env("FACENET_REDIS_URL"),
+    )
+
+
+def check_path_allowed(path: str, roots: list[str], what: str) -> str:
+    """Absolute, symlink-resolved `path`, or UserError if it lies outside every data root."""
+    real = os.path.realpath(os.path.expanduser(path))
+    if not roots:
+        return real
+    for root in roots:
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return real
+    raise UserError(f"{what} {path}: outside the configured data roots ({', '.join(roots)}); "
+                    "set FACENET_DATA_ROOTS to allow it")
+
+
+def default_data_roots() -> list[str]:
+    """What the local stack confines jobs to unless told otherwise: the user's home and the temp dir."""
+    return [os.path.realpath(os.path.expanduser("~")), os.path.realpath(tempfile.gettempdir())]
+
+
+def parse_devices(text: str) -> list[int]:
+    """'0-7' or '0,2,4' or '0-1,4' -> device ids (UserError naming the value otherwise)."""
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                ids.extend(range(lo, hi + 1))
+            else:
+                ids.append(int(part))
+    except ValueError:
+        raise UserError(f"FACENET_DEVICES={text!r}: expected ids like 0-7 or 0,1,2") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise UserError(f"FACENET_DEVICES={text!r}: expected distinct non-negative ids like 0-7")
+    return ids

@@ -1,0 +1,182 @@
+"""The client side of the queue: submit, look up, follow and cancel jobs (what `facenet-cli` calls)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+from facenet.errors import UserError
+from facenet.spec import TrainSpec
+from services.config import DEVICE_TYPES, Settings, check_path_allowed
+from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, TERMINAL, Registry, connect, unreachable
+
+
+def open_registry(settings: Settings) -> Registry:
+    """A registry on a Redis that answers, or UserError in one line naming the URL."""
+    import redis
+
+    client = connect(settings.redis_url, timeout=3)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError, OSError) as exc:
+        raise unreachable(settings.redis_display, exc) from None
+    return Registry(client, settings.heartbeat_ttl)
+
+
+def capacities(reg: Registry) -> list[dict]:
+    return [w for w in reg.workers() if w.get("device_type")]
+
+
+def pick_device_type(reg: Registry, requested: str, npus: int) -> str:
+    """`requested`, or for 'auto' the best registered type (npu, then cuda, then cpu); refuses a request
+    no registered worker can ever serve, listing what is registered."""
+    workers = capacities(reg)
+    listing = ", ".join(f"{w['node']}: {len(w['devices'])} {w['device_type']}" for w in workers) or "none registered"
+    if requested == "auto":
+        present = [t for t in DEVICE_TYPES if any(w["device_type"] == t for w in workers)]
+        if not present:
+            raise UserError(f"no device worker is registered (workers: {listing}); start one "
+                            "(`facenet-cli stack up`, or `make up`)")
+        fitting = [t for t in present if any(len(w["devices"]) >= npus for w in workers if w["device_type"] == t)]
+        requested = (fitting or present)[0]
+    if requested not in DEVICE_TYPES:
+        raise UserError(f"--device-type {requested}: choose one of auto, {', '.join(DEVICE_TYPES)}")
+    most = max((len(w["devices"]) for w in workers if w["device_type"] == requested), default=0)
+    if npus > most:
+        raise UserError(f"--npus {npus}: no registered {requested} worker has {npus} device(s) "
+                        f"(capacities: {listing})")
+    return requested
+
+
+def _check_local_path(path: str, settings: Settings, what: str) -> str:
+    path = check_path_allowed(path, settings.data_roots, what)
+    # The local stack shares this filesystem: say now what the worker would say later.
+    if settings.from_stack_file and not os.path.isdir(path):
+        raise UserError(f"{what} {path}: no such directory")
+    return path
+
+
+def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
+                 preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
+    """Validate, create the job record and queue its first task; returns the job."""
+    spec.validate()
+    device_type = pick_device_type(reg, device_type, spec.npus)
+    from services import mlflow_runs
+
+    mlflow_runs.check_reachable(settings.mlflow_uri)
+    fields = {"device_type": device_type, "npus": spec.npus, "experiment": experiment or settings.experiment}
+    if preprocess_from:
+        if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+            raise UserError("--preprocess-from: no preprocessing worker is registered")
+        fields["preprocess_from"] = _check_local_path(preprocess_from, settings, "--preprocess-from")
+        fields["preprocess_out"] = check_path_allowed(spec.data, settings.data_roots, "--data")
+        params = params or _default_params()
+        params.validate()
+        fields["params"] = dataclasses.asdict(params)
+        spec.data = fields["preprocess_out"]
+    else:
+        spec.data = _check_local_path(spec.data, settings, "--data")
+    spec.device = device_type
+    fields["spec"] = spec.to_dict()
+    job_id = reg.create("train", fields)
+    reg.update(job_id, output=os.path.join(settings.runs_dir, job_id))
+    from services.celery_app import PREPROCESS_QUEUE, app, train_queue
+
+    if preprocess_from:
+        reg.update(job_id, status=PREPROCESSING, message="planning shards")
+        res = app.send_task("facenet.plan_dataset", args=[job_id], queue=PREPROCESS_QUEUE)
+    else:
+        res = app.send_task("facenet.train", args=[job_id], queue=train_queue(device_type))
+    reg.update(job_id, task_id=res.id, submitted=time.time())
+    return reg.get(job_id)
+
+
+def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, params) -> dict:
+    params.validate()
+    if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+        raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
+    fields = {"preprocess_from": _check_local_path(raw, settings, "RAW"),
+              "preprocess_out": check_path_allowed(out, settings.data_roots, "OUT"),
+              "params": dataclasses.asdict(params)}
+    job_id = reg.create("preprocess", fields)
+    from services.celery_app import PREPROCESS_QUEUE, app
+
+    reg.update(job_id, status=PREPROCESSING, message="planning shards")
+    res = app.send_task("facenet.plan_dataset", args=[job_id], queue=PREPROCESS_QUEUE)
+    reg.update(job_id, task_id=res.id, submitted=time.time())
+    return reg.get(job_id)
+
+
+def _default_params():
+    from facenet.preprocess.plan import Params
+
+    return Params()
+
+
+def cancel(reg: Registry, job_id: str, wait: float = 60.0) -> dict:
+    """Ask the job to stop; a job no worker holds is cancelled at once. Returns the job as it ends up."""
+    job = reg.find(job_id)
+    if job["status"] in TERMINAL:
+        return job
+    reg.request_cancel(job["id"])
+    if job["status"] == QUEUED and not reg.alive(job["id"]):
+        # No attempt holds it: mark it now; its message, when a worker takes it, is dropped at claim.
+        reg.finish(job["id"], CANCELLED, message="cancelled while queued")
+        return reg.get(job["id"])
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        job = reg.get(job["id"])
+        if job["status"] in TERMINAL:
+            return job
+        if job["status"] == PREPROCESSING and job.get("kind") == "train" and not reg.alive(job["id"]):
+            # Shards skip themselves and finalize marks it; nothing to wait for here.
+            reg.finish(job["id"], CANCELLED, message="cancelled during preprocessing")
+            return reg.get(job["id"])
+        time.sleep(0.3)
+    return reg.get(job["id"])
+
+
+PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "fps", "loss", "acc1")
+
+
+def view(job: dict) -> dict:
+    """The JSON shape scripts rely on (`status --json`)."""
+    progress = job.get("progress") or {}
+    return {
+        "id": job["id"], "kind": job.get("kind"), "status": job["status"], "created": job.get("created"),
+        "started": job.get("started"), "finished": job.get("finished"), "attempts": job.get("attempts", 0),
+        "device_type": job.get("device_type"), "npus": job.get("npus"), "worker": job.get("worker"),
+        "progress": {**{k: progress.get(k) for k in PROGRESS_KEYS},
+                     **{k: v for k, v in progress.items() if k not in PROGRESS_KEYS}},
+        "mlflow_run_id": job.get("mlflow_run_id"), "checkpoint": job.get("checkpoint"), "output": job.get("output"),
+        "message": job.get("message"), "error": job.get("error"), "result": job.get("result"),
+        "dataset": job.get("dataset"),
+    }
+
+
+def follow(reg: Registry, job_id: str, on_change: Callable[[dict], None], on_log: Callable[[str], None] | None = None,
+           interval: float = 0.5) -> dict:
+    """Poll the job until it ends, calling on_change with each new state and on_log with new log lines."""
+    seen_log = 0
+    last = None
+    while True:
+        job = reg.get(job_id)
+        if job is None:
+            raise UserError(f"job {job_id} disappeared from the registry")
+        if on_log is not None:
+            lines, seen_log = reg.read_log(job_id, seen_log)
+            for line in lines:
+                on_log(line)
+        state = (job["status"], job.get("message"), str(job.get("progress")))
+        if state != last:
+            on_change(job)
+            last = state
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(interval)
+
+
+def exit_code(job: dict) -> int:
+    return 0 if job["status"] not in (FAILED, CANCELLED) else 1

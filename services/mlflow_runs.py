@@ -1,0 +1,100 @@
+"""The service's side of MLflow: one run per job, created before the trainer starts.
+
+The trainer (rank 0) logs params, metrics, checkpoints and the model into
+the run it is given; the service creates that run (so the job knows its run
+id from the start and a resumed attempt continues it), attaches the dataset
+manifest and the training log, and ends the run KILLED on cancel.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+from facenet.errors import UserError
+from facenet.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+# MLflow's run-comparison charts pick these up per epoch; the table shows the rest.
+RUN_COLUMNS = ("npus", "device_type", "amp", "epochs")
+
+
+def client(uri: str):
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
+    """UserError in one line unless the MLflow server at `uri` answers /health."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+    except OSError as exc:
+        raise UserError(f"MLflow at {uri} is unreachable ({getattr(exc, 'reason', exc)}); start the stack with "
+                        "`facenet-cli stack up` or point FACENET_MLFLOW_URI at yours") from None
+    raise UserError(f"MLflow at {uri} answered /health with an error")
+
+
+def experiment_id(c, name: str) -> str:
+    """The experiment's id, created with the model-training view tag when new (MLflow 3 shows untagged
+    experiments in its GenAI overview)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # another job created it in between
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def run_name(npus: int, device_type: str, batch_size: int, amp: bool, opt_level: str, job_id: str) -> str:
+    level = opt_level if amp else "O0"
+    return f"{npus}p-{device_type}-bs{batch_size}-{level}-{job_id}"
+
+
+def create_run(uri: str, experiment: str, name: str, tags: dict) -> str:
+    c = client(uri)
+    return c.create_run(experiment_id(c, experiment), run_name=name, tags=tags).info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Set a run's final status (KILLED, FAILED) unless the trainer already ended it."""
+    c = client(uri)
+    if c.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+        c.set_terminated(run_id, status=status)
+
+
+def log_file(uri: str, run_id: str, path: str, artifact_path: str) -> None:
+    if os.path.exists(path):
+        client(uri).log_artifact(run_id, path, artifact_path)
+
+
+def run_url(uri: str, experiment_id_: str, run_id: str) -> str:
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id_}/runs/{run_id}"
+
+
+def list_runs(uri: str, experiment: str, limit: int = 100) -> list[dict]:
+    """Runs of `experiment`, newest first, as plain dicts (run_id, name, status, params, metrics, tags)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"no MLflow experiment {experiment!r} at {uri}")
+    runs = c.search_runs([exp.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
+    out = []
+    for run in runs:
+        out.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+                    "start_time": run.info.start_time, "end_time": run.info.end_time,
+                    "experiment_id": run.info.experiment_id,
+                    "url": run_url(uri, run.info.experiment_id, run.info.run_id),
+                    "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+                    "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}})
+    return out

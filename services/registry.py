@@ -1,0 +1,263 @@
+"""The job registry, worker capacities and device leases, in Redis.
+
+Why a registry and not just Celery's messages: a worker killed outright
+leaves its message unacknowledged until the visibility timeout (longer than
+the longest job), so its job would wait hours. Here every running job
+heartbeats (a key with a TTL); a live worker's sweep finds jobs whose
+heartbeat expired and queues them again, counting attempts. Devices are
+leased the same way: a lease is a key with a TTL renewed by the job's
+heartbeat, so a crashed worker's leases free themselves.
+
+Keys (prefix `facenet:`):
+  job:<id>            hash: id, kind, status, spec (JSON), created, updated, started, finished,
+                      attempts, claimed (an attempt holds or held it), progress (JSON), mlflow_run_id, checkpoint, output, error, worker,
+                      host, device_type, npus, queue, cancel_requested, result (JSON), ...
+  job:<id>:hb         owner token of the attempt running it, TTL = heartbeat TTL
+  job:<id>:log        list of the trainer's log lines (the last LOG_LINES)
+  jobs                sorted set of job ids by creation time
+  worker:<node>       JSON capacity of a live worker, TTL = heartbeat TTL
+  lease:<node>:<dev>  job id holding that device, TTL = heartbeat TTL
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+
+from facenet.errors import UserError
+
+PREFIX = "facenet:"
+LOG_LINES = 5000
+
+QUEUED, PREPROCESSING, RUNNING = "QUEUED", "PREPROCESSING", "RUNNING"
+SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (PREPROCESSING, RUNNING)
+JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset")
+
+# Claim a job for one attempt: refuse finished jobs and jobs another live attempt holds; count attempts.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return {'done', 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 0} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'busy', 0} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'claimed', '1')
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {'ok', attempts}
+"""
+
+# Move a claimed job whose heartbeat expired back to QUEUED, exactly once (several sweepers may race).
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'claimed') ~= '1' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'claimed', '0', 'updated', ARGV[1], 'message', ARGV[2])
+return 1
+"""
+
+# Take N free devices of one worker at once, or none.
+_LEASE = """
+local want = tonumber(ARGV[1])
+local free = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if not holder or holder == ARGV[2] then table.insert(free, i) end
+end
+if #free < want then return {} end
+local got = {}
+for j = 1, want do
+  redis.call('SET', KEYS[free[j]], ARGV[2], 'EX', tonumber(ARGV[3]))
+  table.insert(got, free[j] - 1)
+end
+return got
+"""
+
+# Renew (or drop) keys only while they still hold this job.
+_RENEW = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    if ARGV[2] == '0' then redis.call('DEL', key) else redis.call('EXPIRE', key, tonumber(ARGV[2])) end
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=30,
+                                health_check_interval=30)
+
+
+def unreachable(url_display: str, exc: BaseException) -> UserError:
+    what = "wrong Redis password" if isinstance(exc, redis.AuthenticationError) else type(exc).__name__
+    return UserError(f"Redis at {url_display} is unreachable ({what}); start the stack with "
+                     "`facenet-cli stack up` or point FACENET_REDIS_URL at yours")
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, heartbeat_ttl: int = 30):
+        self.r = client
+        self.ttl = heartbeat_ttl
+        self._claim = client.register_script(_CLAIM)
+        self._requeue = client.register_script(_REQUEUE)
+        self._lease = client.register_script(_LEASE)
+        self._renew = client.register_script(_RENEW)
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    def create(self, kind: str, fields: dict) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        now = time.time()
+        record = {"id": job_id, "kind": kind, "status": QUEUED, "created": now, "updated": now, "attempts": 0,
+                  "cancel_requested": 0, **fields}
+        pipe = self.r.pipeline()
+        pipe.hset(self.key(job_id), mapping=_encode(record))
+        pipe.zadd(f"{PREFIX}jobs", {job_id: now})
+        pipe.execute()
+        return job_id
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.r.hgetall(self.key(job_id))
+        return _decode(raw) if raw else None
+
+    def find(self, prefix: str) -> dict:
+        """A job by its id or a unique prefix of it (UserError otherwise)."""
+        job = self.get(prefix)
+        if job:
+            return job
+        matches = [j for j in self.r.zrange(f"{PREFIX}jobs", 0, -1) if j.startswith(prefix)] if prefix else []
+        if len(matches) == 1:
+            return self.get(matches[0])
+        if not matches:
+            raise UserError(f"no job {prefix!r} (see `facenet-cli jobs`)")
+        raise UserError(f"job id {prefix!r} is ambiguous: {', '.join(matches[:5])}")
+
+    def update(self, job_id: str, **fields) -> None:
+        fields["updated"] = time.time()
+        self.r.hset(self.key(job_id), mapping=_encode(fields))
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        ids = self.r.zrevrange(f"{PREFIX}jobs", 0, limit - 1)
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hgetall(self.key(job_id))
+        return [_decode(raw) for raw in pipe.execute() if raw]
+
+    def finish(self, job_id: str, status: str, **fields) -> None:
+        self.update(job_id, status=status, finished=time.time(), **fields)
+
+    # ---- one attempt's liveness --------------------------------------------------------------------
+    def claim(self, job_id: str, token: str) -> tuple[str, int]:
+        state, attempts = self._claim(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[token, self.ttl])
+        return state, int(attempts)
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """Renew this attempt's heartbeat; False if another attempt took the job over."""
+        return bool(self._renew(keys=[self.key(job_id) + ":hb"], args=[token, self.ttl]))
+
+    def release(self, job_id: str, token: str) -> None:
+        self._renew(keys=[self.key(job_id) + ":hb"], args=[token, 0])
+
+    def alive(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.key(job_id) + ":hb"))
+
+    def requeue_if_dead(self, job_id: str, message: str) -> bool:
+        """True for exactly one caller when the attempt holding `job_id` stopped heartbeating."""
+        return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[time.time(), message]))
+
+    def claimed_jobs(self, limit: int = 1000) -> list[dict]:
+        """Unfinished jobs some attempt has claimed (the sweep's candidates)."""
+        return [j for j in self.jobs(limit) if j.get("claimed") == "1" and j["status"] not in TERMINAL]
+
+    def request_cancel(self, job_id: str) -> None:
+        self.update(job_id, cancel_requested=1)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.key(job_id), "cancel_requested") == "1"
+
+    # ---- logs --------------------------------------------------------------------------------------
+    def append_log(self, job_id: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        key = self.key(job_id) + ":log"
+        pipe = self.r.pipeline()
+        pipe.rpush(key, *lines)
+        pipe.ltrim(key, -LOG_LINES, -1)
+        pipe.incrby(key + ":n", len(lines))
+        pipe.execute()
+
+    def read_log(self, job_id: str, since: int = 0) -> tuple[list[str], int]:
+        """Lines after the first `since` ever written, and the new total (for `logs -f`)."""
+        key = self.key(job_id) + ":log"
+        total = int(self.r.get(key + ":n") or 0)
+        kept = self.r.llen(key)
+        first_kept = total - kept
+        start = max(since, first_kept) - first_kept
+        return self.r.lrange(key, start, -1), total
+
+    # ---- workers and devices -----------------------------------------------------------------------
+    def register_worker(self, node: str, info: dict) -> None:
+        self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl)
+
+    def unregister_worker(self, node: str) -> None:
+        self.r.delete(f"{PREFIX}worker:{node}")
+
+    def workers(self) -> list[dict]:
+        keys = sorted(self.r.scan_iter(f"{PREFIX}worker:*"))
+        values = self.r.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v]
+
+    def lease_keys(self, node: str, devices: list[int]) -> list[str]:
+        return [f"{PREFIX}lease:{node}:{d}" for d in devices]
+
+    def lease(self, node: str, devices: list[int], n: int, job_id: str) -> list[int]:
+        """N devices of `node` for `job_id`, all or none ([] when not enough are free)."""
+        got = self._lease(keys=self.lease_keys(node, devices), args=[n, job_id, self.ttl])
+        return [devices[i] for i in got]
+
+    def renew_leases(self, node: str, devices: list[int], job_id: str, drop: bool = False) -> int:
+        return int(self._renew(keys=self.lease_keys(node, devices), args=[job_id, 0 if drop else self.ttl]))
+
+    def leases(self, node: str, devices: list[int]) -> dict[int, str | None]:
+        values = self.r.mget(self.lease_keys(node, devices)) if devices else []
+        return dict(zip(devices, values))
+
+
+def _encode(fields: dict) -> dict:
+    out = {}
+    for k, v in fields.items():
+        if k in JSON_FIELDS:
+            out[k] = json.dumps(v)
+        elif v is None:
+            out[k] = ""
+        elif isinstance(v, bool):
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _decode(raw: dict) -> dict:
+    out: dict = {}
+    for k, v in raw.items():
+        if k in JSON_FIELDS:
+            out[k] = json.loads(v) if v else None
+        elif k in ("created", "updated", "started", "finished", "trainer_started", "preprocessed"):
+            out[k] = float(v) if v else None
+        elif k in ("attempts", "npus", "cancel_requested"):
+            out[k] = int(v) if v else 0
+        else:
+            out[k] = v if v != "" else None
+    return out

@@ -1,0 +1,344 @@
+"""One attempt at a train job, as a plain function the Celery task calls.
+
+claim the job (or drop a duplicate message) -> lease N devices of this worker
+-> create (or reuse) the job's MLflow run -> start `python -m facenet.train`
+in its own process group (torchrun for N > 1) -> follow its events and log
+into the registry and Celery state, heartbeat, watch for cancel -> record the
+result. The trainer resumes from the job's checkpoint, so a later attempt of
+a job whose worker died continues where the last checkpoint left it, in the
+same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Callable
+
+from facenet.errors import UserError
+from facenet.spec import TrainSpec
+from services import mlflow_runs
+from services.config import Settings, check_path_allowed, parse_devices
+from services.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
+
+# The trainer polls this pid and kills its own process group when it is gone, so a worker killed
+# outright (kill -9, a container stopping) never leaves an orphan trainer holding devices.
+WATCH_PID_ENV = "FACENET_WATCH_PID"
+KILL_GRACE_SECONDS = 10
+
+
+def worker_devices() -> tuple[str, list[int]]:
+    """This worker's device type and the device ids it owns (FACENET_DEVICE_TYPE, FACENET_DEVICES)."""
+    device_type = os.environ.get("FACENET_DEVICE_TYPE", "cpu")
+    return device_type, parse_devices(os.environ.get("FACENET_DEVICES", "0"))
+
+
+class Heartbeat(threading.Thread):
+    """Renews the attempt's heartbeat, its device leases and notices when another attempt took over."""
+
+    def __init__(self, reg: Registry, job_id: str, token: str, node: str, devices: list[int]):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.reg, self.job_id, self.token, self.node, self.devices = reg, job_id, token, node, devices
+        self.leased: list[int] = []
+        self.lost = threading.Event()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(max(1.0, self.reg.ttl / 3)):
+            try:
+                if not self.reg.heartbeat(self.job_id, self.token):
+                    self.lost.set()
+                if self.leased:
+                    self.reg.renew_leases(self.node, self.leased, self.job_id)
+            except Exception:  # Redis briefly away: the next beat retries; the TTL covers the gap
+                continue
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
+                  report: Callable[[dict], None] = lambda progress: None) -> dict:
+    """Run one attempt of train job `job_id` on worker `node`; returns what the Celery task returns."""
+    token = uuid.uuid4().hex
+    state, attempts = reg.claim(job_id, token)
+    if state in ("missing", "done", "busy"):
+        return {"job": job_id, "skipped": state}
+    if state == "cancel":
+        _cancel_before_start(settings, reg, job_id)
+        return {"job": job_id, "status": CANCELLED}
+    job = reg.get(job_id)
+    if attempts > settings.max_attempts:
+        why = job.get("message") or "the worker running it died"
+        reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
+        reg.release(job_id, token)
+        return {"job": job_id, "status": FAILED}
+    device_type, devices = worker_devices()
+    beat = Heartbeat(reg, job_id, token, node, devices)
+    beat.start()
+    try:
+        return _attempt(settings, reg, job, attempts, node, device_type, devices, beat, report)
+    except UserError as exc:
+        reg.finish(job_id, FAILED, error=str(exc))
+        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        return {"job": job_id, "status": FAILED, "error": str(exc)}
+    finally:
+        beat.stop()
+        if beat.leased:
+            reg.renew_leases(node, beat.leased, job_id, drop=True)
+        reg.release(job_id, token)
+
+
+def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: str, device_type: str,
+             devices: list[int], beat: Heartbeat, report: Callable[[dict], None]) -> dict:
+    job_id = job["id"]
+    spec = TrainSpec.from_dict(job["spec"])
+    if spec.npus > len(devices):
+        raise UserError(f"--npus {spec.npus}: worker {node} has {len(devices)} {device_type} device(s)")
+    spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
+    if not os.path.isdir(spec.data):
+        raise UserError(f"--data {spec.data}: no such directory on worker {node}")
+
+    # Wait for devices without giving up the message: the job keeps its place, cancel still works.
+    while True:
+        got = reg.lease(node, devices, spec.npus, job_id)
+        if got:
+            beat.leased = got
+            break
+        if reg.cancel_requested(job_id):
+            _cancel_before_start(settings, reg, job_id)
+            return {"job": job_id, "status": CANCELLED}
+        reg.update(job_id, message=f"waiting for {spec.npus} free {device_type} device(s) on {node}")
+        time.sleep(1.0)
+
+    output = job.get("output") or os.path.join(settings.runs_dir, job_id)
+    os.makedirs(output, exist_ok=True)
+    resumed = attempts > 1
+    reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
+               host=socket.gethostname(), devices=got, output=output,
+               message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
+    run_id = job.get("mlflow_run_id")
+    if settings.mlflow_uri and not run_id:
+        mlflow_runs.check_reachable(settings.mlflow_uri)
+        tags = {"job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
+                "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname(), **spec.tags}
+        name = mlflow_runs.run_name(spec.npus, device_type, spec.batch_size, spec.amp_enabled, spec.opt_level, job_id)
+        run_id = mlflow_runs.create_run(settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags)
+        reg.update(job_id, mlflow_run_id=run_id)
+        mlflow_runs.log_file(settings.mlflow_uri, run_id, os.path.join(spec.data, "manifest.json"), "dataset")
+
+    spec.device = device_type
+    spec.device_list = got if device_type in ("npu", "cuda") else None
+    spec.output = output
+    spec.resume = "auto"
+    spec.events = os.path.join(output, "events.jsonl")
+    spec.json_out = os.path.join(output, "summary.json")
+    spec.mlflow_uri = settings.mlflow_uri
+    spec.run_id = run_id
+    spec.experiment = job.get("experiment") or settings.experiment
+    spec.tags = {**spec.tags, "job_id": job_id, "attempts": str(attempts)}
+    spec_path = os.path.join(output, "spec.json")
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        fh.write(spec.to_json())
+    if os.path.exists(spec.json_out):
+        os.remove(spec.json_out)  # a summary left by an earlier attempt must not pass for this one's
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{WATCH_PID_ENV: str(os.getpid())})
+    if device_type == "cpu":
+        # Each CPU "device" is a share of the cores; N processes must not each take all of them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
+    cmd = [sys.executable, "-m", "facenet.train", "--spec", spec_path]
+    log_path = os.path.join(output, "train.log")
+    log = open(log_path, "a", encoding="utf-8", buffering=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, cwd=output, text=True, bufsize=1, start_new_session=True)
+    reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
+    follower = _Follower(reg, job_id, spec.events, proc, log)
+    follower.start()
+    outcome = _watch(reg, job_id, proc, beat, follower, report)
+    follower.join(timeout=30)
+    log.close()
+
+    if outcome == "lost":  # another attempt owns the job now; leave its record alone
+        return {"job": job_id, "skipped": "taken over"}
+    if outcome == "cancelled":
+        reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped", trainer_pid=None)
+        _end_mlflow_run(settings, reg.get(job_id), "KILLED")
+        _log_training_log(settings, run_id, log_path)
+        return {"job": job_id, "status": CANCELLED}
+    rc = proc.returncode
+    summary = _read_json(spec.json_out) if rc == 0 else None
+    _log_training_log(settings, run_id, log_path)
+    if summary is None:
+        error = follower.error_line() or f"trainer exited with code {rc}"
+        if rc is not None and rc < 0:
+            error = f"trainer killed by signal {-rc}; {error}"
+        reg.finish(job_id, FAILED, error=error, trainer_pid=None)
+        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        return {"job": job_id, "status": FAILED, "error": error}
+    result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
+                                          "e2e_seconds", "model", "checkpoint", "mlflow_run_id")}
+    reg.finish(job_id, SUCCEEDED, result=result, trainer_pid=None, checkpoint=summary.get("checkpoint"))
+    return {"job": job_id, "status": SUCCEEDED, **{k: result[k] for k in ("fps", "acc1")}}
+
+
+def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, follower: "_Follower",
+           report: Callable[[dict], None]) -> str:
+    """Follow the trainer until it exits; 'done', 'cancelled' or 'lost'."""
+    last_progress = None
+    while True:
+        try:
+            proc.wait(timeout=0.5)
+            follower.poll_events()
+            _push_progress(reg, job_id, follower, report, last_progress)
+            return "done"
+        except subprocess.TimeoutExpired:
+            pass
+        follower.poll_events()
+        last_progress = _push_progress(reg, job_id, follower, report, last_progress)
+        if beat.lost.is_set():
+            _stop_group(proc)
+            return "lost"
+        if reg.cancel_requested(job_id):
+            _stop_group(proc)
+            return "cancelled"
+
+
+def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, last):
+    progress = dict(follower.progress)
+    if progress and progress != last:
+        fields = {"progress": progress}
+        if follower.checkpoint:
+            fields["checkpoint"] = follower.checkpoint
+        reg.update(job_id, **fields)
+        try:
+            report(progress)
+        except Exception:  # Flower's view is a mirror; never stop training for it
+            pass
+    return progress
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the trainer's whole process group (torchrun and every rank), SIGKILL after a grace period."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # ranks that outlived their parent share the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class _Follower(threading.Thread):
+    """Copies the trainer's output to train.log and the registry; parses events.jsonl into progress."""
+
+    def __init__(self, reg: Registry, job_id: str, events_path: str, proc: subprocess.Popen, log):
+        super().__init__(daemon=True, name=f"follow-{job_id}")
+        self.reg, self.job_id, self.events_path, self.proc, self.log = reg, job_id, events_path, proc, log
+        self.progress: dict = {}
+        self.checkpoint: str | None = None
+        self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
+        self._partial = ""
+        self._tail: list[str] = []
+
+    def run(self) -> None:
+        pending: list[str] = []
+        last_push = time.time()
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.log.write(line + "\n")
+            pending.append(line)
+            self._tail = (self._tail + [line])[-50:]
+            if time.time() - last_push > 0.5 or len(pending) > 200:
+                self._push(pending)
+                pending, last_push = [], time.time()
+        self._push(pending)
+
+    def _push(self, lines: list[str]) -> None:
+        try:
+            self.reg.append_log(self.job_id, lines)
+        except Exception:  # the log file keeps every line; Redis holds a convenience copy
+            pass
+
+    def error_line(self) -> str | None:
+        for line in reversed(self._tail):
+            if line.startswith("error:") or "Error:" in line:
+                return line.strip()
+        return self._tail[-1].strip() if self._tail else None
+
+    def poll_events(self) -> None:
+        try:
+            with open(self.events_path, encoding="utf-8") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(chunk.encode("utf-8"))
+        text = self._partial + chunk
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self._apply(event)
+
+    def _apply(self, e: dict) -> None:
+        p = self.progress
+        kind = e.get("event")
+        if kind == "start":
+            p.update(epochs=e.get("epochs"), steps=e.get("steps_per_epoch"), epoch=e.get("start_epoch", 0), step=0)
+        elif kind == "step":
+            p.update(epoch=e.get("epoch"), step=e.get("step"), steps=e.get("steps"), loss=e.get("loss"),
+                     fps=e.get("fps"), train_acc=e.get("train_acc"))
+        elif kind == "epoch":
+            p.update(epoch=e.get("epoch"), step=p.get("steps") or p.get("step"), loss=e.get("loss"),
+                     fps=e.get("fps"), acc1=e.get("acc1"), lr=e.get("lr"), epochs_done=e.get("epoch"))
+            self.checkpoint = os.path.join(os.path.dirname(self.events_path), "checkpoint.pt")
+        elif kind == "end":
+            p.update(fps=e.get("fps"), acc1=e.get("acc1"), epochs_done=e.get("epochs"))
+
+
+def _cancel_before_start(settings: Settings, reg: Registry, job_id: str) -> None:
+    reg.finish(job_id, CANCELLED, message="cancelled before it started")
+    _end_mlflow_run(settings, reg.get(job_id), "KILLED")
+
+
+def _end_mlflow_run(settings: Settings, job: dict | None, status: str) -> None:
+    if settings.mlflow_uri and job and job.get("mlflow_run_id"):
+        try:
+            mlflow_runs.end_run(settings.mlflow_uri, job["mlflow_run_id"], status)
+        except Exception as exc:  # the job's own status is already recorded; say why MLflow lags
+            reg_note = f"MLflow run not marked {status}: {type(exc).__name__}: {exc}"
+            print(reg_note, file=sys.stderr)
+
+
+def _log_training_log(settings: Settings, run_id: str | None, log_path: str) -> None:
+    if settings.mlflow_uri and run_id:
+        try:
+            mlflow_runs.log_file(settings.mlflow_uri, run_id, log_path, "logs")
+        except Exception as exc:
+            print(f"training log not uploaded to MLflow: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None

@@ -1,0 +1,95 @@
+"""What a worker does besides running tasks: register its capacity, and sweep for lost jobs.
+
+Both run in one thread of the worker's main process, every third of the
+heartbeat TTL:
+- the worker's capacity (node, device type, device ids, queues, concurrency)
+  is written with a TTL, so `submit-train` can refuse requests no live worker
+  can ever serve, and a dead worker disappears from `facenet-cli workers`;
+- every FACENET_SWEEP_SECONDS, jobs claimed by an attempt whose heartbeat
+  expired (its worker was killed) go back to their queue, counting attempts.
+  Exactly one sweeper wins each job (registry.requeue_if_dead); the dead
+  worker's own message, redelivered hours later, finds the job finished or
+  held and is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
+
+from services.config import load_settings
+from services.registry import Registry, connect
+
+_STATE: dict = {}
+
+
+@celeryd_init.connect
+def _remember_options(sender=None, instance=None, conf=None, options=None, **_):
+    _STATE["node"] = sender
+    _STATE["options"] = options or {}
+
+
+@worker_ready.connect
+def _start_housekeeping(sender=None, **_):
+    node = _STATE.get("node") or getattr(sender, "hostname", socket.gethostname())
+    options = _STATE.get("options", {})
+    queues = options.get("queues") or []
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),
+            "concurrency": int(options.get("concurrency") or 1), "started": time.time()}
+    if any(q.startswith("train.") for q in queues):
+        from services.supervisor import worker_devices
+
+        device_type, devices = worker_devices()
+        info.update(device_type=device_type, devices=devices)
+    stop = threading.Event()
+    _STATE["stop"] = stop
+    threading.Thread(target=_housekeeping, args=(info, stop), daemon=True, name="facenet-housekeeping").start()
+
+
+@worker_shutdown.connect
+def _stop_housekeeping(**_):
+    stop = _STATE.get("stop")
+    if stop is not None:
+        stop.set()
+        try:
+            s = load_settings()
+            Registry(connect(s.redis_url), s.heartbeat_ttl).unregister_worker(_STATE.get("node", ""))
+        except Exception:  # Redis gone too: the registration's TTL removes it
+            pass
+
+
+def _housekeeping(info: dict, stop: threading.Event) -> None:
+    s = load_settings()
+    reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
+    next_sweep = 0.0
+    while not stop.is_set():
+        try:
+            reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
+            if time.time() >= next_sweep:
+                sweep(reg)
+                next_sweep = time.time() + s.sweep_seconds
+        except Exception as exc:  # Redis restarting: keep trying; registrations come back with it
+            print(f"facenet housekeeping: {type(exc).__name__}: {exc}", flush=True)
+        stop.wait(max(1.0, s.heartbeat_ttl / 3))
+
+
+def sweep(reg: Registry) -> list[str]:
+    """Queue again every claimed job whose attempt stopped heartbeating; returns their ids."""
+    from services.tasks import send_train
+
+    requeued = []
+    for job in reg.claimed_jobs():
+        if reg.alive(job["id"]) or job.get("kind") != "train":
+            continue
+        where = job.get("worker") or "a worker"
+        if reg.requeue_if_dead(job["id"], f"worker {where} was lost during attempt {job.get('attempts')}"):
+            reg.update(job["id"], task_id=send_train(job))
+            print(f"facenet sweep: job {job['id']} requeued (worker {where} lost)", flush=True)
+            requeued.append(job["id"])
+    return requeued

@@ -1,0 +1,231 @@
+"""The service end to end, with real processes: `facenet-cli stack up` starts a real Redis, MLflow
+server, Flower and Celery workers; jobs go through the queue to a real trainer process.
+
+Heartbeats are shortened (FACENET_HEARTBEAT_TTL=6) so a killed worker's job comes back in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from services.entrypoints import free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class Stack:
+    def __init__(self, root: str, env: dict):
+        self.root, self.env = root, env
+        self.state_dir = env["FACENET_STATE_DIR"]
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = False, env: dict | None = None):
+        proc = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env={**self.env, **(env or {})})
+        if check and proc.returncode != 0:
+            raise AssertionError(f"facenet-cli {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str, timeout: float = 300):
+        return json.loads(self.cli(*args, "--json", timeout=timeout, check=True).stdout)
+
+    @property
+    def description(self) -> dict:
+        with open(os.path.join(self.state_dir, "stack.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.description["mlflow_uri"])
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 240, what: str = "condition") -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.json("status", job_id)
+            if predicate(job):
+                return job
+            if job["status"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                raise AssertionError(f"job ended {job['status']} before {what}: {job}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}: {job}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, sample_root):
+    root = str(tmp_path_factory.mktemp("svc"))
+    env = {**os.environ, "FACENET_STATE_DIR": os.path.join(root, "state"),
+           "FACENET_REDIS_PORT": str(free_port()), "FACENET_MLFLOW_PORT": str(free_port()),
+           "FACENET_FLOWER_PORT": str(free_port()), "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2",
+           "FACENET_SYSTEM_METRICS_INTERVAL": "1", "FACENET_DATA_ROOTS": os.pathsep.join([root, sample_root])}
+    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
+        env.pop(k, None)
+    s = Stack(root, env)
+    up = s.cli("stack", "up", timeout=240)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield s
+    finally:
+        s.cli("stack", "down", timeout=120)
+
+
+def test_stack_status_lists_every_service(stack):
+    services = stack.json("stack", "status")
+    assert [x["name"] for x in services] == ["redis", "mlflow", "flower", "worker-preprocess", "worker-cpu"]
+    for x in services:
+        assert x["running"] and psutil.pid_exists(x["pid"]), x
+    assert services[1]["url"] == stack.description["mlflow_uri"]
+    # Secrets are generated per stack and private.
+    assert os.stat(os.path.join(stack.state_dir, "secrets.env")).st_mode & 0o077 == 0
+    assert os.stat(os.path.join(stack.state_dir, "stack.json")).st_mode & 0o077 == 0
+    workers = stack.json("workers")
+    assert {w["node"].split("@")[0] for w in workers} == {"cpu", "preprocess"}
+
+
+def test_preprocess_then_train_through_the_queue(stack):
+    from facenet.data.samples import make_raw_identities
+
+    raw = os.path.join(stack.root, "raw")
+    make_raw_identities(raw, per_identity=10, identities=4)
+    faces = os.path.join(stack.root, "faces")
+    proc = stack.cli("submit-train", "--preprocess-from", raw, "--data", faces, "--epochs", "2", "--batch-size", "16",
+                     "--amp", "--log-every", "1", "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["status"] == "SUCCEEDED" and job["attempts"] == 1
+    assert job["dataset"]["faces"] == 40 and job["dataset"]["classes"] == 4
+    assert job["progress"]["epoch"] == 2 and job["progress"]["fps"] > 0 and job["progress"]["acc1"] is not None
+    assert os.path.exists(os.path.join(faces, "manifest.json"))
+
+    listed = stack.json("jobs")
+    assert listed[0]["id"] == job["id"] and {"id", "status", "created"} <= set(listed[0])
+
+    # MLflow: one run for the job with params, per-epoch metrics, system metrics, the log, manifest and model.
+    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["run_id"] == job["mlflow_run_id"] and run["status"] == "FINISHED"
+    assert run["name"] == f"1p-cpu-bs16-O2-{job['id']}"
+    assert run["params"]["epochs"] == "2" and run["tags"]["device_type"] == "cpu" and run["tags"]["npus"] == "1"
+    assert {"fps", "acc1", "loss", "lr"} <= set(run["metrics"])
+    assert any(k.startswith("system/") for k in run["metrics"]), sorted(run["metrics"])
+    client = stack.mlflow()
+    assert [m.step for m in client.get_metric_history(run["run_id"], "acc1")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"logs", "dataset", "final", "checkpoints"} <= artifacts, artifacts
+    exp = client.get_experiment(run["experiment_id"])
+    assert exp.name == "facenet" and exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # Flower saw the tasks (its HTTP API, with the stack's basic-auth credentials).
+    d = stack.description
+    auth = base64.b64encode(f"{d['flower_user']}:{d['flower_password']}".encode()).decode()
+    req = urllib.request.Request(f"{d['flower_url']}/api/tasks?limit=200", headers={"Authorization": f"Basic {auth}"})
+    deadline = time.time() + 30
+    while True:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            tasks = json.load(r)
+        train_tasks = [t for t in tasks.values() if t.get("name") == "facenet.train" and job["id"] in str(t.get("args"))]
+        if train_tasks and train_tasks[0]["state"] == "SUCCESS" or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert train_tasks and train_tasks[0]["state"] == "SUCCESS", tasks
+    assert sum(1 for t in tasks.values() if t.get("name") == "facenet.preprocess_shard") >= 1
+    unauth = urllib.request.Request(f"{d['flower_url']}/api/tasks")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(unauth, timeout=10)
+    assert err.value.code == 401
+
+
+def _trainer_processes(output_dir: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "facenet.train" in cmd and output_dir in cmd:
+            found.append(p)
+    return found
+
+
+def test_cancel_stops_the_trainer_and_kills_the_run(stack, sample_root):
+    faces = os.path.join(sample_root, "prep")
+    job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "32")
+    job = stack.wait_for(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["progress"]["step"],
+                         what="training to start")
+    assert _trainer_processes(job["output"])
+    cancelled = stack.json("cancel", job["id"])
+    assert cancelled["status"] == "CANCELLED"
+    deadline = time.time() + 15
+    while _trainer_processes(job["output"]) and time.time() < deadline:
+        time.sleep(0.3)
+    assert not _trainer_processes(job["output"])
+    run = stack.mlflow().get_run(job["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+    # The devices are free again.
+    worker = next(w for w in stack.json("workers") if w["node"].startswith("cpu@"))
+    assert not any(worker["leases"].values())
+
+
+def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
+    faces = os.path.join(sample_root, "prep")
+    job = stack.json("submit-train", "--data", faces, "--epochs", "4", "--batch-size", "32", "--amp")
+    job = stack.wait_for(job["id"], lambda j: (j["progress"].get("epochs_done") or 0) >= 1,
+                         what="a first checkpoint")
+    worker = stack.description["services"]["worker-cpu"]
+    os.killpg(worker["pid"], signal.SIGKILL)  # the whole worker: main process and pool children
+    deadline = time.time() + 10  # the orphaned trainer notices its supervisor is gone
+    while _trainer_processes(job["output"]) and time.time() < deadline:
+        time.sleep(0.3)
+    assert not _trainer_processes(job["output"]), "trainer outlived its killed worker"
+    restarted = stack.cli("stack", "up", timeout=240)
+    assert restarted.returncode == 0, restarted.stderr
+    assert stack.description["services"]["worker-cpu"]["pid"] != worker["pid"]
+
+    assert stack.cli("status", job["id"]).returncode == 0  # the human form works mid-flight too
+    final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300, what="the job to finish")
+    assert final["attempts"] == 2 and final["mlflow_run_id"] == job["mlflow_run_id"]
+    with open(os.path.join(job["output"], "train.log"), encoding="utf-8") as fh:
+        log = fh.read()
+    assert "resumed from" in log and "epoch(s) done" in log
+    client = stack.mlflow()
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc1")]
+    assert sorted(set(steps)) == [1, 2, 3, 4], steps
+    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]
+    assert len(runs) == 1
+
+
+def test_request_no_worker_can_serve_is_refused(stack, sample_root):
+    proc = stack.cli("submit-train", "--data", os.path.join(sample_root, "prep"), "--npus", "4", "--batch-size", "32")
+    assert proc.returncode != 0
+    assert "--npus 4" in proc.stderr and "cpu@" in proc.stderr and "Traceback" not in proc.stderr
+    proc = stack.cli("submit-train", "--data", os.path.join(sample_root, "prep"), "--device-type", "npu")
+    assert proc.returncode != 0 and "no registered npu worker" in proc.stderr
+    assert all(j["npus"] != 4 and j["device_type"] != "npu" for j in stack.json("jobs"))  # no job was created
+
+
+def test_paths_outside_the_data_roots_are_refused(stack, tmp_path_factory):
+    outside = str(tmp_path_factory.mktemp("outside-roots"))
+    proc = stack.cli("submit-train", "--data", outside)
+    assert proc.returncode != 0 and "outside the configured data roots" in proc.stderr
+
+
+def test_unreachable_redis_and_mlflow_are_one_line_errors(stack):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    for args in (["jobs"], ["status", "abc"], ["submit-train", "--data", stack.root], ["workers"]):
+        proc = stack.cli(*args, env={"FACENET_REDIS_URL": dead})
+        assert proc.returncode == 1, proc
+        assert "Redis at" in proc.stderr and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = stack.cli("runs", env={"FACENET_MLFLOW_URI": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 1 and "MLflow at" in proc.stderr and "Traceback" not in proc.stderr
+    proc = stack.cli("status", "nosuchjob")
+    assert proc.returncode == 1 and "no job 'nosuchjob'" in proc.stderr
