@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(PY) -m facenet.bench --out build/bench.json
+	$(PY) -m services.bench_queue --out build/bench_queue.json
 
 demo: install
 	$(PY) -m services.demo

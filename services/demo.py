@@ -1,10 +1,13 @@
-"""`make demo`: the main job on the embedded default (no Docker, no accelerator).
+"""`make demo`: the main job on the embedded default (no Docker, no accelerator), through the queue.
 
-Builds a small raw data set from real face photos that public wheels ship,
-MTCNN-crops it, starts a local MLflow server, trains on the CPU with bf16
-AMP, and prints the MLflow run URL, FPS and held-out Acc@1. The queue path
-(Redis, Celery workers, `submit-train --wait`) replaces the direct training
-call once the service layer lands.
+1. `facenet-cli stack up`: Redis, MLflow, Flower, a preprocessing worker and a CPU device worker as
+   local processes (state in $FACENET_STATE_DIR, default ~/.facenet/stack);
+2. a small raw data set (8 real people x 40 loosely cropped photos) made from the face photos that
+   the scikit-image and insightface wheels ship (fetched once with `pip download --no-deps`);
+3. `facenet-cli submit-train --preprocess-from RAW --data FACES --amp --wait`: MTCNN preprocessing in
+   shards on the preprocess queue, then CPU bf16 training on train.cpu, logged to MLflow;
+4. prints the MLflow run URL, FPS and held-out Acc@1, and leaves the stack up to browse
+   (`facenet-cli stack down` stops it).
 """
 
 from __future__ import annotations
@@ -12,62 +15,54 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 
-from facenet.data.samples import build_sample_dataset, cache_dir
 from facenet.errors import UserError
-from services.entrypoints import free_port, start_mlflow_server
-
-
-def start_mlflow(state_dir: str) -> tuple[subprocess.Popen, str]:
-    port = int(os.environ.get("FACENET_MLFLOW_PORT") or free_port())
-    return start_mlflow_server(state_dir, port), f"http://127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.config import default_state_dir
+
     p = argparse.ArgumentParser(prog="python -m services.demo", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--state-dir", default=os.path.join("build", "demo"), help="MLflow db, artifacts, run output")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs")
-    p.add_argument("--keep-mlflow", action="store_true", help="leave the MLflow server running to browse the run")
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", default=default_state_dir(), help="the local stack's state (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default %(default)s)")
+    p.add_argument("--down", action="store_true", help="stop the stack at the end")
     args = p.parse_args(argv)
+    state_dir = os.path.abspath(args.state_dir)
+    env = {**os.environ, "FACENET_STATE_DIR": state_dir}
+
+    def cli(*cli_args: str, capture: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli", *cli_args], env=env, text=True,
+                              capture_output=capture)
+
+    print(f"== 1/3 local stack ({state_dir})", flush=True)
+    if cli("stack", "up", "--state-dir", state_dir).returncode != 0:
+        return 2
+    print("\n== 2/3 raw photos of 8 real people (from the scikit-image / insightface wheels; cached)", flush=True)
+    from facenet.data.samples import make_raw_identities
+
+    raw = os.path.join(state_dir, "data", "demo-raw")
+    faces = os.path.join(state_dir, "data", "demo-faces")
     try:
-        print("building the sample data set (8 real people x 40 raw photos -> MTCNN preprocessing; cached) ...",
-              flush=True)
-        faces = build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
-        proc, uri = start_mlflow(os.path.join(args.state_dir, "mlflow"))
+        counts = make_raw_identities(raw, per_identity=40, identities=8)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"MLflow server: {uri}", flush=True)
-    summary_path = os.path.join(args.state_dir, "summary.json")
-    try:
-        rc = subprocess.call([sys.executable, "-m", "facenet.train", "--data", faces, "--epochs", str(args.epochs),
-                              "--batch-size", "32", "--lr", "0.001", "--amp", "--device", "cpu",
-                              "--output", os.path.join(args.state_dir, "train"), "--json-out", summary_path,
-                              "--mlflow-uri", uri, "--experiment", "facenet-demo", "--log-every", "4"])
-        if rc == 0:
-            with open(summary_path, encoding="utf-8") as fh:
-                s = json.load(fh)
-            print(f"\ndemo finished: {s['epochs']} epochs, {s['fps']:.1f} img/s ({s['precision']}), "
-                  f"held-out Acc@1 {s['acc1']:.3f}")
-            print(f"MLflow run: {uri}/#/experiments/{_experiment_id(uri, s['mlflow_run_id'])}/runs/{s['mlflow_run_id']}")
-        if args.keep_mlflow and rc == 0:
-            print(f"MLflow keeps running (pid {proc.pid}); stop it with: kill -- -{proc.pid}")
-            return 0
-        print("(the MLflow server stops now; run `python -m services.demo --keep-mlflow` to browse the run)")
-        return rc
-    finally:
-        if not args.keep_mlflow and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-
-
-def _experiment_id(uri: str, run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri).get_run(run_id).info.experiment_id
+    print(f"{sum(counts.values())} raw photos in {raw}", flush=True)
+    print("\n== 3/3 submit-train --preprocess-from RAW --wait (MTCNN shards, then CPU bf16 training)", flush=True)
+    rc = cli("submit-train", "--preprocess-from", raw, "--data", faces, "--epochs", str(args.epochs),
+             "--batch-size", "32", "--lr", "0.001", "--amp", "--device-type", "cpu", "--log-every", "4",
+             "--wait").returncode
+    stack = json.load(open(os.path.join(state_dir, "stack.json"), encoding="utf-8"))
+    if args.down:
+        cli("stack", "down", "--state-dir", state_dir)
+    else:
+        print(f"\nThe stack keeps running: MLflow {stack['mlflow_uri']}, Flower {stack['flower_url']} "
+              f"(user {stack['flower_user']}, password in {state_dir}/secrets.env).")
+        print("Compare runs with `facenet-cli runs`; stop everything with `facenet-cli stack down`.")
+    return rc
 
 
 if __name__ == "__main__":

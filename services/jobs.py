@@ -146,7 +146,8 @@ def view(job: dict) -> dict:
     progress = job.get("progress") or {}
     return {
         "id": job["id"], "kind": job.get("kind"), "status": job["status"], "created": job.get("created"),
-        "started": job.get("started"), "finished": job.get("finished"), "attempts": job.get("attempts", 0),
+        "started": job.get("started"), "trainer_started": job.get("trainer_started"),
+        "finished": job.get("finished"), "attempts": job.get("attempts", 0),
         "device_type": job.get("device_type"), "npus": job.get("npus"), "worker": job.get("worker"),
         "progress": {**{k: progress.get(k) for k in PROGRESS_KEYS},
                      **{k: v for k, v in progress.items() if k not in PROGRESS_KEYS}},

@@ -1,0 +1,118 @@
+"""Job registry, device leases and attempt limits against a real Redis (started by the entrypoint compose uses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.entrypoints import free_port
+from services.registry import CANCELLED, FAILED, QUEUED, Registry, connect
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    env = {**os.environ, "FACENET_REDIS_PORT": str(port), "FACENET_REDIS_PASSWORD": "pw-test",
+           "FACENET_REDIS_DATA": str(data)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "redis"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://:pw-test@127.0.0.1:{port}/0"
+    deadline = time.time() + 20
+    while True:
+        try:
+            connect(url, timeout=1).ping()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)
+    # The password is required, and is not on the command line.
+    with pytest.raises(Exception):
+        connect(f"redis://127.0.0.1:{port}/0", timeout=1).set("x", 1)
+    assert "pw-test" not in " ".join(open(f"/proc/{proc.pid}/cmdline").read().split("\0"))
+    assert os.stat(data / "redis.conf").st_mode & 0o077 == 0
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def reg(redis_url):
+    client = connect(redis_url)
+    client.flushdb()
+    return Registry(client, heartbeat_ttl=2)
+
+
+def test_an_8_device_worker_runs_one_8p_job_or_eight_1p_jobs(reg):
+    devices = list(range(8))
+    assert reg.lease("npu@a", devices, 8, "big") == devices
+    assert reg.lease("npu@a", devices, 1, "small") == []  # all or none, never shared
+    assert reg.renew_leases("npu@a", devices, "big", drop=True) == 8
+    got = [reg.lease("npu@a", devices, 1, f"job{i}") for i in range(8)]
+    assert sorted(d for g in got for d in g) == devices
+    assert reg.lease("npu@a", devices, 1, "ninth") == []
+    assert reg.lease("npu@a", devices, 2, "wide") == []
+    assert reg.lease("npu@b", devices, 8, "other-node") == devices  # leases are per worker node
+
+
+def test_a_crashed_workers_leases_free_themselves(reg):
+    assert reg.lease("npu@a", [0, 1], 2, "crashed") == [0, 1]
+    assert reg.lease("npu@a", [0, 1], 1, "next") == []
+    time.sleep(2.5)  # nobody renewed them
+    assert reg.lease("npu@a", [0, 1], 2, "next") == [0, 1]
+
+
+def test_claims_drop_duplicates_and_finished_jobs(reg):
+    job = reg.create("train", {"spec": {}, "device_type": "cpu", "npus": 1})
+    assert reg.claim(job, "attempt-1") == ("ok", 1)
+    assert reg.claim(job, "attempt-2") == ("busy", 0)  # a duplicate message while the first attempt lives
+    assert not reg.requeue_if_dead(job, "lost")  # alive: nothing to requeue
+    time.sleep(2.5)  # attempt 1's heartbeat expired (its worker died)
+    assert reg.requeue_if_dead(job, "worker lost")
+    assert not reg.requeue_if_dead(job, "worker lost")  # exactly one sweeper wins
+    assert reg.get(job)["status"] == QUEUED
+    assert reg.claim(job, "attempt-2") == ("ok", 2)
+    assert not reg.heartbeat(job, "attempt-1")  # a stale attempt learns it was taken over
+    reg.finish(job, CANCELLED)
+    assert reg.claim(job, "attempt-3") == ("done", 0)
+    assert reg.claim("nosuchjob", "x") == ("missing", 0)
+
+
+def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(reg, redis_url, tmp_path):
+    from services.config import Settings
+    from services.supervisor import run_train_job
+
+    settings = Settings(state_dir=str(tmp_path), redis_url=redis_url, mlflow_uri=None, flower_url=None,
+                        runs_dir=str(tmp_path / "runs"), max_attempts=2, heartbeat_ttl=2)
+    job = reg.create("train", {"spec": {"data": str(tmp_path)}, "device_type": "cpu", "npus": 1})
+    for attempt in (1, 2):  # each attempt's worker dies: claimed, then the heartbeat stops
+        assert reg.claim(job, f"dead-{attempt}") == ("ok", attempt)
+        time.sleep(2.5)
+        assert reg.requeue_if_dead(job, f"worker w{attempt} was lost during attempt {attempt}")
+    out = run_train_job(settings, reg, job, "cpu@test")
+    final = reg.get(job)
+    assert out["status"] == FAILED and final["status"] == FAILED
+    assert final["error"] == "gave up after 2 attempts: worker w2 was lost during attempt 2"
+
+
+def test_logs_keep_the_tail_and_a_reader_position(reg):
+    job = reg.create("train", {})
+    reg.append_log(job, [f"line {i}" for i in range(10)])
+    lines, pos = reg.read_log(job)
+    assert lines[0] == "line 0" and pos == 10
+    reg.append_log(job, ["line 10"])
+    assert reg.read_log(job, pos) == (["line 10"], 11)
+
+
+def test_job_ids_resolve_by_unique_prefix(reg):
+    job = reg.create("train", {})
+    assert reg.find(job[:6])["id"] == job
+    from facenet.errors import UserError
+
+    with pytest.raises(UserError, match="no job"):
+        reg.find("zzzz")
