@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo up down logs clean
+.PHONY: install test bench demo up down logs ps urls cli clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,38 @@ bench: install
 demo: install
 	$(PY) -m services.demo
 
-up down logs:
-	@echo "make $@: the docker compose stack arrives with issue 5; use 'make demo' for the local stack" >&2; exit 1
+# ---- the docker compose stack (Ascend, GPU or CPU host) -------------------------------------------
+# `make up` writes .env (random secrets, mode 600) on first run and picks the profile from the host:
+# npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu. PROFILE=... and NPUS=... override.
+COMPOSE ?= docker compose
+HOST_PYTHON ?= python3
+PROFILE ?= $(shell $(HOST_PYTHON) -m services.compose profile)
+NPUS ?= 8
+NPU_OVERRIDE := build/compose.npu.yml
+COMPOSE_CMD = $(COMPOSE) --env-file .env -f docker-compose.yml $(if $(filter npu,$(PROFILE)),-f $(NPU_OVERRIDE)) --profile $(PROFILE)
+
+up:
+	$(HOST_PYTHON) -m services.compose env .env
+	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
+	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(NPUS) NPUs)"
+	$(COMPOSE_CMD) up -d --build --wait
+	@$(HOST_PYTHON) -m services.compose urls .env
+
+down:
+	$(COMPOSE_CMD) down
+
+logs:
+	$(COMPOSE_CMD) logs -f --tail=200
+
+ps:
+	$(COMPOSE_CMD) ps
+
+urls:
+	@$(HOST_PYTHON) -m services.compose urls .env
+
+# facenet-cli inside the stack's network, e.g. make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'
+cli:
+	$(COMPOSE_CMD) --profile tools run --rm cli $(ARGS)
 
 clean:
 	rm -rf build output .pytest_cache

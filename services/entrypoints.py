@@ -10,6 +10,9 @@ what the tests exercise is what runs in production:
   flower             Celery's Flower with basic auth (FLOWER_BASIC_AUTH) and persistent state
   worker-preprocess  Celery worker on the `preprocess` queue (one MTCNN per pool process)
   worker-device      Celery worker on `train.<FACENET_DEVICE_TYPE>` owning FACENET_DEVICES
+
+`python -m services.entrypoints healthcheck SERVICE` exits 0 when the service is ready (compose
+healthchecks use it, so no password ever goes on a command line).
 """
 
 from __future__ import annotations
@@ -136,10 +139,26 @@ def service_command(name: str) -> tuple[list[str], dict]:
                                   _env("FACENET_REDIS_PASSWORD"), data_dir))
         return [redis_server_binary(), conf], {}
     if name == "mlflow":
-        return mlflow_server_command(_env("FACENET_MLFLOW_HOST", "127.0.0.1"), int(_env("FACENET_MLFLOW_PORT", "5000")),
-                                     _env("FACENET_MLFLOW_BACKEND_STORE_URI"),
-                                     _env("FACENET_MLFLOW_ARTIFACTS_DESTINATION"),
-                                     allowed_hosts=os.environ.get("FACENET_MLFLOW_ALLOWED_HOSTS")), {}
+        cmd = mlflow_server_command(_env("FACENET_MLFLOW_HOST", "127.0.0.1"), int(_env("FACENET_MLFLOW_PORT", "5000")),
+                                    _env("FACENET_MLFLOW_BACKEND_STORE_URI"),
+                                    _env("FACENET_MLFLOW_ARTIFACTS_DESTINATION"),
+                                    allowed_hosts=os.environ.get("FACENET_MLFLOW_ALLOWED_HOSTS"))
+        env = {}
+        if os.environ.get("FACENET_MLFLOW_AUTH", "0") == "1":
+            # MLflow's basic-auth app: the admin is MLFLOW_TRACKING_USERNAME, created on first start with
+            # MLFLOW_AUTH_ADMIN_PASSWORD (= MLFLOW_TRACKING_PASSWORD, which clients send).
+            auth_dir = os.path.abspath(_env("FACENET_MLFLOW_AUTH_DIR", "mlflow-auth"))
+            os.makedirs(auth_dir, exist_ok=True)
+            ini = os.path.join(auth_dir, "basic_auth.ini")
+            fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write("[mlflow]\ndefault_permission = READ\n"
+                         f"database_uri = sqlite:///{auth_dir}/basic_auth.db\n"
+                         f"admin_username = {_env('MLFLOW_TRACKING_USERNAME')}\n"
+                         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            env = {"MLFLOW_AUTH_CONFIG_PATH": ini, "MLFLOW_AUTH_ADMIN_PASSWORD": _env("MLFLOW_TRACKING_PASSWORD")}
+            cmd += ["--app-name", "basic-auth"]
+        return cmd, env
     celery = [py, "-m", "celery", "-A", "services.celery_app"]
     if name == "flower":
         db = os.path.abspath(_env("FACENET_FLOWER_DB", "flower.db"))
@@ -174,11 +193,43 @@ def service_command(name: str) -> tuple[list[str], dict]:
     raise UserError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
 
 
+def healthcheck(name: str) -> bool:
+    """Is service `name` (running in this container / with this environment) ready? For compose healthchecks."""
+    import socket
+    import urllib.request
+
+    try:
+        if name == "redis":
+            import redis
+
+            r = redis.Redis(host="127.0.0.1", port=int(_env("FACENET_REDIS_PORT", "6379")),
+                            password=_env("FACENET_REDIS_PASSWORD"), socket_connect_timeout=3)
+            return bool(r.ping())
+        if name in ("mlflow", "flower"):
+            port = _env(f"FACENET_{name.upper()}_PORT", "5000" if name == "mlflow" else "5555")
+            path = "/health" if name == "mlflow" else "/healthcheck"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status == 200
+        if name.startswith("worker"):
+            from services.config import load_settings
+            from services.registry import Registry, connect
+
+            s = load_settings()
+            host = socket.gethostname()
+            return any(w.get("host") == host for w in Registry(connect(s.redis_url, timeout=3)).workers())
+    except Exception:
+        return False
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.entrypoints SERVICE`: exec the service (so its pid is the server's pid)."""
+    """`python -m services.entrypoints SERVICE`: exec the service (so its pid is the server's pid).
+    `python -m services.entrypoints healthcheck SERVICE`: exit 0 when it is ready."""
     from facenet.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "healthcheck":
+        return 0 if healthcheck(argv[1]) else 1
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
