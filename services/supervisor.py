@@ -92,8 +92,8 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     finally:
         beat.stop()
         if beat.leased:
-            reg.renew_leases(node, beat.leased, job_id, drop=True)
-        reg.release(job_id, token)
+            _retrying(lambda: reg.renew_leases(node, beat.leased, job_id, drop=True))
+        _retrying(lambda: reg.release(job_id, token))
 
 
 def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: str, device_type: str,
@@ -169,7 +169,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     if outcome == "lost":  # another attempt owns the job now; leave its record alone
         return {"job": job_id, "skipped": "taken over"}
     if outcome == "cancelled":
-        reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped", trainer_pid=None)
+        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
+                                     trainer_pid=None))
         _end_mlflow_run(settings, reg.get(job_id), "KILLED")
         _log_training_log(settings, run_id, log_path)
         return {"job": job_id, "status": CANCELLED}
@@ -180,35 +181,55 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         error = follower.error_line() or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
-        reg.finish(job_id, FAILED, error=error, trainer_pid=None)
+        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         _end_mlflow_run(settings, reg.get(job_id), "FAILED")
         return {"job": job_id, "status": FAILED, "error": error}
     result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
                                           "e2e_seconds", "model", "checkpoint", "mlflow_run_id")}
-    reg.finish(job_id, SUCCEEDED, result=result, trainer_pid=None, checkpoint=summary.get("checkpoint"))
+    _retrying(lambda: reg.finish(job_id, SUCCEEDED, result=result, trainer_pid=None,
+                                 checkpoint=summary.get("checkpoint")))
     return {"job": job_id, "status": SUCCEEDED, **{k: result[k] for k in ("fps", "acc1")}}
 
 
 def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, follower: "_Follower",
            report: Callable[[dict], None]) -> str:
     """Follow the trainer until it exits; 'done', 'cancelled' or 'lost'."""
+    import redis
+
     last_progress = None
     while True:
         try:
             proc.wait(timeout=0.5)
             follower.poll_events()
-            _push_progress(reg, job_id, follower, report, last_progress)
+            _retrying(lambda: _push_progress(reg, job_id, follower, report, last_progress))
             return "done"
         except subprocess.TimeoutExpired:
             pass
         follower.poll_events()
-        last_progress = _push_progress(reg, job_id, follower, report, last_progress)
         if beat.lost.is_set():
             _stop_group(proc)
             return "lost"
-        if reg.cancel_requested(job_id):
-            _stop_group(proc)
-            return "cancelled"
+        try:
+            last_progress = _push_progress(reg, job_id, follower, report, last_progress)
+            if reg.cancel_requested(job_id):
+                _stop_group(proc)
+                return "cancelled"
+        except redis.RedisError:
+            continue  # Redis restarting: training goes on; progress catches up when it is back
+
+
+def _retrying(fn, seconds: float = 120.0):
+    """Run a registry write, retrying while Redis is briefly away (a restart): results must not be lost."""
+    import redis
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return fn()
+        except redis.RedisError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, last):

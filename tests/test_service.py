@@ -229,3 +229,52 @@ def test_unreachable_redis_and_mlflow_are_one_line_errors(stack):
     assert proc.returncode == 1 and "MLflow at" in proc.stderr and "Traceback" not in proc.stderr
     proc = stack.cli("status", "nosuchjob")
     assert proc.returncode == 1 and "no job 'nosuchjob'" in proc.stderr
+
+
+def test_submit_preprocess_alone_and_a_failing_job(stack):
+    from facenet.data.samples import make_raw_identities
+
+    raw = os.path.join(stack.root, "raw-small")
+    make_raw_identities(raw, per_identity=4, identities=2)
+    with open(os.path.join(raw, sorted(os.listdir(raw))[0], "broken.jpg"), "wb") as fh:
+        fh.write(b"not a jpeg at all")
+    out = os.path.join(stack.root, "faces-small")
+    proc = stack.cli("submit-preprocess", raw, out, "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["status"] == "SUCCEEDED" and job["kind"] == "preprocess"
+    assert job["result"]["images"] == 9 and job["result"]["faces"] == 8 and job["result"]["rejects"] == 1
+    assert os.path.exists(os.path.join(out, "train_list.txt"))
+
+    # A dataset with no images: the trainer's one-line error becomes the job's error, --wait exits 1.
+    empty = os.path.join(stack.root, "empty-dataset")
+    os.makedirs(empty, exist_ok=True)
+    proc = stack.cli("submit-train", "--data", empty, "--wait")
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stdout and empty in proc.stdout, proc.stdout
+    failed = stack.json("jobs")[0]
+    assert failed["status"] == "FAILED" and failed["error"]
+    assert stack.mlflow().get_run(failed["mlflow_run_id"]).info.status == "FAILED"
+    logs = stack.cli("logs", failed["id"], check=True).stdout
+    assert failed["error"] in logs
+
+
+def test_a_queued_job_survives_a_redis_restart(stack, sample_root):
+    faces = os.path.join(sample_root, "prep")
+    running = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "32")
+    stack.wait_for(running["id"], lambda j: j["status"] == "RUNNING", what="the first job to run")
+    queued = stack.json("submit-train", "--data", faces, "--epochs", "1", "--batch-size", "32")
+    assert stack.json("status", queued["id"])["status"] == "QUEUED"  # the worker's one device is busy
+
+    redis_pid = stack.description["services"]["redis"]["pid"]
+    os.kill(redis_pid, signal.SIGTERM)  # a clean restart: the AOF holds the queue
+    psutil.Process(redis_pid).wait(timeout=30)
+    assert stack.cli("jobs").returncode == 1  # Redis is down: a one-line error
+    assert stack.cli("stack", "up", timeout=240).returncode == 0
+    assert stack.description["services"]["redis"]["pid"] != redis_pid
+
+    assert stack.json("status", queued["id"])["status"] == "QUEUED"
+    assert stack.json("cancel", running["id"])["status"] == "CANCELLED"
+    final = stack.wait_for(queued["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300,
+                           what="the queued job to run after the restart")
+    assert final["attempts"] == 1
