@@ -18,7 +18,7 @@ from celery import chord
 from facenet.errors import UserError
 from services.celery_app import PREPROCESS_QUEUE, app, train_queue
 from services.config import check_path_allowed, load_settings
-from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, SUCCEEDED, Registry, connect
+from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, SUCCEEDED, TERMINAL, Registry, connect
 
 
 def registry():
@@ -32,6 +32,18 @@ def _fail(reg: Registry, job_id: str, exc: BaseException) -> dict:
     return {"job": job_id, "status": FAILED, "error": error}
 
 
+def _job_to_work_on(reg: Registry, job_id: str, cancelled_while: str) -> tuple[dict | None, dict | None]:
+    """(job, None) when there is work to do, else (None, what the task returns): a finished job's
+    redelivered message is dropped, a cancel request ends the job here."""
+    job = reg.get(job_id)
+    if job is None or job["status"] in TERMINAL:
+        return None, {"job": job_id, "skipped": "finished"}
+    if reg.cancel_requested(job_id):
+        reg.finish(job_id, CANCELLED, message=f"cancelled {cancelled_while}")
+        return None, {"job": job_id, "status": CANCELLED}
+    return job, None
+
+
 def send_train(job: dict) -> str:
     res = app.send_task("facenet.train", args=[job["id"]], queue=train_queue(job["device_type"]))
     return res.id
@@ -41,15 +53,12 @@ def send_train(job: dict) -> str:
 def plan_dataset(self, job_id: str) -> dict:
     """List RAW, write the plan into OUT, and fan out one preprocess_shard per shard."""
     from facenet.preprocess.plan import Params, make_plan, save_plan
-    from facenet.preprocess.run import _check_same_crops
+    from facenet.preprocess.run import check_same_crops
 
     s, reg = registry()
-    job = reg.get(job_id)
-    if job is None or job["status"] in (SUCCEEDED, FAILED, CANCELLED):
-        return {"job": job_id, "skipped": "finished"}
-    if reg.cancel_requested(job_id):
-        reg.finish(job_id, CANCELLED, message="cancelled before preprocessing")
-        return {"job": job_id, "status": CANCELLED}
+    job, done = _job_to_work_on(reg, job_id, "before preprocessing")
+    if done:
+        return done
     try:
         raw = check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from")
         out = check_path_allowed(job["preprocess_out"], s.data_roots, "preprocessing output")
@@ -57,7 +66,7 @@ def plan_dataset(self, job_id: str) -> dict:
         plan = make_plan(raw, out, params)
         if not params.shard_size:
             plan = plan.with_shard_size(_preprocess_slots(reg))
-        _check_same_crops(plan)
+        check_same_crops(plan)
         os.makedirs(plan.out, exist_ok=True)
         save_plan(plan)
     except Exception as exc:
@@ -101,26 +110,19 @@ def preprocess_shard(self, job_id: str, plan_json: str, index: int) -> dict:
 @app.task(name="facenet.finalize_dataset", bind=True)
 def finalize_dataset(self, results: list, job_id: str, plan_json: str) -> dict:
     """Write the lists and manifest; a train job then goes to its device queue."""
-    from facenet.preprocess.finalize import finalize
+    from facenet.preprocess.finalize import finalize, manifest_totals
     from facenet.preprocess.plan import Plan
 
     s, reg = registry()
-    job = reg.get(job_id)
-    if job is None or job["status"] in (SUCCEEDED, FAILED, CANCELLED):
-        return {"job": job_id, "skipped": "finished"}
-    if reg.cancel_requested(job_id):
-        reg.finish(job_id, CANCELLED, message="cancelled during preprocessing")
-        return {"job": job_id, "status": CANCELLED}
+    job, done = _job_to_work_on(reg, job_id, "during preprocessing")
+    if done:
+        return done
     try:
         plan = Plan.from_json(plan_json)
         manifest = finalize(plan)
     except Exception as exc:
         return _fail(reg, job_id, exc)
-    splits = manifest["splits"].values()
-    summary = {"out": plan.out, "images": sum(x["images"] for x in splits), "faces": sum(x["faces"] for x in splits),
-               "rejects": sum(x["rejects"] for x in splits), "reject_reasons": manifest["reject_reasons"],
-               "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
-               "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"]}
+    summary = {"out": plan.out, **manifest_totals(manifest)}
     if job["kind"] == "preprocess":
         reg.finish(job_id, SUCCEEDED, result=summary, message="")
         return {"job": job_id, "status": SUCCEEDED, **summary}

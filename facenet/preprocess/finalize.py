@@ -93,3 +93,12 @@ def finalize(plan: Plan) -> dict:
     write_atomic(os.path.join(plan.out, "test_list.txt"), test_text.encode())
     write_atomic(os.path.join(plan.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+def manifest_totals(manifest: dict) -> dict:
+    """A manifest's counts over both splits, its lists and hash: the summary users and the queue see."""
+    splits = manifest["splits"].values()
+    return {"images": sum(s["images"] for s in splits), "faces": sum(s["faces"] for s in splits),
+            "rejects": sum(s["rejects"] for s in splits), "reject_reasons": manifest["reject_reasons"],
+            "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
+            "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"]}

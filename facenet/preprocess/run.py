@@ -8,7 +8,7 @@ import sys
 import time
 
 from facenet.fsutil import cpu_cores
-from facenet.preprocess.finalize import finalize
+from facenet.preprocess.finalize import finalize, manifest_totals
 from facenet.preprocess.plan import Params, Plan, load_plan, make_plan, save_plan
 from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files, run_shard
 
@@ -43,7 +43,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
         resolve_device_type(device)  # loads torch_npu / checks CUDA, or one line saying why not
     t0 = time.perf_counter()
     plan = make_plan(raw, out, params).with_shard_size(workers)
-    _check_same_crops(plan)
+    check_same_crops(plan)
     os.makedirs(plan.out, exist_ok=True)
     save_plan(plan)
     stale = remove_stale_temp_files(plan.out)
@@ -78,16 +78,11 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
             pool.join()
     manifest = finalize(plan)
     seconds = time.perf_counter() - t0
-    splits = manifest["splits"].values()
     return {
-        "raw": plan.raw, "out": plan.out, "layout": plan.layout,
-        "images": sum(s["images"] for s in splits), "faces": sum(s["faces"] for s in splits),
-        "rejects": sum(s["rejects"] for s in splits), "reject_reasons": manifest["reject_reasons"],
+        "raw": plan.raw, "out": plan.out, "layout": plan.layout, **manifest_totals(manifest),
         "processed": processed, "skipped": skipped, "stale_temp_files_removed": stale,
         "shards": plan.num_shards, "shard_size": plan.params.shard_size, "workers": workers, "device": device,
         "seconds": round(seconds, 3), "img_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
-        "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
-        "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"],
         "manifest": os.path.join(plan.out, "manifest.json"),
     }
 
@@ -96,7 +91,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
 CROP_SETTINGS = ("image_size", "margin", "detect_size", "min_face_frac")
 
 
-def _check_same_crops(plan: Plan) -> None:
+def check_same_crops(plan: Plan) -> None:
     from facenet.errors import UserError
 
     try:
