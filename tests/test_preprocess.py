@@ -210,3 +210,32 @@ def test_bad_raw_root_is_one_line(tmp_path):
     res = subprocess.run(preprocess_cmd(tmp_path / "empty", tmp_path / "out"), capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert res.returncode == 1 and "no images found" in res.stderr
+
+
+def test_our_detector_finds_facenet_pytorchs_boxes_bit_for_bit(sample_root):
+    """detect.py reimplements MTCNN's resampling (one integral image); the boxes must not move."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+
+    from facenet.preprocess.faces import DetectorSettings, FaceCropper
+
+    cropper = FaceCropper(DetectorSettings())
+    paths = sorted(glob.glob(os.path.join(sample_root, "raw", "*", "*.jpg")))[::16]
+    assert len(paths) >= 16
+    compared = 0
+    for path in paths:
+        small, _ = cropper.reduced(Image.open(path).convert("RGB"))
+        ours, probs = cropper.detect(small)
+        cropper.mtcnn.min_face_size = cropper.min_face(small)
+        ref, ref_probs = cropper.mtcnn.detect(small)
+        if ref is None:
+            assert len(ours) == 0, path
+            continue
+        assert np.array_equal(ours, ref.astype(np.float32)), path
+        assert np.allclose(probs, np.asarray(ref_probs, dtype=np.float32)), path
+        compared += 1
+    assert compared >= len(paths) - 1
+    tiny = Image.new("RGB", (15, 15), (128, 128, 128))  # smaller than the smallest face: no face, no error
+    assert len(cropper.detect(tiny)[0]) == 0

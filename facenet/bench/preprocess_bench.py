@@ -10,7 +10,9 @@ shards, lists and manifest included).
 
 Reported: img/s of both (wall time over the same images), the ratio, faces
 found by each, and the mean IoU of our boxes against the reference's boxes
-on the images where both found a face.
+on the images where both found a face. Then `per_photo_stages`: one process,
+one thread, median ms per photo of each step of ours, with facenet-pytorch's
+`MTCNN.detect` timed interleaved with our detector on the same images.
 """
 
 from __future__ import annotations
@@ -78,6 +80,81 @@ def ours_run(raw: str, out: str, workers: int) -> dict:
             "img_per_s": summary["images"] / summary["seconds"], "boxes": boxes}
 
 
+def _stage_times(raw: str, out: str, photos: int, repeats: int) -> dict:
+    """In a one-thread worker: ms per photo of each step of shard._process (FaceCropper.find split
+    into reduce, detect and crop), and facenet-pytorch's detector timed on the same reduced images."""
+    import hashlib
+    import io
+    import statistics
+
+    import numpy as np
+
+    from facenet.fsutil import write_atomic
+    from facenet.preprocess.faces import DetectorSettings, FaceCropper, central_largest, crop_face
+    from facenet.preprocess.images import load_rgb
+
+    p = Params()
+    paths = sorted(glob.glob(os.path.join(raw, "*", "*")))
+    paths = paths[:: max(1, len(paths) // photos)][:photos]  # every identity, not the first one only
+    cropper = FaceCropper(DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac))
+    mtcnn = cropper.mtcnn
+    steps = ("decode", "reduce", "detect", "detect (facenet-pytorch MTCNN.detect)", "crop", "encode", "sha256",
+             "write")
+    ms = {k: [] for k in steps}
+    identical = with_face = 0
+    for rep in range(repeats + 1):  # the first pass warms up and is not counted
+        for i, path in enumerate(paths):
+            t0 = time.perf_counter()
+            loaded = load_rgb(path, max_side=max(2000, 3 * p.detect_size))
+            t1 = time.perf_counter()
+            small, shrink = cropper.reduced(loaded.image)
+            t2 = time.perf_counter()
+            boxes, _ = cropper.detect(small)
+            t3 = time.perf_counter()
+            # facenet-pytorch's detector on the same image, interleaved so load changes hit both alike
+            mtcnn.min_face_size = cropper.min_face(small)
+            ref_boxes, _ = mtcnn.detect(small)
+            t4 = time.perf_counter()
+            if len(boxes) == 0:
+                continue
+            best = central_largest(boxes.astype(np.float64), small.size)
+            box = tuple(float(v) / shrink for v in boxes[best])
+            crop = crop_face(loaded.image, box, p.image_size, p.margin)
+            t5 = time.perf_counter()
+            buf = io.BytesIO()
+            crop.save(buf, "JPEG", quality=95)
+            data = buf.getvalue()
+            t6 = time.perf_counter()
+            hashlib.sha256(data).hexdigest()
+            t7 = time.perf_counter()
+            write_atomic(os.path.join(out, f"{i:04d}.jpg"), data)
+            t8 = time.perf_counter()
+            if rep == 0:
+                with_face += 1
+                identical += ref_boxes is not None and np.array_equal(boxes, ref_boxes)
+                continue
+            for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
+                ms[k].append(v * 1e3)
+    medians = {k: round(statistics.median(v), 3) for k, v in ms.items() if v}
+    ref_key = "detect (facenet-pytorch MTCNN.detect)"
+    return {"photos": len(paths), "repeats": repeats, "threads": 1, "median_ms_per_photo": medians,
+            "ours_total_ms": round(sum(v for k, v in medians.items() if k != ref_key), 3),
+            "detect_speedup_vs_facenet_pytorch": round(medians[ref_key] / medians["detect"], 3),
+            "photos_with_a_face": with_face, "photos_with_boxes_identical_to_facenet_pytorch": identical}
+
+
+def stage_breakdown(raw: str, work: str, photos: int = 120, repeats: int = 3) -> dict:
+    """Where a photo's time goes in our pipeline (decode, detect, crop, encode, hash, atomic write),
+    median ms on one thread in a fresh process, with facenet-pytorch's MTCNN.detect timed beside ours."""
+    import shutil
+
+    out = os.path.join(work, "stages")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    with mp.get_context("spawn").Pool(1, _pin_threads, (1,)) as pool:
+        return pool.apply(_stage_times, (raw, out, photos, repeats))
+
+
 def run_benchmark(raw: str, work: str, workers: int = 2) -> dict:
     import shutil
 
@@ -103,6 +180,7 @@ def run_benchmark(raw: str, work: str, workers: int = 2) -> dict:
         "mean_iou_vs_reference": mean_iou,
         "min_iou_vs_reference": min(ious) if ious else 0.0,
         "faces_only_reference_found": only_ref[:20],
+        "per_photo_stages": stage_breakdown(raw, work),
         "goals": {"ratio >= 4": ratio >= 4, "no fewer faces": ours["faces"] >= ref["faces"],
                   "mean IoU >= 0.9": mean_iou >= 0.9},
     }
