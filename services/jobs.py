@@ -82,11 +82,14 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
     fields["spec"] = spec.to_dict()
     job_id = reg.create("train", fields)
     reg.update(job_id, output=os.path.join(settings.runs_dir, job_id))
-    from services.celery_app import PREPROCESS_QUEUE, app, train_queue
+    from services.celery_app import app, train_queue
 
     if preprocess_from:
+        from services.tasks import send_stage
+
         reg.update(job_id, status=PREPROCESSING, message="planning shards")
-        res = app.send_task("facenet.plan_dataset", args=[job_id], queue=PREPROCESS_QUEUE)
+        reg.update(job_id, task_id=send_stage(job_id, "plan"), submitted=time.time())
+        return reg.get(job_id)
     else:
         res = app.send_task("facenet.train", args=[job_id], queue=train_queue(device_type))
     reg.update(job_id, task_id=res.id, submitted=time.time())
@@ -101,11 +104,10 @@ def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, par
               "preprocess_out": check_path_allowed(out, settings.data_roots, "OUT"),
               "params": dataclasses.asdict(params)}
     job_id = reg.create("preprocess", fields)
-    from services.celery_app import PREPROCESS_QUEUE, app
+    from services.tasks import send_stage
 
     reg.update(job_id, status=PREPROCESSING, message="planning shards")
-    res = app.send_task("facenet.plan_dataset", args=[job_id], queue=PREPROCESS_QUEUE)
-    reg.update(job_id, task_id=res.id, submitted=time.time())
+    reg.update(job_id, task_id=send_stage(job_id, "plan"), submitted=time.time())
     return reg.get(job_id)
 
 

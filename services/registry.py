@@ -14,6 +14,9 @@ Keys (prefix `facenet:`):
                       host, device_type, npus, queue, cancel_requested, result (JSON), ...
   job:<id>:hb         owner token of the attempt running it, TTL = heartbeat TTL
   job:<id>:log        list of the trainer's log lines (the last LOG_LINES)
+  job:<id>:started    preprocessing stages in flight ("plan", "shard:<i>", "finalize")
+  job:<id>:hb:<stage> owner token of the task running that stage, TTL = heartbeat TTL
+  job:<id>:shards     indices of finished shards (the fan-in: the last one sends finalize)
   jobs                sorted set of job ids by creation time
   worker:<node>       JSON capacity of a live worker, TTL = heartbeat TTL
   lease:<node>:<dev>  job id holding that device, TTL = heartbeat TTL
@@ -60,6 +63,23 @@ if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then ret
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'claimed', '0', 'updated', ARGV[1], 'message', ARGV[2])
 return 1
+"""
+
+# A preprocessing shard finished: record it, and tell exactly one caller when the last one is in.
+_SHARD_DONE = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[3], 'shard:' .. ARGV[1])
+redis.call('DEL', KEYS[4])
+local n = redis.call('SCARD', KEYS[1])
+redis.call('HSET', KEYS[2], 'shards_done', n)
+if n >= tonumber(ARGV[2]) and redis.call('HSETNX', KEYS[2], 'finalize_sent', '1') == 1 then return {n, 1} end
+return {n, 0}
+"""
+
+# A started stage whose heartbeat expired: exactly one sweeper gets to send it again.
+_STALLED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('SREM', KEYS[1], ARGV[1])
 """
 
 # Take N free devices of one worker at once, or none.
@@ -111,6 +131,8 @@ class Registry:
         self._requeue = client.register_script(_REQUEUE)
         self._lease = client.register_script(_LEASE)
         self._renew = client.register_script(_RENEW)
+        self._shard_done = client.register_script(_SHARD_DONE)
+        self._stalled = client.register_script(_STALLED)
 
     # ---- jobs -------------------------------------------------------------------------------------
     @staticmethod
@@ -186,6 +208,38 @@ class Registry:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancel_requested") == "1"
+
+    # ---- preprocessing stages -----------------------------------------------------------------------
+    # Shards fan in here rather than in a Celery chord: a chord cannot recover a shard whose worker was
+    # killed (its message waits out the visibility timeout, days), while a stage that stops
+    # heartbeating here is found by the sweep and sent again.
+    def stage_start(self, job_id: str, stage: str, token: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.sadd(self.key(job_id) + ":started", stage)
+        pipe.set(self.key(job_id) + f":hb:{stage}", token, ex=self.ttl)
+        pipe.execute()
+
+    def stage_beat(self, job_id: str, stage: str, token: str) -> bool:
+        return bool(self._renew(keys=[self.key(job_id) + f":hb:{stage}"], args=[token, self.ttl]))
+
+    def stage_end(self, job_id: str, stage: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.srem(self.key(job_id) + ":started", stage)
+        pipe.delete(self.key(job_id) + f":hb:{stage}")
+        pipe.execute()
+
+    def shard_done(self, job_id: str, index: int, total: int) -> tuple[int, bool]:
+        """Record shard `index` finished; (shards done, whether this caller sends finalize)."""
+        k = self.key(job_id)
+        n, last = self._shard_done(keys=[k + ":shards", k, k + ":started", k + f":hb:shard:{index}"],
+                                   args=[index, total])
+        return int(n), bool(last)
+
+    def stalled_stages(self, job_id: str) -> list[str]:
+        """Stages in flight whose task stopped heartbeating; each is returned to exactly one caller."""
+        k = self.key(job_id)
+        return [st for st in sorted(self.r.smembers(k + ":started"))
+                if self._stalled(keys=[k + ":started", k + f":hb:{st}"], args=[st])]
 
     # ---- logs --------------------------------------------------------------------------------------
     def append_log(self, job_id: str, lines: list[str]) -> None:

@@ -330,7 +330,9 @@ class _Follower(threading.Thread):
         elif kind == "epoch":
             p.update(epoch=e.get("epoch"), step=p.get("steps") or p.get("step"), loss=e.get("loss"),
                      fps=e.get("fps"), acc1=e.get("acc1"), lr=e.get("lr"), epochs_done=e.get("epoch"))
-            self.checkpoint = os.path.join(os.path.dirname(self.events_path), "checkpoint.pt")
+        elif kind == "checkpoint":
+            self.checkpoint = e.get("path")
+            p.update(checkpoint_epoch=e.get("epoch"))
         elif kind == "end":
             p.update(fps=e.get("fps"), acc1=e.get("acc1"), epochs_done=e.get("epochs"))
 

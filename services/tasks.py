@@ -1,6 +1,6 @@
 """Celery tasks: thin shells that take a job id, re-read the job, and call plain functions.
 
-plan_dataset -> chord(preprocess_shard x N) -> finalize_dataset [-> train]
+plan_dataset -> preprocess_shard x N -> finalize_dataset [-> train]   (fan-in in the registry)
 train (on train.<device type>) -> services.supervisor.run_train_job
 
 Tasks never import torch at module level (the prefork pool forks from a
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-
-from celery import chord
 
 from facenet.errors import UserError
 from services.celery_app import PREPROCESS_QUEUE, app, train_queue
@@ -49,9 +47,64 @@ def send_train(job: dict) -> str:
     return res.id
 
 
+class _Stage:
+    """A preprocessing stage's heartbeat while its task runs (see Registry.stage_start)."""
+
+    def __init__(self, reg: Registry, job_id: str, stage: str):
+        import threading
+        import uuid
+
+        self.reg, self.job_id, self.stage, self.token = reg, job_id, stage, uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"stage-{stage}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(1.0, self.reg.ttl / 3)):
+            try:
+                self.reg.stage_beat(self.job_id, self.stage, self.token)
+            except Exception:  # Redis restarting: the TTL covers a short gap
+                continue
+
+    def __enter__(self) -> "_Stage":
+        self.reg.stage_start(self.job_id, self.stage, self.token)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
+def send_stage(job_id: str, stage: str) -> str:
+    """Queue a preprocessing stage: 'plan', 'shard:<i>' or 'finalize'."""
+    if stage.startswith("shard:"):
+        return app.send_task("facenet.preprocess_shard", args=[job_id, int(stage.split(":", 1)[1])],
+                             queue=PREPROCESS_QUEUE).id
+    name = {"plan": "facenet.plan_dataset", "finalize": "facenet.finalize_dataset"}[stage]
+    return app.send_task(name, args=[job_id], queue=PREPROCESS_QUEUE).id
+
+
+_PLANS: dict[tuple[str, str], object] = {}
+
+
+def _plan_of(job: dict):
+    """The job's plan, read from OUT once per worker process (a VGGFace2 plan is ~200 MB of JSON, too
+    big to travel in every shard's message), checked against the id the planner recorded."""
+    from facenet.preprocess.plan import load_plan
+
+    key = (job["preprocess_out"], job["plan_id"])
+    if key not in _PLANS:
+        plan = load_plan(job["preprocess_out"])
+        if plan.plan_id != job["plan_id"]:
+            raise UserError(f"{job['preprocess_out']}: its plan changed under this job (another job re-planned "
+                            "the same output folder)")
+        _PLANS.clear()
+        _PLANS[key] = plan
+    return _PLANS[key]
+
+
 @app.task(name="facenet.plan_dataset", bind=True)
 def plan_dataset(self, job_id: str) -> dict:
-    """List RAW, write the plan into OUT, and fan out one preprocess_shard per shard."""
+    """List RAW, write the plan into OUT, and queue one preprocess_shard per shard."""
     from facenet.preprocess.plan import Params, make_plan, save_plan
     from facenet.preprocess.run import check_same_crops
 
@@ -59,24 +112,26 @@ def plan_dataset(self, job_id: str) -> dict:
     job, done = _job_to_work_on(reg, job_id, "before preprocessing")
     if done:
         return done
-    try:
-        raw = check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from")
-        out = check_path_allowed(job["preprocess_out"], s.data_roots, "preprocessing output")
-        params = Params(**job["params"])
-        plan = make_plan(raw, out, params)
-        if not params.shard_size:
-            plan = plan.with_shard_size(_preprocess_slots(reg))
-        check_same_crops(plan)
-        os.makedirs(plan.out, exist_ok=True)
-        save_plan(plan)
-    except Exception as exc:
-        return _fail(reg, job_id, exc)
-    reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, shards_done=0,
-               progress={"shards": plan.num_shards, "shards_done": 0, "images": len(plan.items)},
-               message=f"{len(plan.items)} images in {plan.num_shards} shards")
-    plan_json = plan.to_json()
-    chord([preprocess_shard.s(job_id, plan_json, i).set(queue=PREPROCESS_QUEUE) for i in range(plan.num_shards)],
-          finalize_dataset.s(job_id, plan_json).set(queue=PREPROCESS_QUEUE)).apply_async()
+    with _Stage(reg, job_id, "plan"):
+        try:
+            raw = check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from")
+            out = check_path_allowed(job["preprocess_out"], s.data_roots, "preprocessing output")
+            params = Params(**job["params"])
+            plan = make_plan(raw, out, params)
+            if not params.shard_size:
+                plan = plan.with_shard_size(_preprocess_slots(reg))
+            check_same_crops(plan)
+            os.makedirs(plan.out, exist_ok=True)
+            save_plan(plan)
+        except Exception as exc:
+            reg.stage_end(job_id, "plan")
+            return _fail(reg, job_id, exc)
+        reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, plan_id=plan.plan_id,
+                   progress={"shards": plan.num_shards, "shards_done": 0, "images": len(plan.items)},
+                   message=f"{len(plan.items)} images in {plan.num_shards} shards")
+        for i in range(plan.num_shards):
+            send_stage(job_id, f"shard:{i}")
+        reg.stage_end(job_id, "plan")
     return {"job": job_id, "shards": plan.num_shards}
 
 
@@ -85,51 +140,57 @@ def _preprocess_slots(reg: Registry) -> int:
 
 
 @app.task(name="facenet.preprocess_shard", bind=True)
-def preprocess_shard(self, job_id: str, plan_json: str, index: int) -> dict:
-    """Crop one shard (finished crops are skipped, so a redelivered shard repeats no work)."""
-    from facenet.preprocess.plan import Plan
+def preprocess_shard(self, job_id: str, index: int) -> dict:
+    """Crop one shard (finished crops are skipped, so a redelivered shard repeats no work); the last
+    shard to finish queues finalize_dataset."""
     from facenet.preprocess.shard import run_shard
-
-    s, reg = registry()
-    if reg.cancel_requested(job_id):
-        return {"index": index, "cancelled": True}
-    try:
-        rec = run_shard(Plan.from_json(plan_json), index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"))
-    except Exception as exc:  # run_shard records bad images itself; this is a broken shard (disk full, ...)
-        _fail(reg, job_id, exc)
-        raise
-    done = reg.r.hincrby(reg.key(job_id), "shards_done", 1)
-    job = reg.get(job_id)
-    progress = {**(job.get("progress") or {}), "shards_done": done}
-    reg.update(job_id, progress=progress)
-    self.update_state(state="PROGRESS", meta={"job": job_id, "shard": index, **progress})
-    return {"index": index, "images": len(rec["records"]), "faces": sum(1 for r in rec["records"] if "out" in r),
-            "skipped": rec["skipped"]}
-
-
-@app.task(name="facenet.finalize_dataset", bind=True)
-def finalize_dataset(self, results: list, job_id: str, plan_json: str) -> dict:
-    """Write the lists and manifest; a train job then goes to its device queue."""
-    from facenet.preprocess.finalize import finalize, manifest_totals
-    from facenet.preprocess.plan import Plan
 
     s, reg = registry()
     job, done = _job_to_work_on(reg, job_id, "during preprocessing")
     if done:
         return done
-    try:
-        plan = Plan.from_json(plan_json)
-        manifest = finalize(plan)
-    except Exception as exc:
-        return _fail(reg, job_id, exc)
-    summary = {"out": plan.out, **manifest_totals(manifest)}
-    if job["kind"] == "preprocess":
-        reg.finish(job_id, SUCCEEDED, result=summary, message="")
-        return {"job": job_id, "status": SUCCEEDED, **summary}
-    reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
-               message=f"preprocessed: {summary['faces']} faces of {summary['images']} images")
-    reg.update(job_id, task_id=send_train(job))
-    return {"job": job_id, "status": QUEUED, **summary}
+    stage = f"shard:{index}"
+    with _Stage(reg, job_id, stage):
+        try:
+            plan = _plan_of(job)
+            rec = run_shard(plan, index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"))
+        except Exception as exc:  # run_shard records bad images itself; this is a broken shard (disk full, ...)
+            reg.stage_end(job_id, stage)
+            return _fail(reg, job_id, exc)
+        n, last = reg.shard_done(job_id, index, plan.num_shards)
+    progress = {**(job.get("progress") or {}), "shards_done": n}
+    reg.update(job_id, progress=progress)
+    self.update_state(state="PROGRESS", meta={"job": job_id, "shard": index, **progress})
+    if last:
+        send_stage(job_id, "finalize")
+    return {"index": index, "images": len(rec["records"]), "faces": sum(1 for r in rec["records"] if "out" in r),
+            "skipped": rec["skipped"]}
+
+
+@app.task(name="facenet.finalize_dataset", bind=True)
+def finalize_dataset(self, job_id: str) -> dict:
+    """Write the lists and manifest; a train job then goes to its device queue."""
+    from facenet.preprocess.finalize import finalize, manifest_totals
+
+    s, reg = registry()
+    job, done = _job_to_work_on(reg, job_id, "during preprocessing")
+    if done:
+        return done
+    with _Stage(reg, job_id, "finalize"):
+        try:
+            plan = _plan_of(job)
+            summary = {"out": plan.out, **manifest_totals(finalize(plan))}
+        except Exception as exc:
+            reg.stage_end(job_id, "finalize")
+            return _fail(reg, job_id, exc)
+        if job["kind"] == "preprocess":
+            reg.finish(job_id, SUCCEEDED, result=summary, message="")
+        else:
+            reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
+                       message=f"preprocessed: {summary['faces']} faces of {summary['images']} images")
+            reg.update(job_id, task_id=send_train(job))
+        reg.stage_end(job_id, "finalize")
+    return {"job": job_id, "status": SUCCEEDED if job["kind"] == "preprocess" else QUEUED, **summary}
 
 
 @app.task(name="facenet.train", bind=True)

@@ -6,7 +6,9 @@ heartbeat TTL:
   is written with a TTL, so `submit-train` can refuse requests no live worker
   can ever serve, and a dead worker disappears from `facenet-cli workers`;
 - every FACENET_SWEEP_SECONDS, jobs claimed by an attempt whose heartbeat
-  expired (its worker was killed) go back to their queue, counting attempts.
+  expired (its worker was killed) go back to their queue, counting attempts;
+  so do preprocessing stages (plan, a shard, finalize) whose task stopped
+  heartbeating.
   Exactly one sweeper wins each job (registry.requeue_if_dead); the dead
   worker's own message, redelivered hours later, finds the job finished or
   held and is dropped.
@@ -72,18 +74,31 @@ def _housekeeping(info: dict, stop: threading.Event) -> None:
         try:
             reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
             if time.time() >= next_sweep:
-                sweep(reg)
+                sweep(reg, s.max_attempts)
                 next_sweep = time.time() + s.sweep_seconds
         except Exception as exc:  # Redis restarting: keep trying; registrations come back with it
             print(f"facenet housekeeping: {type(exc).__name__}: {exc}", flush=True)
         stop.wait(max(1.0, s.heartbeat_ttl / 3))
 
 
-def sweep(reg: Registry) -> list[str]:
-    """Queue again every claimed job whose attempt stopped heartbeating; returns their ids."""
-    from services.tasks import send_train
+def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
+    """Queue again every claimed job, and every preprocessing stage, whose task stopped heartbeating;
+    returns what was requeued."""
+    from services.registry import FAILED, PREPROCESSING
+    from services.tasks import send_stage, send_train
 
     requeued = []
+    for job in reg.jobs(1000):
+        if job["status"] != PREPROCESSING:
+            continue
+        for stage in reg.stalled_stages(job["id"]) + _reserved_and_lost(reg, job):
+            lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
+            if lost > max_attempts:
+                reg.finish(job["id"], FAILED, error=f"preprocessing {stage} lost its worker {lost} times")
+                break
+            send_stage(job["id"], stage)
+            print(f"facenet sweep: job {job['id']} {stage} requeued (its worker was lost)", flush=True)
+            requeued.append(f"{job['id']}:{stage}")
     for job in reg.claimed_jobs():
         if reg.alive(job["id"]) or job.get("kind") != "train":
             continue
@@ -93,3 +108,24 @@ def sweep(reg: Registry) -> list[str]:
             print(f"facenet sweep: job {job['id']} requeued (worker {where} lost)", flush=True)
             requeued.append(job["id"])
     return requeued
+
+
+_SUSPECTS: dict[str, frozenset] = {}
+
+
+def _reserved_and_lost(reg: Registry, job: dict) -> list[str]:
+    """Shards whose message a killed worker had taken but not started: nothing is queued, nothing of
+    the job runs, yet shards are missing. Sent again only when two sweeps in a row see the same gap
+    (a live worker holds a message it took for milliseconds, not for a whole sweep interval)."""
+    from services.celery_app import PREPROCESS_QUEUE
+
+    total = int(reg.r.hget(reg.key(job["id"]), "shards") or 0)
+    if not total or reg.r.llen(PREPROCESS_QUEUE) or reg.r.scard(reg.key(job["id"]) + ":started"):
+        _SUSPECTS.pop(job["id"], None)
+        return []
+    done = {int(i) for i in reg.r.smembers(reg.key(job["id"]) + ":shards")}
+    # Every shard done but the job still preprocessing: finalize's message was the one lost.
+    missing = frozenset(f"shard:{i}" for i in range(total) if i not in done) or frozenset({"finalize"})
+    previous = _SUSPECTS.get(job["id"])
+    _SUSPECTS[job["id"]] = missing
+    return sorted(missing) if missing and missing == previous else []

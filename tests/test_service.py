@@ -176,8 +176,9 @@ def test_cancel_stops_the_trainer_and_kills_the_run(stack, sample_root):
 def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
     faces = os.path.join(sample_root, "prep")
     job = stack.json("submit-train", "--data", faces, "--epochs", "4", "--batch-size", "32", "--amp")
-    job = stack.wait_for(job["id"], lambda j: (j["progress"].get("epochs_done") or 0) >= 1,
+    job = stack.wait_for(job["id"], lambda j: j["checkpoint"] and (j["progress"].get("checkpoint_epoch") or 0) >= 1,
                          what="a first checkpoint")
+    assert os.path.exists(job["checkpoint"])
     worker = stack.description["services"]["worker-cpu"]
     os.killpg(worker["pid"], signal.SIGKILL)  # the whole worker: main process and pool children
     deadline = time.time() + 10  # the orphaned trainer notices its supervisor is gone
@@ -278,3 +279,33 @@ def test_a_queued_job_survives_a_redis_restart(stack, sample_root):
     final = stack.wait_for(queued["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300,
                            what="the queued job to run after the restart")
     assert final["attempts"] == 1
+
+
+def test_killed_preprocessing_worker_loses_no_shard(stack):
+    from facenet.data.samples import make_raw_identities
+    from services.registry import Registry, connect
+
+    raw = os.path.join(stack.root, "raw-kill")
+    make_raw_identities(raw, per_identity=30, identities=8)
+    out = os.path.join(stack.root, "faces-kill")
+    job = stack.json("submit-preprocess", raw, out, "--shard-size", "2")
+    reg = Registry(connect(stack.description["redis_url"]))
+    deadline = time.time() + 120
+    while int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 3:
+        assert time.time() < deadline and reg.get(job["id"])["status"] == "PREPROCESSING", reg.get(job["id"])
+        time.sleep(0.05)
+    worker = stack.description["services"]["worker-preprocess"]
+    os.killpg(worker["pid"], signal.SIGKILL)  # mid-shard: its message stays unacknowledged for days
+    assert reg.get(job["id"])["status"] == "PREPROCESSING"
+    assert stack.cli("stack", "up", timeout=240).returncode == 0
+    final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300,
+                           what="preprocessing to finish after the worker was killed")
+    assert final["result"]["images"] == 240 and final["result"]["faces"] + final["result"]["rejects"] == 240
+    logs = ""
+    for name in ("worker-preprocess", "worker-cpu"):  # any live worker's sweep may win
+        with open(os.path.join(stack.state_dir, "logs", f"{name}.log"), encoding="utf-8") as fh:
+            logs += fh.read()
+    assert f"job {job['id']} shard:" in logs  # the sweep sent the lost shard again
+    # The result equals an uninterrupted run's: same lists as a local rerun that finds everything done.
+    with open(os.path.join(out, "train_list.txt"), encoding="utf-8") as fh:
+        assert len(fh.read().splitlines()) == final["result"]["train_list"]

@@ -210,6 +210,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                                      "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id,
                                      "writer_rank": info.rank},
                                     path)
+                events.emit("checkpoint", epoch=epoch + 1, path=path)  # a supervisor may now resume from it
                 if tracker:
                     tracker.log_metrics({k: record[k] for k in ("loss", "train_acc", "acc1", "fps", "fps_per_device",
                                                                 "lr", "epoch_time", "device_memory_mb") if k in record},
