@@ -72,6 +72,7 @@ class _Stage:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        self.reg.stage_end(self.job_id, self.stage)  # no longer in flight, however it ended
 
 
 def send_stage(job_id: str, stage: str) -> str:
@@ -124,14 +125,12 @@ def plan_dataset(self, job_id: str) -> dict:
             os.makedirs(plan.out, exist_ok=True)
             save_plan(plan)
         except Exception as exc:
-            reg.stage_end(job_id, "plan")
             return _fail(reg, job_id, exc)
         reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, plan_id=plan.plan_id,
                    progress={"shards": plan.num_shards, "shards_done": 0, "images": len(plan.items)},
                    message=f"{len(plan.items)} images in {plan.num_shards} shards")
         for i in range(plan.num_shards):
             send_stage(job_id, f"shard:{i}")
-        reg.stage_end(job_id, "plan")
     return {"job": job_id, "shards": plan.num_shards}
 
 
@@ -155,7 +154,6 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
             plan = _plan_of(job)
             rec = run_shard(plan, index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"))
         except Exception as exc:  # run_shard records bad images itself; this is a broken shard (disk full, ...)
-            reg.stage_end(job_id, stage)
             return _fail(reg, job_id, exc)
         n, last = reg.shard_done(job_id, index, plan.num_shards)
     progress = {**(job.get("progress") or {}), "shards_done": n}
@@ -181,7 +179,6 @@ def finalize_dataset(self, job_id: str) -> dict:
             plan = _plan_of(job)
             summary = {"out": plan.out, **manifest_totals(finalize(plan))}
         except Exception as exc:
-            reg.stage_end(job_id, "finalize")
             return _fail(reg, job_id, exc)
         if job["kind"] == "preprocess":
             reg.finish(job_id, SUCCEEDED, result=summary, message="")
@@ -189,7 +186,6 @@ def finalize_dataset(self, job_id: str) -> dict:
             reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
                        message=f"preprocessed: {summary['faces']} faces of {summary['images']} images")
             reg.update(job_id, task_id=send_train(job))
-        reg.stage_end(job_id, "finalize")
     return {"job": job_id, "status": SUCCEEDED if job["kind"] == "preprocess" else QUEUED, **summary}
 
 
