@@ -123,19 +123,16 @@ def cancel(reg: Registry, job_id: str, wait: float = 60.0) -> dict:
     if job["status"] in TERMINAL:
         return job
     reg.request_cancel(job["id"])
-    if job["status"] == QUEUED and not reg.alive(job["id"]):
-        # No attempt holds it: mark it now; its message, when a worker takes it, is dropped at claim.
-        reg.finish(job["id"], CANCELLED, message="cancelled while queued")
+    if job["status"] in (QUEUED, PREPROCESSING) and not reg.alive(job["id"]):
+        # No training attempt holds it: mark it now. Its queued messages are dropped when a worker takes
+        # them, and shards already running finish their shard (finished crops are reused by a rerun).
+        reg.finish(job["id"], CANCELLED, message=f"cancelled while {job['status'].lower()}")
         return reg.get(job["id"])
     deadline = time.time() + wait
-    while time.time() < deadline:
+    while time.time() < deadline:  # a running trainer: its supervisor stops the process group
         job = reg.get(job["id"])
         if job["status"] in TERMINAL:
             return job
-        if job["status"] == PREPROCESSING and job.get("kind") == "train" and not reg.alive(job["id"]):
-            # Shards skip themselves and finalize marks it; nothing to wait for here.
-            reg.finish(job["id"], CANCELLED, message="cancelled during preprocessing")
-            return reg.get(job["id"])
         time.sleep(0.3)
     return reg.get(job["id"])
 

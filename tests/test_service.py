@@ -309,3 +309,25 @@ def test_killed_preprocessing_worker_loses_no_shard(stack):
     # The result equals an uninterrupted run's: same lists as a local rerun that finds everything done.
     with open(os.path.join(out, "train_list.txt"), encoding="utf-8") as fh:
         assert len(fh.read().splitlines()) == final["result"]["train_list"]
+
+
+def test_cancel_during_preprocessing_stops_the_shards(stack):
+    from facenet.data.samples import make_raw_identities
+    from services.registry import Registry, connect
+
+    raw = os.path.join(stack.root, "raw-cancel")
+    make_raw_identities(raw, per_identity=30, identities=8)
+    job = stack.json("submit-train", "--preprocess-from", raw, "--data", os.path.join(stack.root, "faces-cancel"),
+                     "--shard-size", "2", "--epochs", "1")
+    reg = Registry(connect(stack.description["redis_url"]))
+    deadline = time.time() + 120
+    while not int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    cancelled = stack.json("cancel", job["id"])
+    assert cancelled["status"] == "CANCELLED" and "preprocessing" in cancelled["message"]
+    time.sleep(3)  # shards still queued are dropped, not run
+    final = stack.json("status", job["id"])
+    assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None
+    assert int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 120
+    assert not reg.r.scard(reg.key(job["id"]) + ":started")
