@@ -86,8 +86,8 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     try:
         return _attempt(settings, reg, job, attempts, node, device_type, devices, beat, report)
     except UserError as exc:
+        _end_mlflow_run(settings, reg.get(job_id), "FAILED")  # the run first: a job seen ended has its run ended
         reg.finish(job_id, FAILED, error=str(exc))
-        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
         return {"job": job_id, "status": FAILED, "error": str(exc)}
     finally:
         beat.stop()
@@ -169,10 +169,10 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     if outcome == "lost":  # another attempt owns the job now; leave its record alone
         return {"job": job_id, "skipped": "taken over"}
     if outcome == "cancelled":
-        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
-                                     trainer_pid=None))
         _end_mlflow_run(settings, reg.get(job_id), "KILLED")
         _log_training_log(settings, run_id, log_path)
+        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
+                                     trainer_pid=None))
         return {"job": job_id, "status": CANCELLED}
     rc = proc.returncode
     summary = _read_json(spec.json_out) if rc == 0 else None
@@ -181,8 +181,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         error = follower.error_line() or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
-        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         return {"job": job_id, "status": FAILED, "error": error}
     result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
                                           "e2e_seconds", "model", "checkpoint", "mlflow_run_id")}
@@ -338,8 +338,8 @@ class _Follower(threading.Thread):
 
 
 def _cancel_before_start(settings: Settings, reg: Registry, job_id: str) -> None:
-    reg.finish(job_id, CANCELLED, message="cancelled before it started")
     _end_mlflow_run(settings, reg.get(job_id), "KILLED")
+    reg.finish(job_id, CANCELLED, message="cancelled before it started")
 
 
 def _end_mlflow_run(settings: Settings, job: dict | None, status: str) -> None:
