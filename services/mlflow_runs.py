@@ -19,8 +19,7 @@ RUN_COLUMNS = ("npus", "device_type", "amp", "epochs")
 
 
 def client(uri: str):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # Fail-fast HTTP settings come from facenet.tracking, imported above before mlflow is.
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)

@@ -199,10 +199,6 @@ class Registry:
         """True for exactly one caller when the attempt holding `job_id` stopped heartbeating."""
         return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[time.time(), message]))
 
-    def claimed_jobs(self, limit: int = 1000) -> list[dict]:
-        """Unfinished jobs some attempt has claimed (the sweep's candidates)."""
-        return [j for j in self.jobs(limit) if j.get("claimed") == "1" and j["status"] not in TERMINAL]
-
     def request_cancel(self, job_id: str) -> None:
         self.update(job_id, cancel_requested=1)
 

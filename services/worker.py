@@ -84,11 +84,12 @@ def _housekeeping(info: dict, stop: threading.Event) -> None:
 def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
     """Queue again every claimed job, and every preprocessing stage, whose task stopped heartbeating;
     returns what was requeued."""
-    from services.registry import FAILED, PREPROCESSING
+    from services.registry import FAILED, PREPROCESSING, TERMINAL
     from services.tasks import send_stage, send_train
 
     requeued = []
-    for job in reg.jobs(1000):
+    jobs = reg.jobs(1000)  # one read of the records per sweep serves both kinds of loss
+    for job in jobs:
         if job["status"] != PREPROCESSING:
             continue
         for stage in reg.stalled_stages(job["id"]) + _reserved_and_lost(reg, job):
@@ -99,8 +100,9 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             send_stage(job["id"], stage)
             print(f"facenet sweep: job {job['id']} {stage} requeued (its worker was lost)", flush=True)
             requeued.append(f"{job['id']}:{stage}")
-    for job in reg.claimed_jobs():
-        if reg.alive(job["id"]) or job.get("kind") != "train":
+    for job in jobs:  # train jobs an attempt claimed and that have not ended
+        if job.get("claimed") != "1" or job["status"] in TERMINAL or job.get("kind") != "train" \
+                or reg.alive(job["id"]):
             continue
         where = job.get("worker") or "a worker"
         if reg.requeue_if_dead(job["id"], f"worker {where} was lost during attempt {job.get('attempts')}"):
