@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo up down logs ps urls cli clean
+.PHONY: install test bench demo env-file up down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -30,37 +30,64 @@ demo: install
 	$(PY) -m services.demo
 
 # ---- the docker compose stack (Ascend, GPU or CPU host) -------------------------------------------
-# `make up` writes .env (random secrets, mode 600) on first run and picks the profile from the host:
-# npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu. PROFILE=... and NPUS=... override.
+# `make up` writes $(ENV_FILE) (random secrets, mode 600) on first run and picks the profile from the host:
+# npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu. Every setting of .env can be given in
+# make's environment instead (`MLFLOW_PORT=5811 RAW_DIR=/srv/raw make up`), as compose itself reads it;
+# `python3 -m services.compose get KEY` resolves one the same way (environment, .env, default).
 COMPOSE ?= docker compose
 HOST_PYTHON ?= python3
+ENV_FILE ?= .env
+setting = $(shell $(HOST_PYTHON) -m services.compose get $(1) $(ENV_FILE))
 PROFILE ?= $(shell $(HOST_PYTHON) -m services.compose profile)
-NPUS ?= 8
+NPUS ?= $(call setting,NPUS)
 NPU_OVERRIDE := build/compose.npu.yml
-COMPOSE_CMD = $(COMPOSE) --env-file .env -f docker-compose.yml $(if $(filter npu,$(PROFILE)),-f $(NPU_OVERRIDE)) --profile $(PROFILE)
+# Ascend pins first, then .env, then the environment (PUBLIC_HOST resolved from BIND_ADDRESS here).
+COMPOSE_CMD = PUBLIC_HOST=$(call setting,PUBLIC_HOST) $(COMPOSE) --env-file images/ascend/pins.env \
+	--env-file $(ENV_FILE) -f docker-compose.yml \
+	$(if $(filter npu,$(PROFILE)),-f $(NPU_OVERRIDE)) --profile $(PROFILE)
 
-up:
-	$(HOST_PYTHON) -m services.compose env .env
+# .env first: compose refuses to start without the secrets it holds.
+env-file:
+	@$(HOST_PYTHON) -m services.compose env $(ENV_FILE)
+
+up: env-file
 	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
 	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(NPUS) NPUs)"
 	$(COMPOSE_CMD) up -d --build --wait
-	@$(HOST_PYTHON) -m services.compose urls .env
+	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
 
-down:
+down: env-file
 	$(COMPOSE_CMD) down
 
-logs:
+logs: env-file
 	$(COMPOSE_CMD) logs -f --tail=200
 
-ps:
+ps: env-file
 	$(COMPOSE_CMD) ps
 
 urls:
-	@$(HOST_PYTHON) -m services.compose urls .env
+	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
 
 # facenet-cli inside the stack's network, e.g. make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'
-cli:
-	$(COMPOSE_CMD) --profile tools run --rm cli $(ARGS)
+cli: env-file
+	@$(COMPOSE_CMD) --profile tools run --rm cli $(ARGS)
+
+# Every wheel the images need, downloaded with this host's own pip configuration into ./wheelhouse;
+# then WHEELHOUSE=1 (in .env or the environment) builds with `pip --no-index` from it.
+WHEEL_SETS ?= mlflow cpu $(if $(filter gpu,$(PROFILE)),cuda) $(if $(filter npu,$(PROFILE)),npu)
+wheelhouse:
+	$(HOST_PYTHON) -m services.compose wheelhouse $(WHEEL_SETS)
+
+# A host that reaches no container registry: stand-ins for the python and postgres base images from
+# Debian packages (debootstrap; needs root), recorded as PYTHON_IMAGE and POSTGRES_IMAGE in $(ENV_FILE).
+BASE_PYTHON_TAG ?= facenet-base/python:3.11-bookworm
+BASE_POSTGRES_TAG ?= facenet-base/postgres:15-bookworm
+base-images:
+	images/base/build.sh $(BASE_PYTHON_TAG) $(BASE_POSTGRES_TAG)
+	@$(HOST_PYTHON) -m services.compose env $(ENV_FILE) >/dev/null
+	@$(HOST_PYTHON) -m services.compose set PYTHON_IMAGE $(BASE_PYTHON_TAG) $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.compose set POSTGRES_IMAGE $(BASE_POSTGRES_TAG) $(ENV_FILE)
+	@echo "$(ENV_FILE): PYTHON_IMAGE=$(BASE_PYTHON_TAG) POSTGRES_IMAGE=$(BASE_POSTGRES_TAG)"
 
 clean:
 	rm -rf build output .pytest_cache

@@ -1,33 +1,48 @@
 # Ascend runtime: NPU device workers (CANN + torch + torch_npu, hccl).
-# The CANN base images are published for linux/arm64 (Kunpeng hosts) and linux/amd64; pick with
-#   docker build --platform linux/arm64 -f images/ascend.Dockerfile -t facenet-ascend .
-# Override CANN_IMAGE for another CANN release; it must suit the torch_npu version below.
-ARG CANN_IMAGE=quay.io/ascend/cann:8.3.rc1-910b-ubuntu22.04-py3.11
+# The CANN base images are published for linux/arm64 (Kunpeng hosts) and linux/amd64.
+# The three pins (CANN_IMAGE, ASCEND_TORCH with ASCEND_TORCHVISION, TORCH_NPU) have no default here:
+# they live in images/ascend/pins.env, a row of TorchNPU's compatibility table (images/ascend/compat.json),
+# and compose passes them (`make up PROFILE=npu`). By hand:
+#   docker build --platform linux/arm64 $(sed -n 's/^\([A-Z_]*=.*\)/--build-arg \1/p' images/ascend/pins.env) \
+#     -f images/ascend.Dockerfile -t facenet-ascend .
+ARG CANN_IMAGE
 FROM ${CANN_IMAGE}
 
+ARG ASCEND_TORCH
+ARG ASCEND_TORCHVISION
+ARG TORCH_NPU
 # The host's HwHiAiUser group owns /dev/davinci*: the container user joins a group with that GID.
 ARG ASCEND_GID=1000
-# torch and torch_npu versions must be equal; the one pin of the pair is the `npu` extra in
-# pyproject.toml. The CPU index keeps x86_64 hosts off the CUDA build of torch.
+# The CPU index keeps x86_64 hosts off the CUDA build of torch (aarch64 wheels are CPU builds anyway).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_TRUSTED_HOST=""
+ARG WHEELHOUSE=0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+COPY images/pip-install.sh /usr/local/bin/pip-install
 WORKDIR /app
 COPY pyproject.toml ./
 # The project itself (`pip install .`) has no version to pin; its dependencies are pinned in pyproject.
-# hadolint ignore=DL3013,DL3059
-RUN mkdir -p facenet services \
+# hadolint ignore=DL3059
+RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    if [ -z "${ASCEND_TORCH}" ] || [ -z "${TORCH_NPU}" ]; then \
+      echo "ASCEND_TORCH/TORCH_NPU unset: pass images/ascend/pins.env as build args (make up does)" >&2; exit 2; fi \
+ && mkdir -p facenet services \
  && touch facenet/__init__.py services/__init__.py \
- && pip install --extra-index-url "${TORCH_INDEX}" ".[npu]" \
+ && pip-install --torch "torch==${ASCEND_TORCH}" "torchvision==${ASCEND_TORCHVISION}" \
+ && pip-install "torch_npu==${TORCH_NPU}" . \
  && pip uninstall -y facenet-stack \
  && rm -rf facenet services build
 
 COPY facenet ./facenet
 COPY services ./services
 COPY scripts ./scripts
-COPY images/ascend-entrypoint.sh /usr/local/bin/ascend-entrypoint.sh
-RUN pip install --no-deps . \
+COPY images/ascend/entrypoint.sh /usr/local/bin/ascend-entrypoint.sh
+RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    pip-install --no-deps . \
  && if getent group HwHiAiUser >/dev/null; then groupmod -g "${ASCEND_GID}" HwHiAiUser; \
     else groupadd -g "${ASCEND_GID}" HwHiAiUser; fi \
  && useradd --create-home --uid 10001 --gid HwHiAiUser facenet \

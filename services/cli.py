@@ -171,6 +171,7 @@ class _Watcher:
 
 
 def _wait_and_report(reg, job: dict, show_log: bool, as_json: bool) -> None:
+    from services.config import load_settings
     from services.jobs import exit_code, follow, view
 
     watcher = _Watcher(show_log)
@@ -183,7 +184,7 @@ def _wait_and_report(reg, job: dict, show_log: bool, as_json: bool) -> None:
         sys.exit(130)
     watcher.close()
     if as_json:
-        _echo_json(view(final))
+        _echo_json({**view(final), "mlflow_url": _run_url(load_settings(), final.get("mlflow_run_id"))})
     else:
         _print_outcome(final)
     sys.exit(exit_code(final))
@@ -202,18 +203,24 @@ def _print_outcome(job: dict) -> None:
                    f"{r.get('rejects')} rejected; {r.get('out')}")
     else:
         click.echo(f"job {job['id']} {job['status']}: {job.get('error') or job.get('message') or ''}")
-    uri = load_settings().mlflow_uri
-    if job.get("mlflow_run_id") and uri:
-        click.echo(f"MLflow run: {uri}/#/experiments/{_experiment_id(uri, job['mlflow_run_id'])}/runs/{job['mlflow_run_id']}")
+    url = _run_url(load_settings(), job.get("mlflow_run_id"))
+    if url:
+        click.echo(f"MLflow run: {url}")
 
 
-def _experiment_id(uri: str, run_id: str) -> str:
+def _run_url(settings, run_id: str | None) -> str | None:
+    """The run's page at the address a user's browser reaches (FACENET_MLFLOW_PUBLIC_URI under compose)."""
+    if not run_id or not settings.mlflow_uri:
+        return None
+    from services.mlflow_runs import run_url
+
     try:
         from services.mlflow_runs import client
 
-        return client(uri).get_run(run_id).info.experiment_id
-    except Exception:
-        return "0"
+        experiment = client(settings.mlflow_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the link is a convenience: an unreachable server still gets the run's id shown
+        experiment = "0"
+    return run_url(settings.mlflow_browse_uri, experiment, run_id)
 
 
 def _submit_parser():
@@ -327,10 +334,11 @@ def status(job_id, as_json) -> None:
     from services.jobs import view
 
     try:
-        _, reg = _settings_and_registry()
+        settings, reg = _settings_and_registry()
         job = view(reg.find(job_id))
     except UserError as exc:
         _fail(exc)
+    job["mlflow_url"] = _run_url(settings, job["mlflow_run_id"])
     if as_json:
         _echo_json(job)
         return
@@ -342,7 +350,8 @@ def status(job_id, as_json) -> None:
         click.echo(f"  {job['npus']} {job['device_type']} device(s) on {job['worker'] or '-'}; epoch {p['epoch']}/"
                    f"{p['epochs']} step {p['step']}/{p['steps']}; fps {_fmt(p['fps'], 1)}; loss {_fmt(p['loss'], 4)}; "
                    f"acc1 {_fmt(p['acc1'], 4)}")
-        click.echo(f"  MLflow run {job['mlflow_run_id'] or '-'}; checkpoint {job['checkpoint'] or '-'}")
+        click.echo(f"  MLflow run {job['mlflow_url'] or job['mlflow_run_id'] or '-'}; "
+                   f"checkpoint {job['checkpoint'] or '-'}")
     if job["error"]:
         click.echo(f"  error: {job['error']}")
 
@@ -454,7 +463,8 @@ def runs(experiment, limit, as_json) -> None:
         if not settings.mlflow_uri:
             raise UserError("no MLflow server known: start the stack or set FACENET_MLFLOW_URI")
         mlflow_runs.check_reachable(settings.mlflow_uri)
-        rows = mlflow_runs.list_runs(settings.mlflow_uri, experiment or settings.experiment, limit)
+        rows = mlflow_runs.list_runs(settings.mlflow_uri, experiment or settings.experiment, limit,
+                                     browse_uri=settings.mlflow_browse_uri)
     except UserError as exc:
         _fail(exc)
     if as_json:

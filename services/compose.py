@@ -1,19 +1,35 @@
-"""Helpers `make up` runs on the host before docker compose (standard library only: no venv needed).
+"""Helpers the Makefile runs on the host around docker compose (standard library only: no venv needed).
 
-  python3 -m services.compose env [.env]         write .env with random secrets (mode 0600) unless it exists
-  python3 -m services.compose profile            npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu
-  python3 -m services.compose npu-override N     compose override giving worker-npu /dev/davinci0..N-1
-  python3 -m services.compose urls [.env]        where MLflow and Flower are, and where the credentials live
+  python3 -m services.compose env [.env]            write .env with random secrets (mode 0600), add missing keys
+  python3 -m services.compose get KEY [.env]        one setting: the environment, else .env, else the default
+  python3 -m services.compose set KEY VALUE [.env]  write one setting into .env (make base-images records its tags)
+  python3 -m services.compose profile               npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu
+  python3 -m services.compose npu-override N        compose override giving worker-npu /dev/davinci0..N-1
+  python3 -m services.compose urls [.env]           where MLflow and Flower are, and where the credentials live
+  python3 -m services.compose wheelhouse [SET...]   download every wheel the images need (sets: cpu cuda npu mlflow)
+
+Every setting is read the way compose reads it: a variable in the environment (`MLFLOW_PORT=5811 make
+up`) wins over `.env`, which wins over the default here. The Ascend pins (CANN_IMAGE, ASCEND_TORCH,
+ASCEND_TORCHVISION, TORCH_NPU) come from images/ascend/pins.env, the one place they are set.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASCEND_PINS = os.path.join(REPO, "images", "ascend", "pins.env")
+# Default pins of the CPU/CUDA images; the Makefile's TORCH for the venv is the same pair (a test checks).
+DEFAULT_TORCH = "torch==2.14.1 torchvision==0.29.1"
+
+# Written into a new .env as live settings.
 ENV_DEFAULTS = {
     # Bind published ports to this address (0.0.0.0 exposes MLflow and Flower to the network).
     "BIND_ADDRESS": "127.0.0.1",
@@ -30,10 +46,36 @@ ENV_DEFAULTS = {
     # 1: MLflow's basic-auth app (users send MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD).
     "FACENET_MLFLOW_AUTH": "0",
 }
+# Written into a new .env commented out: a site sets them for its registry, mirror or offline builds.
+# Unset, compose and the Dockerfiles use these defaults (docker-compose.yml repeats them; a test checks).
+BUILD_DEFAULTS = {
+    # The host name users browse to; empty: BIND_ADDRESS, or this host's name when bound to 0.0.0.0.
+    "PUBLIC_HOST": "",
+    # Base images: a registry mirror's names, or the stand-ins `make base-images` builds.
+    "PYTHON_IMAGE": "python:3.11.11-slim-bookworm",
+    "POSTGRES_IMAGE": "postgres:16.6-bookworm",
+    # The CUDA image's base (PyPI's torch wheels bundle the CUDA runtime, so a plain Python image does).
+    "CUDA_IMAGE": "python:3.11.11-slim-bookworm",
+    # Package sources of the image builds; empty = pip's own default (PyPI).
+    "PIP_INDEX_URL": "",
+    "PIP_EXTRA_INDEX_URL": "",
+    "PIP_TRUSTED_HOST": "",
+    # Where the CPU and Ascend images get torch (a CPU-only build); empty = from PIP_INDEX_URL.
+    "TORCH_INDEX": "https://download.pytorch.org/whl/cpu",
+    # torch of the CPU and CUDA images.
+    "TORCH": DEFAULT_TORCH,
+    # A CA bundle (PEM) for a TLS-intercepting proxy, handed to pip as a build secret (never in a layer).
+    "PIP_CA_BUNDLE": "",
+    # 1: install only from ./wheelhouse (`make wheelhouse` on a connected host fills it), no index at all.
+    "WHEELHOUSE": "0",
+}
 SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLFLOW_TRACKING_PASSWORD")
+WHEELHOUSE_DIR = os.path.join(REPO, "wheelhouse")
+WHEEL_SETS = ("cpu", "cuda", "npu", "mlflow")
 
 
 def read_env(path: str) -> dict:
+    """KEY=VALUE lines of a .env-style file (comments and blank lines skipped, one pair of quotes removed)."""
     values = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
@@ -41,25 +83,81 @@ def read_env(path: str) -> dict:
                 line = line.strip()
                 if line and not line.startswith("#") and "=" in line:
                     k, v = line.split("=", 1)
-                    values[k] = v
+                    v = v.strip()
+                    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+                        v = v[1:-1]
+                    values[k.strip()] = v
     return values
+
+
+def ascend_pins() -> dict:
+    return read_env(ASCEND_PINS)
+
+
+def settings(path: str = ".env") -> dict:
+    """Every setting as compose sees it: defaults < Ascend pins < .env < the environment."""
+    values = {**ENV_DEFAULTS, **BUILD_DEFAULTS, **ascend_pins(), **read_env(path)}
+    for key in list(values) + [k for k in SECRETS if k not in values]:
+        if key in os.environ:
+            values[key] = os.environ[key]
+    values["PUBLIC_HOST"] = public_host(values)
+    return values
+
+
+def public_host(values: dict) -> str:
+    """The host name in the URLs users open: PUBLIC_HOST, else where the ports are bound."""
+    if values.get("PUBLIC_HOST"):
+        return values["PUBLIC_HOST"]
+    bind = values.get("BIND_ADDRESS", "127.0.0.1")
+    if bind in ("", "0.0.0.0", "::"):
+        return socket.getfqdn() or "127.0.0.1"
+    return bind
 
 
 def write_env(path: str = ".env") -> bool:
     """Create `path` with fresh secrets, or add missing keys to it; True if it was written."""
     values = read_env(path)
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
     missing = {k: v for k, v in ENV_DEFAULTS.items() if k not in values}
     missing.update({k: secrets.token_urlsafe(24) for k in SECRETS if k not in values})
-    if not missing and os.path.exists(path):
+    commented = [k for k in BUILD_DEFAULTS if k not in values and not re.search(rf"^#\s*{k}=", text, re.M)]
+    if not missing and not commented and os.path.exists(path):
         os.chmod(path, 0o600)
         return False
-    lines = [] if values else ["# generated by `make up`: the stack's secrets and settings; keep private (mode 600)"]
+    lines = [] if values else ["# generated by `make up`: the stack's secrets and settings; keep private (mode 600).",
+                               "# A variable of the same name in make's environment overrides a line here."]
     lines += [f"{k}={v}" for k, v in missing.items()]
+    if commented:
+        lines.append("# Image builds (README: Air-gapped and mirrored hosts); uncomment to change a default.")
+        lines += [f"#{k}={BUILD_DEFAULTS[k]}" for k in commented]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as fh:
+        if text and not text.endswith("\n"):
+            fh.write("\n")
         fh.write("\n".join(lines) + "\n")
     os.chmod(path, 0o600)
     return True
+
+
+def set_env(key: str, value: str, path: str = ".env") -> None:
+    """Set KEY=VALUE in `path` (replacing a live or commented-out line), keeping mode 600."""
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", key) or "\n" in value:
+        raise SystemExit(f"set {key!r}: keys are UPPER_CASE and values one line")
+    lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
+    out, done = [], False
+    for line in lines:
+        if re.match(rf"^#?\s*{key}=", line):
+            if not done:
+                out.append(f"{key}={value}")
+                done = True
+            continue
+        out.append(line)
+    if not done:
+        out.append(f"{key}={value}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(out) + "\n")
+    os.chmod(path, 0o600)
 
 
 def detect_profile() -> str:
@@ -85,16 +183,96 @@ def npu_override(n: int) -> str:
             f"\"{','.join(str(i) for i in range(n))}\"\n")
 
 
+def mlflow_public_url(values: dict) -> str:
+    return f"http://{values['PUBLIC_HOST']}:{values['MLFLOW_PORT']}"
+
+
 def urls(path: str = ".env") -> str:
-    env = read_env(path)
-    bind = env.get("BIND_ADDRESS", "127.0.0.1")
-    host = "127.0.0.1" if bind in ("0.0.0.0", "") else bind
+    env = settings(path)
+    host = env["PUBLIC_HOST"]
     auth = " (user MLFLOW_TRACKING_USERNAME, password MLFLOW_TRACKING_PASSWORD)" \
         if env.get("FACENET_MLFLOW_AUTH") == "1" else ""
-    return (f"MLflow  http://{host}:{env.get('MLFLOW_PORT', '5000')}{auth}\n"
-            f"Flower  http://{host}:{env.get('FLOWER_PORT', '5555')} (user FLOWER_USER, password FLOWER_PASSWORD)\n"
+    return (f"MLflow  {mlflow_public_url(env)}{auth}\n"
+            f"Flower  http://{host}:{env['FLOWER_PORT']} (user FLOWER_USER, password FLOWER_PASSWORD)\n"
             f"credentials: {os.path.abspath(path)} (mode 600)\n"
-            "submit jobs: make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'")
+            "submit jobs: make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'\n"
+            f"facenet-cli on this host: FACENET_MLFLOW_URI={mlflow_public_url(env)} facenet-cli runs")
+
+
+# ---- the wheelhouse: every wheel the images install, for builds with no index (WHEELHOUSE=1) --------------
+
+def project_requirements() -> list[str]:
+    """pyproject.toml's [project] dependencies (a tiny parser: no tomllib on Python 3.10)."""
+    text = open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8").read()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.M | re.S)
+    return re.findall(r'^\s*"([^"]+)"', block.group(1), re.M) if block else []
+
+
+def image_requirements(name: str) -> list[str]:
+    with open(os.path.join(REPO, "images", "requirements", f"{name}.txt"), encoding="utf-8") as fh:
+        return [line.split("#")[0].strip() for line in fh if line.split("#")[0].strip()]
+
+
+def wheel_sets(values: dict) -> dict[str, list[list[str]]]:
+    """Per image set, the pip requirement groups to download (each group resolved on its own)."""
+    # `pip install .` builds the project in an isolated env. pip evaluates environment markers with the
+    # interpreter that downloads, so what another 3.11.x needs comes too (redis: async-timeout < 3.11.3).
+    build = ["setuptools>=68", "wheel", "async-timeout>=4.0.3"]
+    base = project_requirements() + build
+    npu_torch = [f"torch=={values['ASCEND_TORCH']}", f"torchvision=={values['ASCEND_TORCHVISION']}"]
+    return {
+        "cpu": [values["TORCH"].split() + base + image_requirements("cpu")],
+        "cuda": [values["TORCH"].split() + base + image_requirements("cuda")],
+        "npu": [npu_torch + [f"torch_npu=={values['TORCH_NPU']}"] + base],
+        "mlflow": [image_requirements("mlflow") + build],
+    }
+
+
+def _answers(url: str) -> bool:
+    """Does an index answer at all? (pip retries an unreachable one for minutes.)"""
+    import urllib.request
+
+    if not url:
+        return False
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/", timeout=10):
+            return True
+    except OSError:
+        print(f"wheelhouse: TORCH_INDEX {url} does not answer; torch comes from pip's own indexes", flush=True)
+        return False
+
+
+def wheelhouse(sets: list[str], dest: str = WHEELHOUSE_DIR, arch: str | None = None, path: str = ".env") -> int:
+    """`pip download` (with this host's own pip configuration) every wheel of `sets` for CPython 3.11 on
+    linux/ARCH into DEST. Returns pip's exit status."""
+    values = settings(path)
+    arch = arch or os.environ.get("WHEELHOUSE_ARCH") or platform.machine()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    unknown = [s for s in sets if s not in WHEEL_SETS]
+    if unknown:
+        raise SystemExit(f"wheelhouse: unknown set {', '.join(unknown)}; choose from {' '.join(WHEEL_SETS)}")
+    os.makedirs(dest, exist_ok=True)
+    target = ["--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:"]
+    # Every manylinux tag up to glibc 2.35 (the CANN images' Ubuntu 22.04; Debian bookworm has 2.36).
+    for tag in [f"manylinux_2_{minor}" for minor in range(35, 16, -1)] + ["manylinux2014", "linux"]:
+        target += ["--platform", f"{tag}_{arch}"]
+    index = ["--extra-index-url", values["TORCH_INDEX"]] if _answers(values["TORCH_INDEX"]) else []
+    for name in sets:
+        for group in wheel_sets(values)[name]:
+            # The CPU set prefers TORCH_INDEX's CPU-only torch where that index is reachable.
+            extra = index if name in ("cpu", "npu") else []
+            cmd = [sys.executable, "-m", "pip", "download", "--dest", dest, *target, *extra, *group]
+            print(f"wheelhouse [{name}]: pip download {' '.join(group)}", flush=True)
+            rc = subprocess.run(cmd).returncode
+            if rc:
+                print(f"wheelhouse: pip download failed for set {name!r} (exit {rc}); see pip's message above",
+                      file=sys.stderr)
+                return rc
+    wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
+    size = sum(os.path.getsize(os.path.join(dest, f)) for f in wheels)
+    print(f"wheelhouse: {len(wheels)} wheels, {size / 2**30:.2f} GiB in {dest} for CPython 3.11 linux/{arch}; "
+          "build with WHEELHOUSE=1 (in .env or make's environment)")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -104,15 +282,34 @@ def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "env":
         path = rest[0] if rest else ".env"
-        print(f"{'wrote' if write_env(path) else 'kept'} {path}")
+        if write_env(path):  # quiet when nothing changed: `make cli ARGS='... --json'` output stays JSON
+            print(f"wrote {path} (mode 600)")
+    elif cmd == "get" and rest:
+        key = rest[0]
+        values = settings(rest[1] if len(rest) > 1 else ".env")
+        if key == "MLFLOW_PUBLIC_URL":
+            print(mlflow_public_url(values))
+        elif key in values:
+            print(values[key])
+        else:
+            print(f"unknown setting {key!r}", file=sys.stderr)
+            return 2
+    elif cmd == "set" and len(rest) >= 2:
+        set_env(rest[0], rest[1], rest[2] if len(rest) > 2 else ".env")
     elif cmd == "profile":
         print(detect_profile())
     elif cmd == "npu-override":
-        print(npu_override(int(rest[0]) if rest else 8), end="")
+        try:
+            n = int(rest[0]) if rest else 8
+        except ValueError:
+            raise SystemExit(f"NPUS={rest[0]!r}: a number of chips, 1 to 16") from None
+        print(npu_override(n), end="")
     elif cmd == "urls":
         print(urls(rest[0] if rest else ".env"))
+    elif cmd == "wheelhouse":
+        return wheelhouse(rest or ["cpu", "mlflow"])
     else:
-        print(f"unknown command {cmd!r}\n{__doc__.strip()}", file=sys.stderr)
+        print(f"unknown command {' '.join(argv)!r}\n{__doc__.strip()}", file=sys.stderr)
         return 2
     return 0
 

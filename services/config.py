@@ -48,6 +48,9 @@ class Settings:
     redis_url: str
     mlflow_uri: str | None
     flower_url: str | None
+    # The MLflow address users open in a browser, when it differs from the one services use
+    # (compose: http://mlflow:5000 inside, the published port outside).
+    mlflow_public_uri: str | None = None
     # Data paths jobs may read and write; empty = no confinement.
     data_roots: list[str] = field(default_factory=list)
     # Where train jobs keep checkpoints, events and logs (shared by every worker that may resume them).
@@ -63,6 +66,11 @@ class Settings:
     @property
     def visibility_timeout(self) -> int:
         return self.max_job_seconds + 3600
+
+    @property
+    def mlflow_browse_uri(self) -> str | None:
+        """Where a user's browser finds MLflow: FACENET_MLFLOW_PUBLIC_URI, else the tracking URI."""
+        return self.mlflow_public_uri or self.mlflow_uri
 
     @property
     def redis_display(self) -> str:
@@ -87,6 +95,7 @@ def load_settings() -> Settings:
         redis_url=env("FACENET_REDIS_URL") or stack.get("redis_url") or "redis://127.0.0.1:6379/0",
         mlflow_uri=env("FACENET_MLFLOW_URI") or env("MLFLOW_TRACKING_URI") or stack.get("mlflow_uri"),
         flower_url=env("FACENET_FLOWER_URL") or stack.get("flower_url"),
+        mlflow_public_uri=env("FACENET_MLFLOW_PUBLIC_URI") or None,
         data_roots=roots_list,
         runs_dir=os.path.abspath(env("FACENET_RUNS_DIR") or stack.get("runs_dir") or os.path.join(state_dir, "runs")),
         experiment=env("FACENET_EXPERIMENT") or "facenet",

@@ -81,8 +81,9 @@ def run_url(uri: str, experiment_id_: str, run_id: str) -> str:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id_}/runs/{run_id}"
 
 
-def list_runs(uri: str, experiment: str, limit: int = 100) -> list[dict]:
-    """Runs of `experiment`, newest first, as plain dicts (run_id, name, status, params, metrics, tags)."""
+def list_runs(uri: str, experiment: str, limit: int = 100, browse_uri: str | None = None) -> list[dict]:
+    """Runs of `experiment`, newest first, as plain dicts (run_id, name, status, params, metrics, tags);
+    `url` links each run at `browse_uri` (what a browser reaches), default `uri`."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -93,7 +94,7 @@ def list_runs(uri: str, experiment: str, limit: int = 100) -> list[dict]:
         out.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                     "start_time": run.info.start_time, "end_time": run.info.end_time,
                     "experiment_id": run.info.experiment_id,
-                    "url": run_url(uri, run.info.experiment_id, run.info.run_id),
+                    "url": run_url(browse_uri or uri, run.info.experiment_id, run.info.run_id),
                     "params": dict(run.data.params), "metrics": dict(run.data.metrics),
                     "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}})
     return out

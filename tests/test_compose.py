@@ -3,6 +3,7 @@ and what each service runs, mounts and exposes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -71,19 +72,68 @@ def test_dockerfiles_install_dependencies_before_the_source_and_run_as_non_root(
     assert set(DOCKERFILES) == {"ascend.Dockerfile", "cpu.Dockerfile", "cuda.Dockerfile", "mlflow.Dockerfile"}
     for name in DOCKERFILES:
         text = open(os.path.join(REPO, "images", name), encoding="utf-8").read()
-        assert re.search(r"^FROM \$\{\w+\}$", text, re.M) and re.search(r"^ARG \w+_IMAGE=\S+:\S+", text, re.M), name
+        assert re.search(r"^FROM \$\{\w+_IMAGE\}$", text, re.M), name
+        if name != "ascend.Dockerfile":  # the Ascend base is a pin of images/ascend/pins.env, not a default here
+            assert re.search(r"^ARG \w+_IMAGE=\S+:\S+", text, re.M), name
         assert ":latest" not in text, f"{name}: pin the base tag"
         assert re.findall(r"^USER (\S+)", text, re.M)[-1] == "10001", name
         assert not re.search(r"(PASSWORD|SECRET|TOKEN)\s*=", text), f"{name}: no secrets baked in"
+        # Every pip install goes through images/pip-install.sh with the CA secret and the wheelhouse.
+        assert not re.search(r"^\s*(&& )?pip install", text, re.M), name
+        for run in re.findall(r"^RUN .*?(?<!\\)$", text, re.M | re.S):
+            if "pip-install" in run:
+                assert "--mount=type=secret,id=pip_ca" in run and "source=wheelhouse,target=/wheelhouse" in run, run
+        for arg in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "WHEELHOUSE"):
+            assert re.search(rf"^ARG {arg}=", text, re.M), (name, arg)
         if name != "mlflow.Dockerfile":  # the dependency layer comes before the source is copied
-            assert text.index("COPY pyproject.toml") < text.index("pip install .") < text.index("COPY facenet")
+            deps = re.search(r"pip-install [^\n]*\.( |$)", text, re.M)
+            assert deps and text.index("COPY pyproject.toml") < deps.start() < text.index("COPY facenet"), name
     ascend = open(os.path.join(REPO, "images", "ascend.Dockerfile"), encoding="utf-8").read()
-    assert '".[npu]"' in ascend and "HwHiAiUser" in ascend and "ARG ASCEND_GID" in ascend
-    assert not re.search(r"torch(_npu)?==", ascend)  # the pair is pinned in one place: the npu extra
-    pyproject = open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8").read()
-    assert re.search(r'npu = \["torch==([\d.]+)", "torch_npu==\1"\]', pyproject)
+    assert "HwHiAiUser" in ascend and "ARG ASCEND_GID" in ascend
+    # The pins have no second copy in the Dockerfile: bare ARGs that compose fills from pins.env.
+    for arg in ("CANN_IMAGE", "ASCEND_TORCH", "ASCEND_TORCHVISION", "TORCH_NPU"):
+        assert re.search(rf"^ARG {arg}$", ascend, re.M), arg
+    assert not re.search(r"torch(_npu)?==\d", ascend)
     ignore = open(os.path.join(REPO, ".dockerignore"), encoding="utf-8").read().split()
-    assert {".env", ".venv", ".git"} <= set(ignore)
+    assert {".env", ".venv", ".git"} <= set(ignore) and "wheelhouse" not in ignore
+
+
+def test_ascend_pins_are_a_row_of_torchnpus_compatibility_table():
+    from services.compose import ascend_pins
+
+    pins = ascend_pins()
+    assert set(pins) == {"CANN_IMAGE", "ASCEND_TORCH", "ASCEND_TORCHVISION", "TORCH_NPU"}
+    with open(os.path.join(REPO, "images", "ascend", "compat.json"), encoding="utf-8") as fh:
+        compat = json.load(fh)
+    assert "COMPATIBILITY" in compat["source"]["table"] and "Ascend/pytorch" in compat["source"]["table"]
+    tag = re.fullmatch(r"quay\.io/ascend/cann:(\d+\.\d+\.(?:\d+|rc\d+))-\w+-ubuntu22\.04-py3\.11", pins["CANN_IMAGE"])
+    assert tag, f"CANN_IMAGE {pins['CANN_IMAGE']}: a published quay.io/ascend/cann tag with Python 3.11"
+    cann = re.sub(r"\.rc(\d+)$", r".RC\1", tag.group(1))
+    row = {"torch_npu": pins["TORCH_NPU"], "torch": pins["ASCEND_TORCH"], "cann": cann}
+    assert any({k: r[k] for k in row} == row for r in compat["rows"]), f"{row} is no row of the table"
+    assert pins["CANN_IMAGE"] in compat["cann_images"][cann]
+    # torch_npu's version starts with its torch's (2.9.0.post2 goes with torch 2.9.0).
+    assert pins["TORCH_NPU"].split(".post")[0] == pins["ASCEND_TORCH"]
+    assert compat["torchvision"][pins["ASCEND_TORCH"]] == pins["ASCEND_TORCHVISION"]
+
+
+def test_compose_defaults_and_the_torch_pin_agree_with_the_helper_and_makefile():
+    from services.compose import BUILD_DEFAULTS, DEFAULT_TORCH, ENV_DEFAULTS
+
+    text = open(COMPOSE, encoding="utf-8").read()
+    defaults = {**ENV_DEFAULTS, **BUILD_DEFAULTS}
+    for name, default in re.findall(r"\$\{(\w+):?-([^}]*)\}", text):
+        # Exceptions: PUBLIC_HOST's default is computed; an empty PIP_CA_BUNDLE means the empty file.
+        if name in defaults and name not in ("PUBLIC_HOST", "PIP_CA_BUNDLE"):
+            assert default == defaults[name], (name, default, defaults[name])
+    makefile = open(os.path.join(REPO, "Makefile"), encoding="utf-8").read()
+    assert re.search(rf"^TORCH \?= {re.escape(DEFAULT_TORCH)}$", makefile, re.M)
+    for name in ("cpu.Dockerfile", "cuda.Dockerfile"):
+        text = open(os.path.join(REPO, "images", name), encoding="utf-8").read()
+        assert f'ARG TORCH="{DEFAULT_TORCH}"' in text, name
+    for name in ("cpu.Dockerfile", "mlflow.Dockerfile"):
+        text = open(os.path.join(REPO, "images", name), encoding="utf-8").read()
+        assert f"ARG PYTHON_IMAGE={BUILD_DEFAULTS['PYTHON_IMAGE']}" in text, name
 
 
 def test_profiles_pick_the_device_workers():
@@ -140,22 +190,23 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
         cmd, _ = service_command(svc["command"][3])
         assert cmd and os.path.basename(cmd[0]).startswith(("python", "redis-server")), (name, cmd)
         if name == "mlflow":
-            assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql://mlflow:p@postgres:5432/mlflow"
+            # psycopg2 is the driver the mlflow image installs; a bare postgresql:// picks psycopg 3.
+            assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow:p@postgres:5432/mlflow"
             assert "--serve-artifacts" in cmd and "--allowed-hosts" in cmd
         if name == "worker-npu":
             assert cmd[cmd.index("-Q") + 1] == "train.npu" and cmd[cmd.index("-c") + 1] == "8"
 
 
 def interpolate(value: str, env: dict) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} interpolation."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and ${VAR:?error} interpolation."""
     def one(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
         if name in env:
             return env[name]
-        if op == ":-":
+        if op in (":-", "-"):
             return arg
         raise KeyError(f"{name} unset: {arg}")
-    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?|-)([^}]*))?\}", one, value)
 
 
 def test_no_secret_is_hard_coded_and_only_mlflow_and_flower_are_published():
@@ -192,10 +243,22 @@ def test_npu_worker_gets_every_device_and_mount_for_n_chips(n, tmp_path):
     assert w["build"]["args"]["ASCEND_GID"] == "${ASCEND_GID:-1000}"
 
 
+def clean_env(**extra: str) -> dict:
+    """This process' environment without any compose setting, plus `extra`."""
+    from services.compose import BUILD_DEFAULTS, ENV_DEFAULTS, SECRETS, ascend_pins
+
+    drop = set(ENV_DEFAULTS) | set(BUILD_DEFAULTS) | set(SECRETS) | set(ascend_pins()) | {"MAKEFLAGS", "MFLAGS"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def helper(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.compose", *args], cwd=REPO, capture_output=True, text=True,
+                          env=clean_env(**env))
+
+
 def test_make_up_helpers_write_private_secrets_once_and_detect_the_profile(tmp_path):
     env_file = tmp_path / ".env"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "services.compose", *a], cwd=REPO,  # noqa: E731
-                                    capture_output=True, text=True)
+    run = helper
     assert run("env", str(env_file)).returncode == 0
     first = env_file.read_text()
     assert os.stat(env_file).st_mode & 0o077 == 0
@@ -209,3 +272,97 @@ def test_make_up_helpers_write_private_secrets_once_and_detect_the_profile(tmp_p
     bad = run("npu-override", "0")
     assert bad.returncode != 0 and "NPUS=0" in bad.stderr
     assert "MLflow  http://127.0.0.1:5000" in run("urls", str(env_file)).stdout
+    # Image settings go in commented out, so a later release's defaults still apply until a site sets one.
+    assert "#PYTHON_IMAGE=python:3.11.11-slim-bookworm" in first and "#WHEELHOUSE=0" in first
+
+
+def test_settings_come_from_the_environment_then_env_file_then_defaults(tmp_path):
+    env_file = str(tmp_path / ".env")
+    assert helper("env", env_file).returncode == 0
+    assert helper("get", "MLFLOW_PORT", env_file).stdout.strip() == "5000"
+    assert helper("set", "MLFLOW_PORT", "5900", env_file).returncode == 0
+    assert helper("get", "MLFLOW_PORT", env_file).stdout.strip() == "5900"
+    assert helper("get", "MLFLOW_PORT", env_file, MLFLOW_PORT="5811").stdout.strip() == "5811"
+    # `set` replaces a commented-out default in place and keeps the file private.
+    assert helper("set", "PYTHON_IMAGE", "mirror.example/python:3.11", env_file).returncode == 0
+    text = open(env_file, encoding="utf-8").read()
+    assert "PYTHON_IMAGE=mirror.example/python:3.11" in text and "#PYTHON_IMAGE=" not in text
+    assert os.stat(env_file).st_mode & 0o077 == 0
+    assert helper("get", "CANN_IMAGE", env_file).stdout.strip().startswith("quay.io/ascend/cann:")
+    assert helper("get", "MLFLOW_PUBLIC_URL", env_file, BIND_ADDRESS="10.1.2.3").stdout.strip() == "http://10.1.2.3:5900"
+    assert helper("get", "NOPE", env_file).returncode == 2
+    # make urls follows the environment (what compose publishes), not only .env.
+    make = subprocess.run(["make", "--no-print-directory", "urls", f"ENV_FILE={env_file}"], cwd=REPO,
+                          capture_output=True, text=True, env=clean_env(MLFLOW_PORT="5811", FLOWER_PORT="5812"))
+    assert make.returncode == 0, make.stderr
+    assert "MLflow  http://127.0.0.1:5811" in make.stdout and "Flower  http://127.0.0.1:5812" in make.stdout
+    assert "FACENET_MLFLOW_URI=http://127.0.0.1:5811" in make.stdout
+
+
+def _compose_config(tmp_path, profile: str, *files: str, **env: str) -> dict:
+    """What `docker compose config` renders, as make runs it (pins, then .env, then the environment)."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose (v2) is not installed: .ci/run installs it")
+    env_file = str(tmp_path / ".env")
+    assert helper("env", env_file).returncode == 0
+    args = ["docker", "compose", "--env-file", os.path.join(REPO, "images", "ascend", "pins.env"), "--env-file",
+            env_file, "-f", COMPOSE]
+    for f in files:
+        args += ["-f", f]
+    proc = subprocess.run(args + ["--profile", profile, "config", "--format", "json"], cwd=REPO, capture_output=True,
+                          text=True, env=clean_env(**env))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_renders_the_cpu_profile_with_overrides_from_the_environment(tmp_path):
+    cfg = _compose_config(tmp_path, "cpu", MLFLOW_PORT="5811", RAW_DIR="/srv/raw", PUBLIC_HOST="gpu-box.lan")
+    assert set(cfg["services"]) == ALWAYS | {"worker-cpu"}
+    mlflow = cfg["services"]["mlflow"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in mlflow["ports"]] == [("127.0.0.1", "5811", 5000)]
+    assert mlflow["environment"]["FACENET_MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
+    assert "gpu-box.lan:*" in mlflow["environment"]["FACENET_MLFLOW_ALLOWED_HOSTS"].split(",")
+    worker = cfg["services"]["worker-cpu"]
+    assert worker["environment"]["FACENET_MLFLOW_PUBLIC_URI"] == "http://gpu-box.lan:5811"
+    assert worker["environment"]["FACENET_MLFLOW_URI"] == "http://mlflow:5000"
+    assert {"type": "bind", "source": "/srv/raw", "target": "/raw", "read_only": True} in \
+        [{k: v[k] for k in ("type", "source", "target", "read_only") if k in v} for v in worker["volumes"]]
+    build = cfg["services"]["redis"]["build"]
+    assert build["args"]["PYTHON_IMAGE"] == "python:3.11.11-slim-bookworm" and build["args"]["WHEELHOUSE"] == "0"
+    assert cfg["secrets"]["pip_ca"]["file"].endswith("images/ca-none.pem")
+    # A mirror and a CA bundle reach every build as args and the pip_ca secret.
+    cfg = _compose_config(tmp_path, "cpu", PIP_INDEX_URL="https://mirror.example/simple", WHEELHOUSE="1",
+                          PYTHON_IMAGE="mirror.example/python:3.11", POSTGRES_IMAGE="mirror.example/postgres:16",
+                          PIP_CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt")
+    for name in ("redis", "mlflow"):
+        args = cfg["services"][name]["build"]["args"]
+        assert args["PIP_INDEX_URL"] == "https://mirror.example/simple" and args["WHEELHOUSE"] == "1"
+        assert args["PYTHON_IMAGE"] == "mirror.example/python:3.11"
+        assert cfg["services"][name]["build"]["secrets"][0]["source"] == "pip_ca"
+    assert cfg["services"]["postgres"]["image"] == "mirror.example/postgres:16"
+    assert cfg["secrets"]["pip_ca"]["file"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_compose_renders_the_gpu_profile(tmp_path):
+    cfg = _compose_config(tmp_path, "gpu", GPU_DEVICES="0-3", CUDA_IMAGE="mirror.example/cuda-python:3.11")
+    assert set(cfg["services"]) == ALWAYS | {"worker-gpu"}
+    gpu = cfg["services"]["worker-gpu"]
+    assert gpu["environment"]["FACENET_DEVICE_TYPE"] == "cuda" and gpu["environment"]["FACENET_DEVICES"] == "0-3"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert gpu["build"]["args"]["CUDA_IMAGE"] == "mirror.example/cuda-python:3.11"
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_compose_renders_the_npu_profile_for_n_chips(n, tmp_path):
+    from services.compose import ascend_pins
+
+    cfg = _compose_config(tmp_path, "npu", npu_override(n, tmp_path))
+    assert set(cfg["services"]) == ALWAYS | {"worker-npu"}
+    npu = cfg["services"]["worker-npu"]
+    chips = sorted(d["source"] for d in npu["devices"] if re.fullmatch(r"/dev/davinci\d+", d["source"]))
+    assert chips == sorted(f"/dev/davinci{i}" for i in range(n))
+    assert npu["environment"]["FACENET_DEVICES"] == f"0-{n - 1}"
+    assert npu["environment"]["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(n))
+    args = npu["build"]["args"]
+    for key, value in ascend_pins().items():  # the pins reach the build from images/ascend/pins.env
+        assert args[key] == value, key
