@@ -7,6 +7,7 @@
   python3 -m services.compose npu-override N        compose override giving worker-npu /dev/davinci0..N-1
   python3 -m services.compose urls [.env]           where MLflow and Flower are, and where the credentials live
   python3 -m services.compose wheelhouse [SET...]   download every wheel the images need (sets: cpu cuda npu mlflow)
+  python3 -m services.compose pip-cert              the CA bundle this host's pip uses (for PIP_CA_BUNDLE)
 
 Every setting is read the way compose reads it: a variable in the environment (`MLFLOW_PORT=5811 make
 up`) wins over `.env`, which wins over the default here. The Ascend pins (CANN_IMAGE, ASCEND_TORCH,
@@ -275,6 +276,13 @@ def wheelhouse(sets: list[str], dest: str = WHEELHOUSE_DIR, arch: str | None = N
     return 0
 
 
+def pip_cert() -> str:
+    """The CA bundle this host's pip trusts (`pip config list`'s cert, else PIP_CERT), or ''."""
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    found = re.findall(r"^\S*\.cert='([^']+)'", out, re.M) + [os.environ.get("PIP_CERT", "")]
+    return next((c for c in found if c and os.path.isfile(c)), "")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -296,6 +304,8 @@ def main(argv: list[str]) -> int:
             return 2
     elif cmd == "set" and len(rest) >= 2:
         set_env(rest[0], rest[1], rest[2] if len(rest) > 2 else ".env")
+    elif cmd == "pip-cert":
+        print(pip_cert())
     elif cmd == "profile":
         print(detect_profile())
     elif cmd == "npu-override":

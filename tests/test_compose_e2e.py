@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -252,3 +253,33 @@ def test_down_and_up_keep_jobs_and_runs(stack):
         run = stack.mlflow(f"/api/2.0/mlflow/runs/get?run_id={earlier['mlflow_run_id']}")["run"]
         assert run["info"]["status"] == "FINISHED"
     stack.make("down", timeout=300)
+
+
+def test_an_image_build_reaches_the_package_index_through_the_ca_secret(tmp_path):
+    """The mirror/proxy route (WHEELHOUSE=0): pip in a build reaches the index with the bundle handed over as
+    the pip_ca secret, through images/pip-install.sh as every Dockerfile uses it."""
+    from services.compose import settings
+
+    host = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(tmp_path / "dl"),
+                           "six==1.16.0"], capture_output=True, text=True, timeout=180)
+    if host.returncode != 0:
+        pytest.skip("this host reaches no package index itself (the wheelhouse route covers it)")
+    from services.compose import pip_cert
+
+    cert = os.environ.get("PIP_CA_BUNDLE") or pip_cert()
+    base = settings(os.path.join(REPO, ".env"))["PYTHON_IMAGE"]
+    compose_file = tmp_path / "compose.yml"
+    compose_file.write_text(json.dumps({
+        "services": {"probe": {"image": f"facenet-e2e-pip-probe:{os.getpid()}", "build": {
+            "context": REPO, "no_cache": True, "secrets": ["pip_ca"],
+            "args": {"PYTHON_IMAGE": base, "PIP_INDEX_URL": os.environ.get("PIP_INDEX_URL", "")},
+            "dockerfile_inline": "ARG PYTHON_IMAGE\nFROM ${PYTHON_IMAGE}\nARG PIP_INDEX_URL=\"\"\nARG WHEELHOUSE=0\n"
+                                 "COPY images/pip-install.sh /usr/local/bin/pip-install\n"
+                                 "RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wheelhouse"
+                                 " pip-install --no-deps six==1.16.0 && python -c 'import six'\n"}}},
+        "secrets": {"pip_ca": {"file": cert or os.path.join(REPO, "images", "ca-none.pem")}}}))
+    proc = subprocess.run(["docker", "compose", "--progress", "plain", "-p", f"facenet-e2e-probe-{os.getpid()}",
+                           "-f", str(compose_file), "build"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    subprocess.run(["docker", "image", "rm", "-f", f"facenet-e2e-pip-probe:{os.getpid()}"], capture_output=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Successfully installed six-1.16.0" in proc.stdout + proc.stderr
