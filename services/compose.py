@@ -95,12 +95,14 @@ def ascend_pins() -> dict:
     return read_env(ASCEND_PINS)
 
 
-def settings(path: str = ".env") -> dict:
-    """Every setting as compose sees it: defaults < Ascend pins < .env < the environment."""
+def settings(path: str = ".env", environ: dict | None = None) -> dict:
+    """Every setting as compose sees it: defaults < Ascend pins < .env < the environment (`environ`,
+    default this process')."""
+    environ = os.environ if environ is None else environ
     values = {**ENV_DEFAULTS, **BUILD_DEFAULTS, **ascend_pins(), **read_env(path)}
     for key in list(values) + [k for k in SECRETS if k not in values]:
-        if key in os.environ:
-            values[key] = os.environ[key]
+        if key in environ:
+            values[key] = environ[key]
     values["PUBLIC_HOST"] = public_host(values)
     return values
 

@@ -62,7 +62,7 @@ def test_compose_file_and_npu_override_follow_the_compose_spec(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES + ["base/python.Dockerfile", "base/postgres.Dockerfile"])
 def test_dockerfiles_pass_hadolint(dockerfile):
     proc = subprocess.run([_tool("hadolint"), os.path.join(REPO, "images", dockerfile)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
