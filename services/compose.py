@@ -216,23 +216,23 @@ def image_requirements(name: str) -> list[str]:
         return [line.split("#")[0].strip() for line in fh if line.split("#")[0].strip()]
 
 
-def wheel_sets(values: dict) -> dict[str, list[list[str]]]:
-    """Per image set, the pip requirement groups to download (each group resolved on its own)."""
+def wheel_sets(values: dict) -> dict[str, list[str]]:
+    """Per image set, the pip requirements to download."""
     # `pip install .` builds the project in an isolated env. pip evaluates environment markers with the
     # interpreter that downloads, so what another 3.11.x needs comes too (redis: async-timeout < 3.11.3).
     build = ["setuptools>=68", "wheel", "async-timeout>=4.0.3"]
     base = project_requirements() + build
     npu_torch = [f"torch=={values['ASCEND_TORCH']}", f"torchvision=={values['ASCEND_TORCHVISION']}"]
     return {
-        "cpu": [values["TORCH"].split() + base + image_requirements("cpu")],
-        "cuda": [values["TORCH"].split() + base + image_requirements("cuda")],
-        "npu": [npu_torch + [f"torch_npu=={values['TORCH_NPU']}"] + base],
-        "mlflow": [image_requirements("mlflow") + build],
+        "cpu": values["TORCH"].split() + base + image_requirements("cpu"),
+        "cuda": values["TORCH"].split() + base + image_requirements("cuda"),
+        "npu": npu_torch + [f"torch_npu=={values['TORCH_NPU']}"] + base,
+        "mlflow": image_requirements("mlflow") + build,
     }
 
 
-def _answers(url: str) -> bool:
-    """Does an index answer at all? (pip retries an unreachable one for minutes.)"""
+def index_answers(url: str) -> bool:
+    """Does a package index answer at all? (pip retries an unreachable one for minutes.)"""
     import urllib.request
 
     if not url:
@@ -241,7 +241,6 @@ def _answers(url: str) -> bool:
         with urllib.request.urlopen(url.rstrip("/") + "/", timeout=10):
             return True
     except OSError:
-        print(f"wheelhouse: TORCH_INDEX {url} does not answer; torch comes from pip's own indexes", flush=True)
         return False
 
 
@@ -259,18 +258,23 @@ def wheelhouse(sets: list[str], dest: str = WHEELHOUSE_DIR, arch: str | None = N
     # Every manylinux tag up to glibc 2.35 (the CANN images' Ubuntu 22.04; Debian bookworm has 2.36).
     for tag in [f"manylinux_2_{minor}" for minor in range(35, 16, -1)] + ["manylinux2014", "linux"]:
         target += ["--platform", f"{tag}_{arch}"]
-    index = ["--extra-index-url", values["TORCH_INDEX"]] if _answers(values["TORCH_INDEX"]) else []
+    index = []
+    if index_answers(values["TORCH_INDEX"]):
+        index = ["--extra-index-url", values["TORCH_INDEX"]]
+    elif values["TORCH_INDEX"]:
+        print(f"wheelhouse: TORCH_INDEX {values['TORCH_INDEX']} does not answer; torch comes from pip's own "
+              "indexes", flush=True)
+    requirements = wheel_sets(values)
     for name in sets:
-        for group in wheel_sets(values)[name]:
-            # The CPU set prefers TORCH_INDEX's CPU-only torch where that index is reachable.
-            extra = index if name in ("cpu", "npu") else []
-            cmd = [sys.executable, "-m", "pip", "download", "--dest", dest, *target, *extra, *group]
-            print(f"wheelhouse [{name}]: pip download {' '.join(group)}", flush=True)
-            rc = subprocess.run(cmd).returncode
-            if rc:
-                print(f"wheelhouse: pip download failed for set {name!r} (exit {rc}); see pip's message above",
-                      file=sys.stderr)
-                return rc
+        # The CPU and Ascend sets prefer TORCH_INDEX's CPU-only torch where that index is reachable.
+        extra = index if name in ("cpu", "npu") else []
+        cmd = [sys.executable, "-m", "pip", "download", "--dest", dest, *target, *extra, *requirements[name]]
+        print(f"wheelhouse [{name}]: pip download {' '.join(requirements[name])}", flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            print(f"wheelhouse: pip download failed for set {name!r} (exit {rc}); see pip's message above",
+                  file=sys.stderr)
+            return rc
     wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
     size = sum(os.path.getsize(os.path.join(dest, f)) for f in wheels)
     print(f"wheelhouse: {len(wheels)} wheels, {size / 2**30:.2f} GiB in {dest} for CPython 3.11 linux/{arch}; "

@@ -83,7 +83,7 @@ class ComposeStack:
 
     def preflight(self) -> None:
         """Skip (fail under FACENET_E2E=1) with the fix when no build could succeed here."""
-        from services.compose import _answers, settings
+        from services.compose import index_answers, settings
 
         values = settings(self.env_file, self.env)
         problems = []
@@ -92,7 +92,7 @@ class ComposeStack:
             if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0 and \
                     subprocess.run(["timeout", "60", "docker", "pull", "-q", image], capture_output=True).returncode:
                 problems.append(f"{key}={image} is not here and no registry has it (make base-images)")
-        if values["WHEELHOUSE"] != "1" and values["TORCH_INDEX"] and not _answers(values["TORCH_INDEX"]):
+        if values["WHEELHOUSE"] != "1" and values["TORCH_INDEX"] and not index_answers(values["TORCH_INDEX"]):
             problems.append(f"TORCH_INDEX={values['TORCH_INDEX']} does not answer (make wheelhouse, WHEELHOUSE=1)")
         if problems:
             message = "compose e2e cannot build here: " + "; ".join(problems)
