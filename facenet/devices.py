@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from facenet.errors import UserError
+from facenet.spec import check_npu_count
 
 DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 VISIBLE_ENV = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES", "cpu": None}
@@ -88,6 +89,7 @@ def resolve_device_type(requested: str) -> str:
 
 def check_device_request(device_type: str, npus: int, device_list: list[int] | None) -> list[int] | None:
     """Validate N processes against the visible devices; returns the physical ids per local rank."""
+    check_npu_count(device_type, npus)
     if device_type == "cpu":
         return None  # N processes stand in for N devices; no ids to pin
     visible = device_count(device_type)

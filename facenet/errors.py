@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input (a value, a path, a device request) described in one line."""
+
+
+class InputError(UserError):
+    """A value or path given to a command that it refuses before doing anything (exit status 2)."""

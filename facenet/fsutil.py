@@ -17,8 +17,11 @@ def atomic_write(path: str, fsync: bool = False):
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)  # ours from a crash with the same pid, or a planted symlink (removed, never followed)
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             if fsync:

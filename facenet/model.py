@@ -7,15 +7,19 @@ import os
 import torch
 from facenet_pytorch import InceptionResnetV1
 
+from facenet import confine
 from facenet.errors import UserError
 from facenet.spec import default_pretrained_path
 
+MAX_WEIGHTS_BYTES = 2 << 30
 
-def resolve_pretrained(pretrained: str | None) -> tuple[str | None, str]:
+
+def resolve_pretrained(pretrained: str | None, roots: confine.Roots | None = None) -> tuple[str | None, str]:
     """Return (weights file or None, a sentence saying what will happen).
 
     "auto" uses the seed's cache path when it exists and trains from scratch
-    otherwise; a file named explicitly must exist. Nothing is ever downloaded.
+    otherwise; a file named explicitly must exist, and for a queued job (`roots`) lie inside the data
+    roots (checked before anything is said about whether it exists). Nothing is ever downloaded.
     """
     if pretrained in (None, "", "none"):
         return None, "no pretrained weights requested: training from scratch"
@@ -25,13 +29,14 @@ def resolve_pretrained(pretrained: str | None) -> tuple[str | None, str]:
             return path, f"pretrained vggface2 weights: {path}"
         return None, (f"no pretrained vggface2 weights at {path} (pass --pretrained FILE to use some): "
                       "training from scratch")
-    path = os.path.abspath(os.path.expanduser(pretrained))
+    path = confine.check(pretrained, roots, "--pretrained")
     if not os.path.isfile(path):
         raise UserError(f"--pretrained {pretrained}: no such file")
     return path, f"pretrained weights: {path}"
 
 
-def build_model(num_classes: int, pretrained_file: str | None, dropout: float = 0.6) -> torch.nn.Module:
+def build_model(num_classes: int, pretrained_file: str | None, dropout: float = 0.6,
+                roots: confine.Roots | None = None) -> torch.nn.Module:
     """InceptionResnetV1(classify=True) with a fresh `num_classes` head.
 
     vggface2 weights (an 8631-way head) load into everything but `logits`,
@@ -40,7 +45,13 @@ def build_model(num_classes: int, pretrained_file: str | None, dropout: float = 
     model = InceptionResnetV1(classify=True, num_classes=num_classes, dropout_prob=dropout)
     if pretrained_file:
         try:
-            state = torch.load(pretrained_file, map_location="cpu", weights_only=True)
+            if roots is not None and pretrained_file != default_pretrained_path():
+                with os.fdopen(confine.open_regular(pretrained_file, roots, "--pretrained"), "rb") as fh:
+                    state = torch.load(fh, map_location="cpu", weights_only=True)
+            else:
+                state = torch.load(pretrained_file, map_location="cpu", weights_only=True)
+        except confine.Refused:
+            raise
         except Exception as exc:
             raise UserError(f"--pretrained {pretrained_file}: cannot read weights ({exc})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -9,17 +9,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from facenet.errors import UserError
+from facenet.errors import InputError, UserError
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 OPTIMIZERS = ("adam", "sgd")
 OPT_LEVELS = ("O0", "O1", "O2")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 CHECKPOINT_LOGGING = ("last", "every", "none")
+# Tags the service sets on every run; a user's tag must not overwrite them.
+RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
+
+# Upper bounds: far above any real run, low enough that a typo cannot ask for a million processes or a
+# 60000-pixel input. (name: (lowest, highest))
+BOUNDS = {"epochs": (1, 100_000), "batch_size": (1, 1 << 20), "npus": (1, 4096), "workers": (0, 64),
+          "image_size": (32, 1024), "log_every": (1, 1_000_000), "warmup_steps": (0, 1_000_000),
+          "seed": (0, 2**32 - 1)}
+FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "optimizer": str, "lr_steps": list,
+               "lr_gamma": float, "weight_decay": float, "amp": bool, "amp_dtype": str, "opt_level": str,
+               "loss_scale": str, "npus": int, "device_list": list, "device": str, "workers": int, "seed": int,
+               "resume": str, "output": str, "json_out": str, "events": str, "mlflow_uri": str, "run_id": str,
+               "run_name": str, "experiment": str, "tags": dict, "pretrained": str, "holdout": float,
+               "augment": bool, "image_size": int, "dropout": float, "log_every": int, "warmup_steps": int,
+               "log_checkpoints": str, "audit_samples": str}
+OPTIONAL = ("device_list", "workers", "resume", "json_out", "events", "mlflow_uri", "run_id", "run_name",
+            "pretrained", "audit_samples")
 
 
 def default_pretrained_path() -> str:
@@ -80,9 +98,11 @@ class TrainSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+            raise InputError(f"unknown training option(s): {', '.join(unknown)}")
         if "data" not in data:
-            raise UserError("training spec has no 'data' (the dataset root)")
+            raise InputError("training spec has no 'data' (the dataset root)")
+        for name, value in data.items():
+            _check_type(name, value)
         spec = cls(**data)
         spec.validate()
         return spec
@@ -92,9 +112,9 @@ class TrainSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UserError(f"training spec is not valid JSON: {exc}") from None
+            raise InputError(f"training spec is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise UserError("training spec must be a JSON object")
+            raise InputError("training spec must be a JSON object")
         return cls.from_dict(data)
 
     @property
@@ -107,16 +127,27 @@ class TrainSpec:
         """Raise UserError naming the first bad value."""
 
         def bad(name: str, value: Any, why: str) -> UserError:
-            return UserError(f"--{name.replace('_', '-')} {value}: {why}")
+            return InputError(f"--{name.replace('_', '-')} {value}: {why}")
 
+        for name in FIELD_TYPES:
+            _check_type(name, getattr(self, name))
         if not self.data:
-            raise UserError("--data is required (the dataset root)")
-        if self.epochs < 1:
-            raise bad("epochs", self.epochs, "must be at least 1")
-        if self.batch_size < 1:
-            raise bad("batch_size", self.batch_size, "must be at least 1")
-        if not self.lr > 0:
-            raise bad("lr", self.lr, "must be positive")
+            raise InputError("--data is required (the dataset root)")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not lo <= value <= hi:
+                raise bad(name, value, f"must be in [{lo}, {hi}]")
+        for name, hi in (("lr", 100.0), ("lr_gamma", 100.0), ("weight_decay", 10.0)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0 <= value <= hi or (name == "lr" and value == 0):
+                raise bad(name, value, f"must be a {'positive' if name == 'lr' else 'non-negative'} number "
+                          f"up to {hi}")
+        if len(self.lr_steps) > 1000 or any(not isinstance(x, int) or isinstance(x, bool) for x in self.lr_steps):
+            raise bad("lr_steps", self.lr_steps, "must be a list of up to 1000 epochs")
+        for key, value in self.tags.items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key or len(key) > 250 \
+                    or len(value) > 5000:
+                raise bad("tag", f"{key!r}={value!r}", "tags are KEY=VALUE strings (key up to 250 characters)")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
         if any(s < 1 for s in self.lr_steps) or list(self.lr_steps) != sorted(set(self.lr_steps)):
@@ -130,7 +161,7 @@ class TrainSpec:
                 scale = float(self.loss_scale)
             except ValueError:
                 raise bad("loss_scale", self.loss_scale, "must be 'dynamic' or a positive number") from None
-            if not scale > 0:
+            if not 0 < scale < 2**64:
                 raise bad("loss_scale", self.loss_scale, "must be 'dynamic' or a positive number")
         if self.npus < 1:
             raise bad("npus", self.npus, "must be at least 1 (one process per device)")
@@ -161,3 +192,26 @@ class TrainSpec:
         if self.log_checkpoints not in CHECKPOINT_LOGGING:
             raise bad("log_checkpoints", self.log_checkpoints,
                       f"choose one of {', '.join(CHECKPOINT_LOGGING)}")
+
+
+# HCCL on one Ascend node (8 chips in two 4-chip HCCS rings) runs jobs of 1, 2, 4 or 8 chips.
+NPU_COUNTS_PER_NODE = (1, 2, 4, 8)
+
+
+def check_npu_count(device_type: str, npus: int) -> None:
+    if device_type == "npu" and npus not in NPU_COUNTS_PER_NODE:
+        raise InputError(f"--npus {npus}: an Ascend node trains on 1, 2, 4 or 8 NPUs per job (HCCL)")
+
+
+def _check_type(name: str, value: Any) -> None:
+    """InputError naming a field whose JSON value has the wrong type (a spec file, a queued message)."""
+    want = FIELD_TYPES.get(name)
+    if want is None or (value is None and name in OPTIONAL):
+        return
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        kind = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+                dict: "an object"}[want]
+        raise InputError(f"training spec field {name!r}: {value!r} is not {kind}")

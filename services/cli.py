@@ -89,6 +89,12 @@ def _settings_and_registry():
 
 
 def _fail(exc: Exception):
+    """One line on stderr: exit 2 for a value or path refused before anything was queued, else 1."""
+    from facenet.errors import InputError
+
+    if isinstance(exc, InputError):
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     raise click.ClickException(str(exc)) from None
 
 
@@ -255,26 +261,38 @@ def submit_train(args: tuple[str, ...]) -> None:
     from facenet.preprocess.plan import Params
     from facenet.spec import TrainSpec
     from facenet.train.options import get_args_parser
-    from services.jobs import submit_train as submit, view
+    from services.config import check_path_allowed, load_settings
+    from facenet.spec import check_npu_count
+    from services.jobs import check_job_spec, open_registry, submit_train as submit, view
 
     ns = _submit_parser().parse_args(list(args))
     defaults = vars(get_args_parser().parse_args(["--data", "x"]))
+    from facenet.errors import InputError
+
     for name in SERVICE_OWNED:
         if getattr(ns, name, None) != defaults.get(name):
-            raise click.ClickException(f"--{name.replace('_', '-')}: chosen by the service for queued jobs; "
-                                       "use `facenet-cli train` to set it yourself")
+            _fail(InputError(f"--{name.replace('_', '-')}: chosen by the service for queued jobs; "
+                             "use `facenet-cli train` to set it yourself"))
     if not ns.data:
-        raise click.ClickException("--data is required (the dataset root; with --preprocess-from, where the crops go)")
+        _fail(InputError("--data is required (the dataset root; with --preprocess-from, where the crops go)"))
     values = {k: v for k, v in vars(ns).items() if k in {f.name for f in __import__("dataclasses").fields(TrainSpec)}}
     values["tags"] = dict(values.get("tags") or [])
     if values.get("pretrained") in ("none", ""):
         values["pretrained"] = None
     device_type = ns.device_type or (ns.device if ns.device != "auto" else "auto")
     try:
+        # Every value and path is checked before Redis is even asked: bad input queues nothing.
         spec = TrainSpec(**values)
-        settings, reg = _settings_and_registry()
+        spec.validate()
         params = Params(image_size=ns.image_size, shard_size=ns.shard_size, detect_size=ns.detect_size,
                         min_face_frac=ns.min_face_frac, holdout=ns.holdout, seed=ns.seed)
+        params.validate()
+        check_npu_count(device_type, spec.npus)
+        settings = load_settings()
+        check_job_spec(spec, settings)
+        check_path_allowed(ns.preprocess_from or spec.data, settings.data_roots,
+                           "--preprocess-from" if ns.preprocess_from else "--data")
+        reg = open_registry(settings)
         job = submit(settings, reg, spec, device_type, ns.preprocess_from, params, ns.experiment)
     except UserError as exc:
         _fail(exc)
@@ -292,8 +310,8 @@ def submit_train(args: tuple[str, ...]) -> None:
 
 
 @cli.command("submit-preprocess")
-@click.argument("raw", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("raw")
+@click.argument("out")
 @click.option("--shard-size", type=int, default=0, show_default=True, help="images per shard (0: auto)")
 @click.option("--image-size", type=int, default=160, show_default=True, help="side of the square face crop")
 @click.option("--margin", type=int, default=0, show_default=True, help="margin around the face, in crop pixels")
@@ -310,11 +328,18 @@ def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min
     from facenet.preprocess.plan import Params
     from services.jobs import submit_preprocess as submit, view
 
+    from services.config import check_path_allowed, load_settings
+    from services.jobs import open_registry
+
     try:
-        settings, reg = _settings_and_registry()
-        job = submit(settings, reg, raw, out, Params(image_size=image_size, margin=margin, shard_size=shard_size,
-                                                     detect_size=detect_size, min_face_frac=min_face_frac,
-                                                     holdout=holdout, seed=seed))
+        params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
+                        min_face_frac=min_face_frac, holdout=holdout, seed=seed)
+        params.validate()
+        settings = load_settings()
+        check_path_allowed(raw, settings.data_roots, "RAW")
+        check_path_allowed(out, settings.data_roots, "OUT")
+        reg = open_registry(settings)
+        job = submit(settings, reg, raw, out, params)
     except UserError as exc:
         _fail(exc)
     if wait:

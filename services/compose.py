@@ -45,7 +45,7 @@ ENV_DEFAULTS = {
     "FLOWER_USER": "facenet",
     "MLFLOW_TRACKING_USERNAME": "facenet",
     # 1: MLflow's basic-auth app (users send MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD).
-    "FACENET_MLFLOW_AUTH": "0",
+    "FACENET_MLFLOW_AUTH": "1",
 }
 # Written into a new .env commented out: a site sets them for its registry, mirror or offline builds.
 # Unset, compose and the Dockerfiles use these defaults (docker-compose.yml repeats them; a test checks).

@@ -33,13 +33,21 @@ def read_stack_file(state_dir: str) -> dict | None:
 
 
 def _int_env(name: str, default: int) -> int:
+    return int(_float_env(name, default, integer=True))
+
+
+def _float_env(name: str, default: float, integer: bool = False) -> float:
+    """A positive number from the environment (UserError naming the variable otherwise)."""
     raw = os.environ.get(name)
     if raw in (None, ""):
         return default
     try:
-        return int(raw)
+        value = int(raw) if integer else float(raw)
     except ValueError:
-        raise UserError(f"{name}={raw!r}: must be an integer") from None
+        raise UserError(f"{name}={raw!r}: must be {'an integer' if integer else 'a number'}") from None
+    if not 0 < value < 1e12:
+        raise UserError(f"{name}={raw!r}: must be positive")
+    return value
 
 
 @dataclass
@@ -51,7 +59,7 @@ class Settings:
     # The MLflow address users open in a browser, when it differs from the one services use
     # (compose: http://mlflow:5000 inside, the published port outside).
     mlflow_public_uri: str | None = None
-    # Data paths jobs may read and write; empty = no confinement.
+    # Data paths jobs may read and write; empty = none (every path refused: confinement fails closed).
     data_roots: list[str] = field(default_factory=list)
     # Where train jobs keep checkpoints, events and logs (shared by every worker that may resume them).
     runs_dir: str = ""
@@ -61,6 +69,13 @@ class Settings:
     max_attempts: int = 3
     heartbeat_ttl: int = 30
     sweep_seconds: int = 10
+    # Ended jobs: their records and logs expire after this, and at most `job_history` are kept.
+    job_retention_seconds: int = 30 * 86400
+    job_history: int = 10000
+    # A preprocessing stage (plan, one shard, finalize) that runs longer is stopped and its job failed.
+    stage_time_limit: int = 3600
+    # A trainer that writes no output for this long is taken as hung: stopped, and its attempt counted.
+    trainer_stall_seconds: int = 1800
     from_stack_file: bool = False
 
     @property
@@ -89,7 +104,9 @@ def load_settings() -> Settings:
     if roots is None:
         roots_list = stack.get("data_roots", [])
     else:
-        roots_list = [os.path.abspath(os.path.expanduser(r)) for r in roots.split(os.pathsep) if r]
+        from facenet.confine import parse_roots
+
+        roots_list = parse_roots(roots)
     return Settings(
         state_dir=state_dir,
         redis_url=env("FACENET_REDIS_URL") or stack.get("redis_url") or "redis://127.0.0.1:6379/0",
@@ -103,21 +120,20 @@ def load_settings() -> Settings:
         max_attempts=_int_env("FACENET_MAX_ATTEMPTS", 3),
         heartbeat_ttl=_int_env("FACENET_HEARTBEAT_TTL", 30),
         sweep_seconds=_int_env("FACENET_SWEEP_SECONDS", 10),
+        job_retention_seconds=int(86400 * _float_env("FACENET_JOB_RETENTION_DAYS", 30)),
+        job_history=_int_env("FACENET_JOB_HISTORY", 10000),
+        stage_time_limit=_int_env("FACENET_STAGE_TIME_LIMIT", 3600),
+        trainer_stall_seconds=_int_env("FACENET_TRAINER_STALL_SECONDS", 1800),
         from_stack_file=bool(stack) and not env("FACENET_REDIS_URL"),
     )
 
 
 def check_path_allowed(path: str, roots: list[str], what: str) -> str:
-    """Absolute, symlink-resolved `path`, or UserError if it lies outside every data root."""
-    real = os.path.realpath(os.path.expanduser(path))
-    if not roots:
-        return real
-    for root in roots:
-        r = os.path.realpath(root)
-        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-            return real
-    raise UserError(f"{what} {path}: outside the configured data roots ({', '.join(roots)}); "
-                    "set FACENET_DATA_ROOTS to allow it")
+    """Absolute, symlink-resolved `path`, or InputError if it lies outside every data root. No roots
+    configured refuses every path (fail closed): set FACENET_DATA_ROOTS, or use the local stack."""
+    from facenet.confine import Roots
+
+    return Roots(roots).check(path, what)
 
 
 def default_data_roots() -> list[str]:

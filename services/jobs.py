@@ -7,8 +7,9 @@ import os
 import time
 from typing import Callable
 
-from facenet.errors import UserError
-from facenet.spec import TrainSpec
+from facenet.confine import shown
+from facenet.errors import InputError, UserError
+from facenet.spec import RESERVED_TAGS, TrainSpec, check_npu_count
 from services.config import DEVICE_TYPES, Settings, check_path_allowed
 from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, TERMINAL, Registry, connect, unreachable
 
@@ -22,7 +23,7 @@ def open_registry(settings: Settings) -> Registry:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError, OSError) as exc:
         raise unreachable(settings.redis_display, exc) from None
-    return Registry(client, settings.heartbeat_ttl)
+    return Registry(client, settings.heartbeat_ttl, settings.job_retention_seconds)
 
 
 def capacities(reg: Registry) -> list[dict]:
@@ -42,7 +43,8 @@ def pick_device_type(reg: Registry, requested: str, npus: int) -> str:
         fitting = [t for t in present if any(len(w["devices"]) >= npus for w in workers if w["device_type"] == t)]
         requested = (fitting or present)[0]
     if requested not in DEVICE_TYPES:
-        raise UserError(f"--device-type {requested}: choose one of auto, {', '.join(DEVICE_TYPES)}")
+        raise InputError(f"--device-type {requested}: choose one of auto, {', '.join(DEVICE_TYPES)}")
+    check_npu_count(requested, npus)
     most = max((len(w["devices"]) for w in workers if w["device_type"] == requested), default=0)
     if npus > most:
         raise UserError(f"--npus {npus}: no registered {requested} worker has {npus} device(s) "
@@ -54,14 +56,26 @@ def _check_local_path(path: str, settings: Settings, what: str) -> str:
     path = check_path_allowed(path, settings.data_roots, what)
     # The local stack shares this filesystem: say now what the worker would say later.
     if settings.from_stack_file and not os.path.isdir(path):
-        raise UserError(f"{what} {path}: no such directory")
+        raise InputError(f"{what} {shown(path)}: no such directory")
     return path
+
+
+def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
+    """What a queued job may not ask for, checked before anything is queued: tags the service sets,
+    paths outside the data roots."""
+    reserved = sorted(k for k in spec.tags if k in RESERVED_TAGS or k.startswith("mlflow."))
+    if reserved:
+        raise InputError(f"--tag {reserved[0]}: set by the service on every run; choose another key")
+    from services.supervisor import check_job_paths
+
+    check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "<job>"))
 
 
 def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
                  preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
     """Validate, create the job record and queue its first task; returns the job."""
     spec.validate()
+    check_job_spec(spec, settings)
     device_type = pick_device_type(reg, device_type, spec.npus)
     from services import mlflow_runs
 
@@ -88,7 +102,7 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
         from services.tasks import send_stage
 
         reg.update(job_id, status=PREPROCESSING, message="planning shards")
-        reg.update(job_id, task_id=send_stage(job_id, "plan"), submitted=time.time())
+        reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
         return reg.get(job_id)
     else:
         res = app.send_task("facenet.train", args=[job_id], queue=train_queue(device_type))
@@ -107,7 +121,7 @@ def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, par
     from services.tasks import send_stage
 
     reg.update(job_id, status=PREPROCESSING, message="planning shards")
-    reg.update(job_id, task_id=send_stage(job_id, "plan"), submitted=time.time())
+    reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
     return reg.get(job_id)
 
 

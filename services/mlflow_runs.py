@@ -60,9 +60,15 @@ def run_name(npus: int, device_type: str, batch_size: int, amp: bool, opt_level:
     return f"{npus}p-{device_type}-bs{batch_size}-{level}-{job_id}"
 
 
-def create_run(uri: str, experiment: str, name: str, tags: dict) -> str:
+def find_or_create_run(uri: str, experiment: str, name: str, tags: dict, job_id: str) -> str:
+    """The job's run: one created earlier (by an attempt that died, or a create call whose answer was lost
+    while the server restarted) is reused, so a job never gets two runs."""
     c = client(uri)
-    return c.create_run(experiment_id(c, experiment), run_name=name, tags=tags).info.run_id
+    exp_id = experiment_id(c, experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.job_id = '{job_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

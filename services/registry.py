@@ -17,9 +17,15 @@ Keys (prefix `facenet:`):
   job:<id>:started    preprocessing stages in flight ("plan", "shard:<i>", "finalize")
   job:<id>:hb:<stage> owner token of the task running that stage, TTL = heartbeat TTL
   job:<id>:shards     indices of finished shards (the fan-in: the last one sends finalize)
+  job:<id>:deliveries times each preprocessing stage was started (a stage that kills its worker process
+                      every time fails the job after a bound instead of looping)
   jobs                sorted set of job ids by creation time
+  jobs:active         ids of jobs not yet ended (what the sweep looks at, however many jobs are older)
   worker:<node>       JSON capacity of a live worker, TTL = heartbeat TTL
-  lease:<node>:<dev>  job id holding that device, TTL = heartbeat TTL
+  lease:<node>:<dev>  "<job id>:<attempt token>" holding that device, TTL = heartbeat TTL
+
+An ended job's keys expire after the retention (FACENET_JOB_RETENTION_DAYS); the sweep drops ids of
+expired jobs from `jobs` and trims the history to FACENET_JOB_HISTORY ended jobs.
 """
 
 from __future__ import annotations
@@ -40,6 +46,24 @@ SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (PREPROCESSING, RUNNING)
 JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset")
+
+# Write a job's fields; a write that sets a status is refused once the job has ended (a late result must
+# not turn a cancelled job into a succeeded one). Ending a job takes it off the active set and starts
+# the expiry of its keys. KEYS: job hash, active set, the job's other keys; ARGV: id, new status or '',
+# retention seconds, field/value pairs.
+_UPDATE = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return -1 end
+local ended = {SUCCEEDED=true, FAILED=true, CANCELLED=true}
+if ARGV[2] ~= '' and ended[cur] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ended[ARGV[2]] then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
+end
+return 1
+"""
 
 # Claim a job for one attempt: refuse finished jobs and jobs another live attempt holds; count attempts.
 _CLAIM = """
@@ -123,10 +147,16 @@ def unreachable(url_display: str, exc: BaseException) -> UserError:
                      "`facenet-cli stack up` or point FACENET_REDIS_URL at yours")
 
 
+ACTIVE_KEY = f"{PREFIX}jobs:active"
+JOB_SUBKEYS = (":log", ":log:n", ":started", ":shards", ":resends", ":deliveries", ":tasks")
+
+
 class Registry:
-    def __init__(self, client: redis.Redis, heartbeat_ttl: int = 30):
+    def __init__(self, client: redis.Redis, heartbeat_ttl: int = 30, retention_seconds: int = 30 * 86400):
         self.r = client
         self.ttl = heartbeat_ttl
+        self.retention = retention_seconds
+        self._update = client.register_script(_UPDATE)
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
         self._lease = client.register_script(_LEASE)
@@ -147,6 +177,7 @@ class Registry:
         pipe = self.r.pipeline()
         pipe.hset(self.key(job_id), mapping=_encode(record))
         pipe.zadd(f"{PREFIX}jobs", {job_id: now})
+        pipe.sadd(ACTIVE_KEY, job_id)
         pipe.execute()
         return job_id
 
@@ -166,19 +197,56 @@ class Registry:
             raise UserError(f"no job {prefix!r} (see `facenet-cli jobs`)")
         raise UserError(f"job id {prefix!r} is ambiguous: {', '.join(matches[:5])}")
 
-    def update(self, job_id: str, **fields) -> None:
+    def update(self, job_id: str, **fields) -> bool:
+        """Write fields; False (nothing written) when the write sets a status and the job already ended,
+        or the job does not exist."""
         fields["updated"] = time.time()
-        self.r.hset(self.key(job_id), mapping=_encode(fields))
+        status = fields.get("status") or ""
+        k = self.key(job_id)
+        pairs = [x for kv in _encode(fields).items() for x in kv]
+        return self._update(keys=[k, ACTIVE_KEY] + [k + sub for sub in JOB_SUBKEYS],
+                            args=[job_id, status, self.retention, *pairs]) == 1
+
+    def active_ids(self) -> list[str]:
+        return sorted(self.r.smembers(ACTIVE_KEY))
 
     def jobs(self, limit: int = 50) -> list[dict]:
-        ids = self.r.zrevrange(f"{PREFIX}jobs", 0, limit - 1)
+        return self.jobs_by_id(self.r.zrevrange(f"{PREFIX}jobs", 0, limit - 1))
+
+    def jobs_by_id(self, ids: list[str]) -> list[dict]:
         pipe = self.r.pipeline()
         for job_id in ids:
             pipe.hgetall(self.key(job_id))
         return [_decode(raw) for raw in pipe.execute() if raw]
 
-    def finish(self, job_id: str, status: str, **fields) -> None:
-        self.update(job_id, status=status, finished=time.time(), **fields)
+    def finish(self, job_id: str, status: str, **fields) -> bool:
+        """End the job (once: False when it had already ended, and nothing is written)."""
+        return self.update(job_id, status=status, finished=time.time(), **fields)
+
+    def delivered(self, job_id: str, stage: str) -> int:
+        """Count one more start of a preprocessing stage; returns how many there have been."""
+        return int(self.r.hincrby(self.key(job_id) + ":deliveries", stage, 1))
+
+    def prune(self, keep: int) -> int:
+        """Drop ids of expired jobs from the history and end the oldest ended jobs beyond `keep`; returns
+        how many ids were removed."""
+        ids = self.r.zrange(f"{PREFIX}jobs", 0, -1)
+        if not ids:
+            return 0
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hget(self.key(job_id), "status")
+        statuses = pipe.execute()
+        gone = [j for j, st in zip(ids, statuses) if st is None]
+        ended = [j for j, st in zip(ids, statuses) if st in TERMINAL]
+        extra = ended[:max(0, len(ended) - keep)]  # oldest first
+        if gone or extra:
+            pipe = self.r.pipeline()
+            pipe.zrem(f"{PREFIX}jobs", *(gone + extra))
+            for job_id in extra:
+                pipe.delete(self.key(job_id), *(self.key(job_id) + sub for sub in JOB_SUBKEYS))
+            pipe.execute()
+        return len(gone) + len(extra)
 
     # ---- one attempt's liveness --------------------------------------------------------------------
     def claim(self, job_id: str, token: str) -> tuple[str, int]:

@@ -23,15 +23,50 @@ import uuid
 from typing import Callable
 
 from facenet.errors import UserError
-from facenet.spec import TrainSpec
+from facenet.spec import RESERVED_TAGS, TrainSpec
 from services import mlflow_runs
 from services.config import Settings, check_path_allowed, parse_devices
-from services.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
+from services.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Registry
 
 # The trainer polls this pid and kills its own process group when it is gone, so a worker killed
 # outright (kill -9, a container stopping) never leaves an orphan trainer holding devices.
 WATCH_PID_ENV = "FACENET_WATCH_PID"
+# What a trainer holds, readable from outside (the chaos suite checks no device is held twice at once).
+ATTEMPT_ENV = "FACENET_ATTEMPT"  # <job id>:<attempt token>
+LEASE_ENV = "FACENET_LEASE"  # <node>:<device>,<device>
 KILL_GRACE_SECONDS = 10
+# How long an attempt (and its trainer, at start) waits for an MLflow server that does not answer.
+MLFLOW_WAIT_SECONDS = int(os.environ.get("FACENET_MLFLOW_WAIT_SECONDS", "600"))
+
+# The trainer gets these from the worker's environment and nothing else: not the Redis URL (with its
+# password), Flower's or Postgres' credentials. MLflow's client credentials it needs to log its run.
+TRAINER_ENV_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TERM", "VIRTUAL_ENV",
+                     "LD_LIBRARY_PATH", "LD_PRELOAD", "CONDA_PREFIX", "HOSTNAME")
+TRAINER_ENV_PREFIXES = ("LC_", "PYTHON", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "NCCL_",
+                        "GLOO_", "ASCEND_", "HCCL_", "ACL_", "TOOLCHAIN_", "ATB_", "ASDOPS_", "MLFLOW_", "FACENET_")
+TRAINER_ENV_SECRETS = ("FACENET_REDIS_URL", "FACENET_REDIS_PASSWORD", "FACENET_FLOWER_URL", "FLOWER_BASIC_AUTH")
+
+
+def trainer_env(environ, data_roots: list[str]) -> dict:
+    """The trainer's environment: the allowed names of the worker's, with the data roots it is confined to."""
+    env = {k: v for k, v in environ.items()
+           if (k in TRAINER_ENV_NAMES or k.startswith(TRAINER_ENV_PREFIXES)) and k not in TRAINER_ENV_SECRETS
+           and ("PASSWORD" not in k or k == "MLFLOW_TRACKING_PASSWORD")}
+    env["FACENET_DATA_ROOTS"] = os.pathsep.join(data_roots)
+    return env
+
+
+def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> None:
+    """The spec's own paths besides --data: --pretrained must lie in the data roots (refused before anything
+    says whether it exists), --audit-samples in them or, relative, in the job's output folder."""
+    if spec.pretrained not in (None, "", "none", "auto"):
+        spec.pretrained = check_path_allowed(spec.pretrained, data_roots, "--pretrained")
+    if spec.audit_samples:
+        if os.path.isabs(spec.audit_samples):
+            spec.audit_samples = check_path_allowed(spec.audit_samples, data_roots, "--audit-samples")
+        else:
+            spec.audit_samples = check_path_allowed(os.path.join(output, spec.audit_samples), [output],
+                                                    "--audit-samples")
 
 
 def worker_devices() -> tuple[str, list[int]]:
@@ -41,22 +76,29 @@ def worker_devices() -> tuple[str, list[int]]:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the attempt's heartbeat, its device leases and notices when another attempt took over."""
+    """Renews the attempt's heartbeat and its device leases; sets `lost` (the attempt must stop at once)
+    when another attempt took the job over or a lease is no longer this attempt's."""
 
     def __init__(self, reg: Registry, job_id: str, token: str, node: str, devices: list[int]):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.reg, self.job_id, self.token, self.node, self.devices = reg, job_id, token, node, devices
+        # Leases name the attempt, not just the job: attempt A of a job cleaning up after losing its
+        # heartbeat must not drop (or renew) the leases attempt B of the same job holds.
+        self.holder = f"{job_id}:{token}"
         self.leased: list[int] = []
         self.lost = threading.Event()
+        self.why = ""
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(max(1.0, self.reg.ttl / 3)):
             try:
                 if not self.reg.heartbeat(self.job_id, self.token):
+                    self.why = "another attempt took the job over"
                     self.lost.set()
-                if self.leased:
-                    self.reg.renew_leases(self.node, self.leased, self.job_id)
+                if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
+                    self.why = "its device lease expired (Redis was away longer than the heartbeat TTL)"
+                    self.lost.set()
             except Exception:  # Redis briefly away: the next beat retries; the TTL covers the gap
                 continue
 
@@ -92,7 +134,7 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     finally:
         beat.stop()
         if beat.leased:
-            _retrying(lambda: reg.renew_leases(node, beat.leased, job_id, drop=True))
+            _retrying(lambda: reg.renew_leases(node, beat.leased, beat.holder, drop=True))
         _retrying(lambda: reg.release(job_id, token))
 
 
@@ -105,20 +147,21 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
     if not os.path.isdir(spec.data):
         raise UserError(f"--data {spec.data}: no such directory on worker {node}")
+    output = job.get("output") or os.path.join(settings.runs_dir, job_id)
+    check_job_paths(spec, settings.data_roots, output)
 
     # Wait for devices without giving up the message: the job keeps its place, cancel still works.
     while True:
-        got = reg.lease(node, devices, spec.npus, job_id)
+        got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
         if got:
             beat.leased = got
             break
-        if reg.cancel_requested(job_id):
+        if _retrying(lambda: reg.cancel_requested(job_id)):
             _cancel_before_start(settings, reg, job_id)
             return {"job": job_id, "status": CANCELLED}
-        reg.update(job_id, message=f"waiting for {spec.npus} free {device_type} device(s) on {node}")
+        _retrying(lambda: reg.update(job_id, message=f"waiting for {spec.npus} free {device_type} device(s) on {node}"))
         time.sleep(1.0)
 
-    output = job.get("output") or os.path.join(settings.runs_dir, job_id)
     os.makedirs(output, exist_ok=True)
     resumed = attempts > 1
     reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
@@ -126,13 +169,15 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
                message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
     run_id = job.get("mlflow_run_id")
     if settings.mlflow_uri and not run_id:
-        mlflow_runs.check_reachable(settings.mlflow_uri)
-        tags = {"job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
-                "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname(), **spec.tags}
+        user_tags = {k: v for k, v in spec.tags.items() if k not in RESERVED_TAGS}
+        tags = {**user_tags, "job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
+                "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname()}
         name = mlflow_runs.run_name(spec.npus, device_type, spec.batch_size, spec.amp_enabled, spec.opt_level, job_id)
-        run_id = mlflow_runs.create_run(settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags)
+        # MLflow restarting is no reason to fail a job: wait for it (the job keeps its devices and place).
+        run_id = _while_mlflow_away(settings, reg, job_id, lambda: mlflow_runs.find_or_create_run(
+            settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags, job_id))
         reg.update(job_id, mlflow_run_id=run_id)
-        mlflow_runs.log_file(settings.mlflow_uri, run_id, os.path.join(spec.data, "manifest.json"), "dataset")
+        _while_mlflow_away(settings, reg, job_id, lambda: _log_manifest(settings, run_id, spec.data, output))
 
     spec.device = device_type
     spec.device_list = got if device_type in ("npu", "cuda") else None
@@ -150,7 +195,10 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     if os.path.exists(spec.json_out):
         os.remove(spec.json_out)  # a summary left by an earlier attempt must not pass for this one's
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{WATCH_PID_ENV: str(os.getpid())})
+    env = trainer_env(os.environ, settings.data_roots)
+    env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()), ATTEMPT_ENV: beat.holder,
+                "FACENET_MLFLOW_CONNECT_SECONDS": str(MLFLOW_WAIT_SECONDS),
+                LEASE_ENV: f"{node}:{','.join(map(str, got))}"})
     if device_type == "cpu":
         # Each CPU "device" is a share of the cores; N processes must not each take all of them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
@@ -162,26 +210,49 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
     follower = _Follower(reg, job_id, spec.events, proc, log)
     follower.start()
-    outcome = _watch(reg, job_id, proc, beat, follower, report)
+    outcome = _watch(reg, job_id, proc, beat, follower, report, settings)
     follower.join(timeout=30)
     log.close()
 
-    if outcome == "lost":  # another attempt owns the job now; leave its record alone
+    if outcome == "lost":  # another attempt owns the job now (or its leases lapsed); leave its record alone
+        print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)
         return {"job": job_id, "skipped": "taken over"}
+    rc = proc.returncode
+    if outcome == "done" and rc is not None and rc < 0 and not os.path.exists(spec.json_out):
+        outcome = "killed"  # by a signal from outside (the OOM killer, an operator): resume from the checkpoint
+    if outcome in ("stalled", "overtime", "killed"):
+        why = {"stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
+                          "FACENET_TRAINER_STALL_SECONDS)",
+               "overtime": f"the job ran past FACENET_MAX_JOB_SECONDS ({settings.max_job_seconds} s)",
+               "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)"}[outcome]
+        _log_training_log(settings, run_id, log_path)
+        if outcome != "overtime" and attempts < settings.max_attempts:
+            # Another attempt resumes from the last checkpoint; the hung one's heartbeat goes first, or the
+            # new message would find the job held and drop itself.
+            reg.update(job_id, status=QUEUED, claimed=0, trainer_pid=None,
+                       message=f"attempt {attempts} stopped: {why}; trying again")
+            reg.release(job_id, beat.token)
+            from services.tasks import send_train
+
+            reg.update(job_id, task_id=send_train(job))
+            return {"job": job_id, "requeued": why}
+        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
+        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+        return {"job": job_id, "status": FAILED, "error": error}
     if outcome == "cancelled":
         _end_mlflow_run(settings, reg.get(job_id), "KILLED")
         _log_training_log(settings, run_id, log_path)
         _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
                                      trainer_pid=None))
         return {"job": job_id, "status": CANCELLED}
-    rc = proc.returncode
     summary = _read_json(spec.json_out) if rc == 0 else None
     _log_training_log(settings, run_id, log_path)
     if summary is None:
         error = follower.error_line() or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
-        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        _end_mlflow_run(settings, _retrying(lambda: reg.get(job_id)), "FAILED")
         _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         return {"job": job_id, "status": FAILED, "error": error}
     result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
@@ -192,11 +263,13 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
 
 
 def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, follower: "_Follower",
-           report: Callable[[dict], None]) -> str:
-    """Follow the trainer until it exits; 'done', 'cancelled' or 'lost'."""
+           report: Callable[[dict], None], settings: Settings) -> str:
+    """Follow the trainer until it exits; 'done', 'cancelled', 'lost', 'stalled' (no output for the stall
+    limit) or 'overtime' (past the longest a job may run)."""
     import redis
 
     last_progress = None
+    deadline = time.time() + settings.max_job_seconds
     while True:
         try:
             proc.wait(timeout=0.5)
@@ -209,6 +282,12 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
         if beat.lost.is_set():
             _stop_group(proc)
             return "lost"
+        if time.time() - follower.last_activity > settings.trainer_stall_seconds:
+            _stop_group(proc)
+            return "stalled"
+        if time.time() > deadline:
+            _stop_group(proc)
+            return "overtime"
         try:
             last_progress = _push_progress(reg, job_id, follower, report, last_progress)
             if reg.cancel_requested(job_id):
@@ -275,11 +354,13 @@ class _Follower(threading.Thread):
         self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
         self._partial = ""
         self._tail: list[str] = []
+        self.last_activity = time.time()  # the last output line or event: a hung trainer writes neither
 
     def run(self) -> None:
         pending: list[str] = []
         last_push = time.time()
         for line in self.proc.stdout:
+            self.last_activity = time.time()
             line = line.rstrip("\n")
             self.log.write(line + "\n")
             pending.append(line)
@@ -296,9 +377,13 @@ class _Follower(threading.Thread):
             pass
 
     def error_line(self) -> str | None:
-        for line in reversed(self._tail):
-            if line.startswith("error:") or "Error:" in line:
-                return line.strip()
+        """The trainer's own `error: ...` line (a 2p job's torchrun adds its ChildFailedError noise after
+        it), else the last line naming an error, else the last line."""
+        for wanted in (lambda ln: ln.startswith("error:"),
+                       lambda ln: "Error:" in ln and "ChildFailedError" not in ln and "elastic" not in ln):
+            for line in reversed(self._tail):
+                if wanted(line):
+                    return line.strip()
         return self._tail[-1].strip() if self._tail else None
 
     def poll_events(self) -> None:
@@ -309,6 +394,8 @@ class _Follower(threading.Thread):
         except FileNotFoundError:
             return
         self._offset += len(chunk.encode("utf-8"))
+        if chunk:
+            self.last_activity = time.time()
         text = self._partial + chunk
         lines = text.split("\n")
         self._partial = lines.pop()
@@ -349,6 +436,39 @@ def _end_mlflow_run(settings: Settings, job: dict | None, status: str) -> None:
         except Exception as exc:  # the job's own status is already recorded; say why MLflow lags
             reg_note = f"MLflow run not marked {status}: {type(exc).__name__}: {exc}"
             print(reg_note, file=sys.stderr)
+
+
+def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):
+    """fn(), retried while the MLflow server does not answer (restarting), up to MLFLOW_WAIT_SECONDS."""
+    deadline = time.time() + MLFLOW_WAIT_SECONDS
+    while True:
+        try:
+            mlflow_runs.check_reachable(settings.mlflow_uri)
+            return fn()
+        except UserError as exc:
+            if "unreachable" not in str(exc) or time.time() > deadline:
+                raise
+            err = exc
+        except Exception as exc:  # MlflowException, connection reset: the server went away mid-call
+            if time.time() > deadline:
+                raise UserError(f"MLflow at {settings.mlflow_uri}: {type(exc).__name__}: {exc}") from None
+            err = exc
+        _retrying(lambda: reg.update(job_id, message=f"waiting for MLflow ({str(err)[:120]})"))
+        time.sleep(3.0)
+
+
+def _log_manifest(settings: Settings, run_id: str, data: str, output: str) -> None:
+    """Attach DATA/manifest.json to the run: read confined to the data roots (a manifest symlinked to a
+    secret outside them is refused, not uploaded), from a copy in the job's output."""
+    from facenet import confine
+
+    path = os.path.join(data, "manifest.json")
+    if not os.path.lexists(path):
+        return
+    blob = confine.read_bytes(path, confine.Roots(settings.data_roots), "manifest", 256 << 20)
+    copy = os.path.join(output, "dataset", "manifest.json")
+    confine.write_bytes(copy, blob, None)
+    mlflow_runs.log_file(settings.mlflow_uri, run_id, copy, "dataset")
 
 
 def _log_training_log(settings: Settings, run_id: str | None, log_path: str) -> None:

@@ -11,8 +11,10 @@ tasks' results.
 from __future__ import annotations
 
 import os
+import re
 import time
 
+from facenet import confine
 from facenet.errors import UserError
 from services.celery_app import PREPROCESS_QUEUE, app, train_queue
 from services.config import check_path_allowed, load_settings
@@ -21,11 +23,44 @@ from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, SUCCEEDE
 
 def registry():
     s = load_settings()
-    return s, Registry(connect(s.redis_url), s.heartbeat_ttl)
+    return s, Registry(connect(s.redis_url), s.heartbeat_ttl, s.job_retention_seconds)
+
+
+STAGE_TIME_LIMIT = load_settings().stage_time_limit
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+class BadMessage(Exception):
+    """A task message whose arguments are not what its task takes: logged and dropped, never run."""
+
+
+def _check_args(job_id, index=0) -> None:
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise BadMessage(f"job id {job_id!r} is not a job id")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 10_000_000:
+        raise BadMessage(f"shard index {index!r} is not a shard index")
+
+
+def _started(reg: Registry, s, job_id: str, stage: str) -> dict | None:
+    """Count a start of `stage`; past the bound (a stage whose worker process dies every time, e.g. killed
+    for memory, is redelivered by Celery forever) the job fails with the reason. Returns what the task
+    returns then, else None."""
+    n = reg.delivered(job_id, stage)
+    if n <= s.max_attempts:
+        return None
+    error = (f"preprocessing {stage} was started {n} times and never finished: its worker process died "
+             "each time (killed for memory?); see the preprocessing worker's log")
+    reg.finish(job_id, FAILED, error=error)
+    return {"job": job_id, "status": FAILED, "error": error}
 
 
 def _fail(reg: Registry, job_id: str, exc: BaseException) -> dict:
-    error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        error = f"a preprocessing stage ran past its time limit ({STAGE_TIME_LIMIT} s, FACENET_STAGE_TIME_LIMIT)"
+    else:
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     reg.finish(job_id, FAILED, error=error)
     return {"job": job_id, "status": FAILED, "error": error}
 
@@ -75,62 +110,80 @@ class _Stage:
         self.reg.stage_end(self.job_id, self.stage)  # no longer in flight, however it ended
 
 
-def send_stage(job_id: str, stage: str) -> str:
-    """Queue a preprocessing stage: 'plan', 'shard:<i>' or 'finalize'."""
+def send_stage(job_id: str, stage: str, reg: Registry | None = None) -> str:
+    """Queue a preprocessing stage: 'plan', 'shard:<i>' or 'finalize' (its task id is recorded, so the
+    sweep can report it failed if its worker dies)."""
     if stage.startswith("shard:"):
-        return app.send_task("facenet.preprocess_shard", args=[job_id, int(stage.split(":", 1)[1])],
-                             queue=PREPROCESS_QUEUE).id
-    name = {"plan": "facenet.plan_dataset", "finalize": "facenet.finalize_dataset"}[stage]
-    return app.send_task(name, args=[job_id], queue=PREPROCESS_QUEUE).id
+        task_id = app.send_task("facenet.preprocess_shard", args=[job_id, int(stage.split(":", 1)[1])],
+                                queue=PREPROCESS_QUEUE).id
+    else:
+        name = {"plan": "facenet.plan_dataset", "finalize": "facenet.finalize_dataset"}[stage]
+        task_id = app.send_task(name, args=[job_id], queue=PREPROCESS_QUEUE).id
+    if reg is not None:
+        reg.r.hset(reg.key(job_id) + ":tasks", stage, task_id)
+    return task_id
 
 
 _PLANS: dict[tuple[str, str], object] = {}
 
 
-def _plan_of(job: dict):
+def _plan_of(job: dict, roots):
     """The job's plan, read from OUT once per worker process (a VGGFace2 plan is ~200 MB of JSON, too
     big to travel in every shard's message), checked against the id the planner recorded."""
     from facenet.preprocess.plan import load_plan
 
     key = (job["preprocess_out"], job["plan_id"])
     if key not in _PLANS:
-        plan = load_plan(job["preprocess_out"])
-        if plan.plan_id != job["plan_id"]:
+        plan = load_plan(job["preprocess_out"], roots)
+        # The plan file lies in OUT, which others may write: it must be the one this job's planner wrote
+        # (its id hashes RAW, OUT, the parameters and every item) and name this job's folders.
+        if plan.plan_id != job["plan_id"] or plan.raw != job["preprocess_from"] or plan.out != job["preprocess_out"]:
             raise UserError(f"{job['preprocess_out']}: its plan changed under this job (another job re-planned "
-                            "the same output folder)")
+                            "the same output folder, or the file was edited)")
         _PLANS.clear()
         _PLANS[key] = plan
     return _PLANS[key]
 
 
-@app.task(name="facenet.plan_dataset", bind=True)
+STAGE_LIMITS = {"soft_time_limit": STAGE_TIME_LIMIT, "time_limit": STAGE_TIME_LIMIT + 60}
+
+
+@app.task(name="facenet.plan_dataset", bind=True, **STAGE_LIMITS)
 def plan_dataset(self, job_id: str) -> dict:
     """List RAW, write the plan into OUT, and queue one preprocess_shard per shard."""
     from facenet.preprocess.plan import Params, make_plan, save_plan
     from facenet.preprocess.run import check_same_crops
 
+    _check_args(job_id)
     s, reg = registry()
     job, done = _job_to_work_on(reg, job_id, "before preprocessing")
     if done:
         return done
+    if job.get("plan_id"):  # a redelivered plan message: the shards were sent already
+        return {"job": job_id, "skipped": "planned"}
+    done = _started(reg, s, job_id, "plan")
+    if done:
+        return done
     with _Stage(reg, job_id, "plan"):
         try:
-            raw = check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from")
-            out = check_path_allowed(job["preprocess_out"], s.data_roots, "preprocessing output")
+            roots = confine.Roots(s.data_roots)
+            if check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from") != job["preprocess_from"]:
+                raise UserError(f"--preprocess-from {job['preprocess_from']}: now resolves elsewhere (a symbolic "
+                                "link changed since submit)")
             params = Params(**job["params"])
-            plan = make_plan(raw, out, params)
+            plan = make_plan(job["preprocess_from"], job["preprocess_out"], params, roots)
             if not params.shard_size:
                 plan = plan.with_shard_size(_preprocess_slots(reg))
-            check_same_crops(plan)
-            os.makedirs(plan.out, exist_ok=True)
-            save_plan(plan)
+            check_same_crops(plan, roots)
+            confine.ensure_dir(plan.out, roots, "preprocessing output")
+            save_plan(plan, roots)
         except Exception as exc:
             return _fail(reg, job_id, exc)
         reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, plan_id=plan.plan_id,
                    progress={"shards": plan.num_shards, "shards_done": 0, "images": len(plan.items)},
                    message=f"{len(plan.items)} images in {plan.num_shards} shards")
         for i in range(plan.num_shards):
-            send_stage(job_id, f"shard:{i}")
+            send_stage(job_id, f"shard:{i}", reg)
     return {"job": job_id, "shards": plan.num_shards}
 
 
@@ -138,21 +191,28 @@ def _preprocess_slots(reg: Registry) -> int:
     return max(1, sum(w.get("concurrency", 1) for w in reg.workers() if PREPROCESS_QUEUE in w.get("queues", [])))
 
 
-@app.task(name="facenet.preprocess_shard", bind=True)
+@app.task(name="facenet.preprocess_shard", bind=True, **STAGE_LIMITS)
 def preprocess_shard(self, job_id: str, index: int) -> dict:
     """Crop one shard (finished crops are skipped, so a redelivered shard repeats no work); the last
     shard to finish queues finalize_dataset."""
     from facenet.preprocess.shard import run_shard
 
+    _check_args(job_id, index)
     s, reg = registry()
     job, done = _job_to_work_on(reg, job_id, "during preprocessing")
     if done:
         return done
     stage = f"shard:{index}"
+    if reg.r.sismember(reg.key(job_id) + ":shards", str(index)):
+        return {"job": job_id, "index": index, "skipped": "finished"}
+    done = _started(reg, s, job_id, stage)
+    if done:
+        return done
     with _Stage(reg, job_id, stage):
         try:
-            plan = _plan_of(job)
-            rec = run_shard(plan, index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"))
+            roots = confine.Roots(s.data_roots)
+            plan = _plan_of(job, roots)
+            rec = run_shard(plan, index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"), roots)
         except Exception as exc:  # run_shard records bad images itself; this is a broken shard (disk full, ...)
             return _fail(reg, job_id, exc)
         n, last = reg.shard_done(job_id, index, plan.num_shards)
@@ -160,32 +220,38 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
     reg.update(job_id, progress=progress)
     self.update_state(state="PROGRESS", meta={"job": job_id, "shard": index, **progress})
     if last:
-        send_stage(job_id, "finalize")
+        send_stage(job_id, "finalize", reg)
     return {"index": index, "images": len(rec["records"]), "faces": sum(1 for r in rec["records"] if "out" in r),
             "skipped": rec["skipped"]}
 
 
-@app.task(name="facenet.finalize_dataset", bind=True)
+@app.task(name="facenet.finalize_dataset", bind=True, **STAGE_LIMITS)
 def finalize_dataset(self, job_id: str) -> dict:
     """Write the lists and manifest; a train job then goes to its device queue."""
     from facenet.preprocess.finalize import finalize, manifest_totals
 
+    _check_args(job_id)
     s, reg = registry()
     job, done = _job_to_work_on(reg, job_id, "during preprocessing")
     if done:
         return done
+    if job.get("preprocessed"):  # a redelivered finalize message: the train task was sent already
+        return {"job": job_id, "skipped": "finalized"}
+    done = _started(reg, s, job_id, "finalize")
+    if done:
+        return done
     with _Stage(reg, job_id, "finalize"):
         try:
-            plan = _plan_of(job)
-            summary = {"out": plan.out, **manifest_totals(finalize(plan))}
+            roots = confine.Roots(s.data_roots)
+            plan = _plan_of(job, roots)
+            summary = {"out": plan.out, **manifest_totals(finalize(plan, roots))}
         except Exception as exc:
             return _fail(reg, job_id, exc)
         if job["kind"] == "preprocess":
             reg.finish(job_id, SUCCEEDED, result=summary, message="")
-        else:
-            reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
-                       message=f"preprocessed: {summary['faces']} faces of {summary['images']} images")
-            reg.update(job_id, task_id=send_train(job))
+        elif reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
+                        message=f"preprocessed: {summary['faces']} faces of {summary['images']} images"):
+            reg.update(job_id, task_id=send_train(job))  # not when the job was cancelled meanwhile
     return {"job": job_id, "status": SUCCEEDED if job["kind"] == "preprocess" else QUEUED, **summary}
 
 
@@ -194,6 +260,7 @@ def train(self, job_id: str) -> dict:
     """One attempt at a train job (see services.supervisor)."""
     from services.supervisor import run_train_job
 
+    _check_args(job_id)
     s, reg = registry()
 
     def report(progress: dict) -> None:

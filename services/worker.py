@@ -66,16 +66,22 @@ def _stop_housekeeping(**_):
             pass
 
 
+PRUNE_SECONDS = 600
+
+
 def _housekeeping(info: dict, stop: threading.Event) -> None:
     s = load_settings()
-    reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
-    next_sweep = 0.0
+    reg = Registry(connect(s.redis_url), s.heartbeat_ttl, s.job_retention_seconds)
+    next_sweep = next_prune = 0.0
     while not stop.is_set():
         try:
             reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
             if time.time() >= next_sweep:
                 sweep(reg, s.max_attempts)
                 next_sweep = time.time() + s.sweep_seconds
+            if time.time() >= next_prune:
+                reg.prune(s.job_history)
+                next_prune = time.time() + PRUNE_SECONDS
         except Exception as exc:  # Redis restarting: keep trying; registrations come back with it
             print(f"facenet housekeeping: {type(exc).__name__}: {exc}", flush=True)
         stop.wait(max(1.0, s.heartbeat_ttl / 3))
@@ -88,16 +94,19 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
     from services.tasks import send_stage, send_train
 
     requeued = []
-    jobs = reg.jobs(1000)  # one read of the records per sweep serves both kinds of loss
+    jobs = reg.jobs_by_id(reg.active_ids())  # every job not ended, however old (one read serves both loops)
     for job in jobs:
         if job["status"] != PREPROCESSING:
             continue
         for stage in reg.stalled_stages(job["id"]) + _reserved_and_lost(reg, job):
             lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
+            old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
             if lost > max_attempts:
                 reg.finish(job["id"], FAILED, error=f"preprocessing {stage} lost its worker {lost} times")
                 break
-            send_stage(job["id"], stage)
+            if old_task:
+                report_lost_task(old_task, job["id"], f"preprocessing {stage}: its worker was lost")
+            send_stage(job["id"], stage, reg)
             print(f"facenet sweep: job {job['id']} {stage} requeued (its worker was lost)", flush=True)
             requeued.append(f"{job['id']}:{stage}")
     for job in jobs:  # train jobs an attempt claimed and that have not ended
@@ -106,10 +115,31 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             continue
         where = job.get("worker") or "a worker"
         if reg.requeue_if_dead(job["id"], f"worker {where} was lost during attempt {job.get('attempts')}"):
+            if job.get("task_id"):
+                report_lost_task(job["task_id"], job["id"], f"worker {where} was lost during attempt "
+                                 f"{job.get('attempts')}", job.get("worker"))
             reg.update(job["id"], task_id=send_train(job))
             print(f"facenet sweep: job {job['id']} requeued (worker {where} lost)", flush=True)
             requeued.append(job["id"])
     return requeued
+
+
+def report_lost_task(task_id: str, job_id: str, why: str, node: str | None = None) -> None:
+    """Tell Flower (task events) and the result backend that a task whose worker died has failed, on
+    the dead worker's behalf: otherwise it shows STARTED forever beside the attempt that replaced it."""
+    from celery.exceptions import WorkerLostError
+
+    from services.celery_app import app
+
+    exc = WorkerLostError(f"{why} (job {job_id}); the job was sent again")
+    try:
+        app.backend.mark_as_failure(task_id, exc)
+        with app.connection_for_write() as conn:
+            dispatcher = app.events.Dispatcher(conn, hostname=node or "facenet-sweep", enabled=True)
+            dispatcher.send("task-failed", uuid=task_id, exception=repr(exc), traceback="")
+            dispatcher.close()
+    except Exception as err:  # Flower's view is a mirror: the job itself is already requeued
+        print(f"facenet sweep: could not report task {task_id} as lost: {type(err).__name__}: {err}", flush=True)
 
 
 _SUSPECTS: dict[str, frozenset] = {}

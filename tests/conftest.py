@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -112,3 +113,34 @@ def read_json(path) -> dict:
 def read_events(path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server started by the entrypoint compose uses (password from a 0600 redis.conf)."""
+    from services.registry import connect
+
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    env = {**os.environ, "FACENET_REDIS_PORT": str(port), "FACENET_REDIS_PASSWORD": "pw-test",
+           "FACENET_REDIS_DATA": str(data)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "redis"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://:pw-test@127.0.0.1:{port}/0"
+    deadline = time.time() + 20
+    while True:
+        try:
+            connect(url, timeout=1).ping()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)
+    # The password is required, and is not on the command line.
+    with pytest.raises(Exception):
+        connect(f"redis://127.0.0.1:{port}/0", timeout=1).set("x", 1)
+    assert "pw-test" not in " ".join(open(f"/proc/{proc.pid}/cmdline").read().split("\0"))
+    assert os.stat(data / "redis.conf").st_mode & 0o077 == 0
+    yield url
+    proc.terminate()
+    proc.wait(10)

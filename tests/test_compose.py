@@ -187,12 +187,17 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
             if k in env:
                 env[k] = str(tmp_path / name / os.path.basename(env[k]))
         monkeypatch.setattr(os, "environ", {**os.environ, **env})
-        cmd, _ = service_command(svc["command"][3])
+        cmd, extra = service_command(svc["command"][3])
         assert cmd and os.path.basename(cmd[0]).startswith(("python", "redis-server")), (name, cmd)
         if name == "mlflow":
-            # psycopg2 is the driver the mlflow image installs; a bare postgresql:// picks psycopg 3.
-            assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow:p@postgres:5432/mlflow"
+            # psycopg2 is the driver the mlflow image installs; a bare postgresql:// picks psycopg 3. The URI
+            # (with the database password) goes in the environment, not on the command line `ps` shows.
+            assert extra["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://mlflow:p@postgres:5432/mlflow"
+            assert not any("postgres" in arg for arg in cmd) and "--backend-store-uri" not in cmd
             assert "--serve-artifacts" in cmd and "--allowed-hosts" in cmd
+            # MLflow's basic auth is on by default in the compose stack.
+            assert "--app-name" in cmd and cmd[cmd.index("--app-name") + 1] == "basic-auth"
+            assert extra["MLFLOW_AUTH_ADMIN_PASSWORD"] == "m"
         if name == "worker-npu":
             assert cmd[cmd.index("-Q") + 1] == "train.npu" and cmd[cmd.index("-c") + 1] == "8"
 

@@ -232,7 +232,7 @@ def test_opt_level_o0_trains_in_fp32_and_says_so(small_faces, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "{missing}"], "--data {missing}: no such directory"),
-    (["--data", "{data}", "--npus", "0"], "--npus 0: must be at least 1"),
+    (["--data", "{data}", "--npus", "0"], "--npus 0: must be in [1, 4096]"),
     (["--data", "{data}", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--data", "{data}", "--pretrained", "{missing}.pt"], "--pretrained {missing}.pt: no such file"),
     (["--data", "{data}", "--device", "cuda"], "--device cuda: no CUDA device is visible"),

@@ -20,6 +20,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from facenet import confine
 from facenet.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -45,22 +46,26 @@ class DatasetSplit:
                 f"{len(self.train)} training images, {len(self.test)} held out")
 
 
-def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456) -> DatasetSplit:
-    """Resolve ROOT to train / held-out samples. Raises UserError naming what is wrong."""
-    root = os.path.abspath(os.path.expanduser(root))
+def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
+                 roots: confine.Roots | None = None) -> DatasetSplit:
+    """Resolve ROOT to train / held-out samples. Raises UserError naming what is wrong.
+
+    With `roots` (a queued job), ROOT, the lists, the manifest and every folder images come from must
+    resolve inside them; each image is checked again when the loader opens it."""
+    root = confine.check(root, roots, "--data")
     if not os.path.exists(root):
         raise UserError(f"--data {root}: no such directory")
     if not os.path.isdir(root):
         raise UserError(f"--data {root}: not a directory")
     train_list = os.path.join(root, "train_list.txt")
     if os.path.isfile(train_list):
-        split = _from_lists(root, train_list, os.path.join(root, "test_list.txt"))
+        split = _from_lists(root, train_list, os.path.join(root, "test_list.txt"), roots)
     else:
         # The seed's tree (ROOT/train/<identity>, ROOT/test/<identity>) without lists: train on ROOT/train.
         train_dir = os.path.join(root, "train")
         folder = train_dir if os.path.isdir(train_dir) and _identity_dirs(train_dir) else root
-        split = _from_folders(root, folder, holdout, seed)
-    split.manifest_hash = _manifest_hash(root)
+        split = _from_folders(root, folder, holdout, seed, roots)
+    split.manifest_hash = _manifest_hash(root, roots)
     if split.num_classes < 2:
         raise UserError(f"--data {root}: found {split.num_classes} identity; classification needs at least 2")
     if not split.train:
@@ -68,9 +73,10 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456) -> Dataset
     return split
 
 
-def load_for_training(root: str, holdout: float, seed: int, batch_size: int) -> DatasetSplit:
+def load_for_training(root: str, holdout: float, seed: int, batch_size: int,
+                      roots: confine.Roots | None = None) -> DatasetSplit:
     """load_dataset, plus the check that one global batch fits in the training split."""
-    split = load_dataset(root, holdout, seed)
+    split = load_dataset(root, holdout, seed, roots)
     if len(split.train) < batch_size:
         raise UserError(f"--batch-size {batch_size}: larger than the training split ({len(split.train)} images)")
     return split
@@ -88,9 +94,10 @@ def _list_images(folder: str) -> list[str]:
                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _from_folders(root: str, folder: str, holdout: float, seed: int) -> DatasetSplit:
+def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: confine.Roots | None) -> DatasetSplit:
     classes, train, test = [], [], []
     for name in _identity_dirs(folder):
+        confine.check(os.path.join(folder, name), roots, "identity folder")
         files = _list_images(os.path.join(folder, name))
         if not files:
             continue
@@ -109,12 +116,12 @@ def _from_folders(root: str, folder: str, holdout: float, seed: int) -> DatasetS
     return DatasetSplit(root, "folders", classes, train, test)
 
 
-def _from_lists(root: str, train_list: str, test_list: str) -> DatasetSplit:
+def _from_lists(root: str, train_list: str, test_list: str, roots: confine.Roots | None) -> DatasetSplit:
     if not os.path.isfile(test_list):
         raise UserError(f"{test_list}: missing (train_list.txt is present; both lists are needed)")
     names: dict[int, str] = {}
-    train = _read_list(root, train_list, names)
-    test = _read_list(root, test_list, names)
+    train = _read_list(root, train_list, names, roots)
+    test = _read_list(root, test_list, names, roots)
     if not names:
         raise UserError(f"{train_list}: lists no images")
     n = max(names) + 1
@@ -128,40 +135,47 @@ def _from_lists(root: str, train_list: str, test_list: str) -> DatasetSplit:
     return DatasetSplit(root, "lists", [names[i] for i in range(n)], train, test)
 
 
-def _read_list(root: str, path: str, names: dict[int, str]) -> list[Sample]:
+def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots | None) -> list[Sample]:
     """Parse one list file; `names` maps class index -> identity name, shared across lists."""
     by_name = {v: k for k, v in names.items()}
     samples = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                rel, label = parts[0], int(parts[1])
-            else:
-                rel, label = line, None
-            if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-                raise UserError(f"{path}:{lineno}: path {rel!r} must be relative to the dataset root")
-            identity = os.path.basename(os.path.dirname(rel)) or rel
-            if label is None:
-                label = by_name.setdefault(identity, len(by_name))
-            if label < 0:
-                raise UserError(f"{path}:{lineno}: class index {label} is negative")
-            names.setdefault(label, identity)
-            by_name.setdefault(identity, label)
-            samples.append((os.path.join(root, rel), label))
+    folders_seen: set[str] = set()
+    text = confine.read_text(path, roots, "list file")
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            rel, label = parts[0], int(parts[1])
+        else:
+            rel, label = line, None
+        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+            raise UserError(f"{path}:{lineno}: path {rel!r} must be relative to the dataset root")
+        folder = os.path.dirname(rel)
+        if roots is not None and folder not in folders_seen:  # once per folder; each file again at open
+            folders_seen.add(folder)
+            try:
+                roots.check(os.path.join(root, folder), "folder")
+            except confine.Refused as exc:
+                raise confine.Refused(f"{path}:{lineno}: {exc}") from None
+        identity = os.path.basename(os.path.dirname(rel)) or rel
+        if label is None:
+            label = by_name.setdefault(identity, len(by_name))
+        if label < 0:
+            raise UserError(f"{path}:{lineno}: class index {label} is negative")
+        names.setdefault(label, identity)
+        by_name.setdefault(identity, label)
+        samples.append((os.path.join(root, rel), label))
     return samples
 
 
-def _manifest_hash(root: str) -> str | None:
+def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:
     """The preprocessing manifest's content hash if present, else a hash of the list files."""
     manifest = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest):
         try:
-            with open(manifest, encoding="utf-8") as fh:
-                value = json.load(fh).get("content_hash")
+            value = json.loads(confine.read_text(manifest, roots, "manifest", 256 << 20)).get("content_hash")
             if value:
                 return str(value)
         except (OSError, ValueError, AttributeError):
@@ -170,7 +184,6 @@ def _manifest_hash(root: str) -> str | None:
     if all(os.path.isfile(p) for p in lists):
         h = hashlib.sha256()
         for p in lists:
-            with open(p, "rb") as fh:
-                h.update(fh.read())
+            h.update(confine.read_bytes(p, roots, "list file"))
         return "lists-sha256:" + h.hexdigest()[:16]
     return None

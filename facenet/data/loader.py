@@ -17,20 +17,37 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import io
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from facenet import confine
 from facenet.data.dataset import Sample
 from facenet.fsutil import cpu_cores
 
 MAX_REPLACEMENTS = 16
+# Training images are face crops (160 x 160 from preprocessing); these caps refuse, from the header and
+# before any pixel is decoded, a small file that would decode to gigabytes.
+MAX_FILE_BYTES = 32 << 20
+MAX_PIXELS = 4096 * 4096
 
 
-def decode(path: str, image_size: int) -> torch.Tensor:
-    """Read one image as uint8 RGB CHW at image_size x image_size. Raises on unreadable files."""
-    img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+def decode(path: str, image_size: int, roots: confine.Roots | None = None) -> torch.Tensor:
+    """Read one image as uint8 RGB CHW at image_size x image_size. Raises on unreadable or refused files."""
+    from PIL import Image
+
+    data = confine.read_bytes(path, roots, "image", MAX_FILE_BYTES)
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{path}: {width}x{height} pixels, more than {MAX_PIXELS}")
+    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if img.shape[-2:] != (image_size, image_size):
         img = TF.resize(img, [image_size, image_size], antialias=True)
     return img
@@ -40,8 +57,9 @@ class FaceImages(Dataset):
     """(uint8 image, label, bad paths) triples over a list of samples."""
 
     def __init__(self, samples: list[Sample], image_size: int = 160, augment: bool = False,
-                 replace_bad: bool = True):
+                 replace_bad: bool = True, roots: confine.Roots | None = None):
         self.samples = samples
+        self.roots = roots
         self.image_size = image_size
         self.augment = augment
         self.replace_bad = replace_bad
@@ -55,7 +73,7 @@ class FaceImages(Dataset):
         for k in range(tries):
             path, label = self.samples[(index + k) % len(self.samples)]
             try:
-                img = decode(path, self.image_size)
+                img = decode(path, self.image_size, self.roots)
             except Exception:  # corrupt, truncated, not an image, vanished: named by the trainer
                 bad.append(path)
                 continue
@@ -148,21 +166,22 @@ def default_workers(world_size: int) -> int:
 
 
 def train_loader(samples: list[Sample], batch_size: int, rank: int, world_size: int, seed: int,
-                 workers: int, image_size: int, augment: bool, pin_memory: bool) -> DataLoader:
+                 workers: int, image_size: int, augment: bool, pin_memory: bool,
+                 roots: confine.Roots | None = None) -> DataLoader:
     """Shuffled, rank-sharded loader over the training subset; call sampler.set_epoch each epoch.
 
     The sampler indexes this dataset (the training samples only), unlike the
     ModelZoo's DistributedSampler(SubsetRandomSampler), which indexed the whole
     folder and so trained on its own validation images.
     """
-    dataset = FaceImages(samples, image_size, augment, replace_bad=True)
+    dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
     sampler = TrainSampler(len(dataset), rank, world_size, batch_size, seed)
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
 
 
 def eval_loader(samples: list[Sample], batch_size: int, rank: int, world_size: int,
-                workers: int, image_size: int, pin_memory: bool) -> DataLoader:
-    dataset = FaceImages(samples, image_size, augment=False, replace_bad=False)
+                workers: int, image_size: int, pin_memory: bool, roots: confine.Roots | None = None) -> DataLoader:
+    dataset = FaceImages(samples, image_size, augment=False, replace_bad=False, roots=roots)
     sampler = StridedSampler(len(dataset), rank, world_size)
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=False)
 

@@ -13,17 +13,17 @@ import random
 from collections import Counter, defaultdict
 
 from facenet.errors import UserError
+from facenet import confine
 from facenet.preprocess.plan import Plan
-from facenet.fsutil import write_atomic
 from facenet.preprocess.shard import load_shard_record
 
 MANIFEST_VERSION = 1
 
 
-def collect_records(plan: Plan) -> list[dict]:
+def collect_records(plan: Plan, roots: confine.Roots | None = None) -> list[dict]:
     records, missing = [], []
     for index in range(plan.num_shards):
-        rec = load_shard_record(plan, index)
+        rec = load_shard_record(plan, index, roots)
         if rec is None:
             missing.append(index)
         else:
@@ -34,9 +34,9 @@ def collect_records(plan: Plan) -> list[dict]:
     return records
 
 
-def finalize(plan: Plan) -> dict:
+def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
     """Write the lists and the manifest for a fully processed plan; returns the manifest."""
-    records = collect_records(plan)
+    records = collect_records(plan, roots)
     p = plan.params
     faces_by_identity: dict[str, list[str]] = defaultdict(list)
     splits = {s: Counter() for s in sorted({r["item"][0] for r in records})}
@@ -56,6 +56,9 @@ def finalize(plan: Plan) -> dict:
             converted[r["converted"]] += 1
         if split == "train":
             faces_by_identity[identity].append(r["out"])
+    for path, reason in plan.refused:  # never planned (symlinks leaving the roots, unlistable names)
+        rejects.append({"path": path, "reason": reason})
+        reasons[reason] += 1
 
     classes = sorted(i for i, files in faces_by_identity.items() if files)
     train_lines, test_lines = [], []
@@ -86,12 +89,13 @@ def finalize(plan: Plan) -> dict:
         "lists": {"classes": len(classes), "train_list": len(train_lines), "test_list": len(test_lines)},
         "reject_reasons": dict(sorted(reasons.items())),
         "converted": dict(sorted(converted.items())),
+        "refused": len(plan.refused),
         "rejects": sorted(rejects, key=lambda r: r["path"]),
         "content_hash": "sha256:" + content.hexdigest(),
     }
-    write_atomic(os.path.join(plan.out, "train_list.txt"), train_text.encode())
-    write_atomic(os.path.join(plan.out, "test_list.txt"), test_text.encode())
-    write_atomic(os.path.join(plan.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
+    for name, data in (("train_list.txt", train_text.encode()), ("test_list.txt", test_text.encode()),
+                       ("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())):
+        confine.write_bytes(os.path.join(plan.out, name), data, roots, "preprocessing output")
     return manifest
 
 

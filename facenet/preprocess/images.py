@@ -9,6 +9,8 @@ and alpha images (converted to 8-bit RGB).
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,8 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# A photo of a face needs nothing like this many pixels; anything above is a bomb or an error.
+from facenet import confine
+
+# A photo of a face needs nothing like this many pixels; anything above is a bomb or an error. JPEGs are
+# decoded at a reduced scale (a few MB whatever their size); other formats decode whole, so their cap
+# bounds the memory a small file can take (40 MP RGB: 120 MB, plus one 16-bit plane when converted).
 MAX_PIXELS = 100_000_000
+MAX_FULL_DECODE_PIXELS = 40_000_000
+MAX_FILE_BYTES = 64 << 20
 
 
 @dataclass
@@ -29,15 +37,25 @@ class Loaded:
     reject: str | None = None
 
 
-def load_rgb(path: str, max_side: int = 2000) -> Loaded:
-    """Open `path` as 8-bit RGB, reading large JPEGs at a reduced scale close to `max_side`."""
+def load_rgb(path: str, max_side: int = 2000, roots: confine.Roots | None = None) -> Loaded:
+    """Open `path` as 8-bit RGB, reading large JPEGs at a reduced scale close to `max_side`. With `roots`
+    the file must resolve inside them and be a regular file (checked as it is opened)."""
+    try:
+        data = confine.read_bytes(path, roots, "image", MAX_FILE_BYTES)
+    except FileNotFoundError:
+        return Loaded(None, reject="file vanished")
+    except confine.Refused as exc:
+        return Loaded(None, reject=f"refused ({str(exc).split(': ', 1)[-1]})")
+    except OSError as exc:
+        return Loaded(None, reject=f"unreadable ({_short(exc)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
             size = img.size
-            if size[0] * size[1] > MAX_PIXELS:
-                return Loaded(None, size=size, reject=f"decompression bomb ({size[0] * size[1]} pixels)")
+            pixels = size[0] * size[1]
+            if pixels > MAX_PIXELS or (img.format != "JPEG" and pixels > MAX_FULL_DECODE_PIXELS):
+                return Loaded(None, size=size, reject=f"decompression bomb ({pixels} pixels)")
             scale = 1.0
             if img.format == "JPEG" and max(size) > max_side:
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale almost for free.
@@ -74,10 +92,10 @@ def conversion_label(img: Image.Image) -> str | None:
     return f"{img.mode}->RGB (alpha on white)" if _has_alpha(img) else f"{img.mode}->RGB"
 
 
-def conversion_of(path: str) -> str | None:
+def conversion_of(path: str, roots: confine.Roots | None = None) -> str | None:
     """conversion_label of a file, reading only its header (for crops a rerun reuses)."""
     try:
-        with Image.open(path) as img:
+        with os.fdopen(confine.open_regular(path, roots, "image"), "rb") as fh, Image.open(fh) as img:
             return conversion_label(img)
     except Exception:
         return None
@@ -88,10 +106,20 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     if label is None:
         return img, None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB"), label
+        # In place on one array (no float64 copies: a 40 MP 16-bit image stays under 200 MB).
+        arr = np.asarray(img)
+        if img.mode.startswith("I;16"):
+            out = arr.astype(np.uint32)
+            out *= 255
+            out += 32767
+            out //= 65535
+        else:
+            arr = arr.astype(np.float32)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            arr *= 255.0 / top
+            arr += 0.5
+            out = np.clip(arr, 0, 255, out=arr)
+        return Image.fromarray(out.astype(np.uint8)).convert("RGB"), label
     if _has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from facenet.errors import UserError
-from facenet.fsutil import write_atomic
+from facenet import confine
+from facenet.errors import InputError, UserError
 
 STATE_DIR = ".preprocess"
 RAW_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -34,18 +34,26 @@ class Params:
     seed: int = 123456
 
     def validate(self) -> None:
-        if self.image_size < 32:
-            raise UserError(f"--image-size {self.image_size}: must be at least 32")
+        """InputError naming the first bad value (types too: a queued job's params come from JSON)."""
+        for name, want in (("image_size", int), ("margin", int), ("shard_size", int), ("detect_size", int),
+                           ("min_face_frac", float), ("holdout", float), ("seed", int)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else int):
+                raise InputError(f"--{name.replace('_', '-')} {value!r}: must be {'a number' if want is float else 'an integer'}")
+        if not 32 <= self.image_size <= 1024:
+            raise InputError(f"--image-size {self.image_size}: must be in [32, 1024]")
         if not 0 <= self.margin < self.image_size:
-            raise UserError(f"--margin {self.margin}: must be in [0, image size)")
-        if self.shard_size < 0:
-            raise UserError(f"--shard-size {self.shard_size}: must be at least 1 (or 0 for auto)")
-        if self.detect_size < 64:
-            raise UserError(f"--detect-size {self.detect_size}: must be at least 64")
+            raise InputError(f"--margin {self.margin}: must be in [0, image size)")
+        if not 0 <= self.shard_size <= 100_000:
+            raise InputError(f"--shard-size {self.shard_size}: must be in [1, 100000] (or 0 for auto)")
+        if not 64 <= self.detect_size <= 4096:
+            raise InputError(f"--detect-size {self.detect_size}: must be in [64, 4096]")
         if not 0 < self.min_face_frac < 1:
-            raise UserError(f"--min-face-frac {self.min_face_frac}: must be in (0, 1)")
+            raise InputError(f"--min-face-frac {self.min_face_frac}: must be in (0, 1)")
         if not 0 <= self.holdout < 1:
-            raise UserError(f"--holdout {self.holdout}: must be in [0, 1)")
+            raise InputError(f"--holdout {self.holdout}: must be in [0, 1)")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"--seed {self.seed}: must be in [0, 2^32)")
 
 
 @dataclass
@@ -55,10 +63,16 @@ class Plan:
     params: Params
     items: list[tuple[str, str, str]]  # (split, identity, file name)
     layout: str  # "vggface2" (RAW/{train,test}/<id>) or "folders" (RAW/<id>)
+    # Entries of RAW not planned, with the reason (symbolic links leaving the data roots); the manifest
+    # counts them with the rejects.
+    refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def plan_id(self) -> str:
-        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.params), self.items]).encode())
+        """A hash of everything the plan says, its folders included: a job records it at planning, and a
+        plan file that was changed afterwards (whoever can write OUT) no longer matches."""
+        h = hashlib.sha256(json.dumps([self.raw, self.out, dataclasses.asdict(self.params), self.layout,
+                                       self.items, self.refused]).encode())
         return h.hexdigest()[:16]
 
     def with_shard_size(self, workers: int) -> "Plan":
@@ -97,63 +111,113 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps({"raw": self.raw, "out": self.out, "params": dataclasses.asdict(self.params),
-                           "layout": self.layout, "items": self.items, "plan_id": self.plan_id})
+                           "layout": self.layout, "items": self.items, "refused": self.refused,
+                           "plan_id": self.plan_id})
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        d = json.loads(text)
-        return cls(d["raw"], d["out"], Params(**d["params"]), [tuple(i) for i in d["items"]], d["layout"])
+        """Parse and check a plan: every item must name a plain file in a plain folder (no `..`, no `/`)."""
+        try:
+            d = json.loads(text)
+            plan = cls(d["raw"], d["out"], Params(**d["params"]), [tuple(i) for i in d["items"]], d["layout"],
+                       [tuple(r) for r in d.get("refused", [])])
+            ok = plan.layout in ("vggface2", "folders") and all(
+                len(item) == 3 and item[0] in ("train", "test") and all(_plain_name(part) for part in item)
+                for item in plan.items)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"preprocessing plan is corrupt ({type(exc).__name__}: {exc})") from None
+        if not ok:
+            raise UserError("preprocessing plan is corrupt (an item is not split/identity/file)")
+        return plan
+
+
+def _plain_name(part) -> bool:
+    return isinstance(part, str) and part not in ("", ".", "..") and "/" not in part and "\0" not in part
 
 
 def state_dir(out: str) -> str:
     return os.path.join(out, STATE_DIR)
 
 
-def make_plan(raw: str, out: str, params: Params) -> Plan:
-    """List RAW (VGGFace2 layout or identity folders) into a plan. Raises UserError on a bad RAW."""
+def make_plan(raw: str, out: str, params: Params, roots: confine.Roots | None = None) -> Plan:
+    """List RAW (VGGFace2 layout or identity folders) into a plan. Raises UserError on a bad RAW.
+
+    With `roots`, RAW and OUT must resolve inside them, and symbolic links in RAW that leave them are
+    refused (recorded in the plan, counted in the manifest)."""
     params.validate()
-    raw = os.path.abspath(os.path.expanduser(raw))
-    out = os.path.abspath(os.path.expanduser(out))
+    raw = confine.check(raw, roots, "RAW")
+    out = confine.check(out, roots, "OUT")
     if not os.path.isdir(raw):
         raise UserError(f"{raw}: no such directory (the raw data set)")
     if out == raw or out.startswith(raw + os.sep):
         raise UserError(f"{out}: the output must not be inside the raw data set {raw}")
-    splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(raw, s))]
+    splits = [s for s in ("train", "test") if _is_dir(os.path.join(raw, s), roots)]
     items: list[tuple[str, str, str]] = []
+    refused: list[tuple[str, str]] = []
     if splits:
         layout = "vggface2"
         for split in splits:
-            items += [(split, ident, name) for ident, name in _list_identities(os.path.join(raw, split))]
+            items += [(split, ident, name)
+                      for ident, name in _list_identities(os.path.join(raw, split), roots, refused, split + "/")]
     else:
         layout = "folders"
-        items = [("train", ident, name) for ident, name in _list_identities(raw)]
+        items = [("train", ident, name) for ident, name in _list_identities(raw, roots, refused, "")]
     if not items:
-        raise UserError(f"{raw}: no images found (expected RAW/<identity>/<image> or RAW/train/<identity>/<image>)")
-    return Plan(raw, out, params, items, layout)
+        raise UserError(f"{raw}: no images found (expected RAW/<identity>/<image> or RAW/train/<identity>/<image>)"
+                        + (f"; {len(refused)} entries refused (first: {refused[0][0]}: {refused[0][1]})"
+                           if refused else ""))
+    return Plan(raw, out, params, items, layout, refused)
 
 
-def _list_identities(folder: str) -> list[tuple[str, str]]:
+UNLISTABLE = "name holds a line break or control character"
+
+
+def _listable(name: str) -> bool:
+    """A name the list files can hold (one path per line; spaces and unicode are fine)."""
+    return name.isprintable()
+
+
+def _is_dir(path: str, roots: confine.Roots | None) -> bool:
+    if not os.path.isdir(path):
+        return False
+    return roots is None or roots.contains(os.path.realpath(path))
+
+
+def _list_identities(folder: str, roots: confine.Roots | None, refused: list, prefix: str) -> list[tuple[str, str]]:
     found = []
     for ident in sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")):
-        for entry in sorted(os.scandir(os.path.join(folder, ident)), key=lambda e: e.name):
+        path = os.path.join(folder, ident)
+        if not _listable(ident):
+            refused.append((prefix + repr(ident)[1:-1], UNLISTABLE))
+            continue
+        if roots is not None and not roots.contains(os.path.realpath(path)):
+            refused.append((prefix + ident, "symbolic link outside the data roots"))
+            continue
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
             # Every file with an image name is planned; what it really holds is decided (and
-            # rejected with a reason if need be) when the shard reads it.
+            # rejected with a reason if need be) when the shard reads it, confined again there.
             if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(RAW_EXTENSIONS):
+                if not _listable(entry.name):
+                    refused.append((f"{prefix}{ident}/{repr(entry.name)[1:-1]}", UNLISTABLE))
+                    continue
+                if roots is not None and entry.is_symlink() \
+                        and not roots.contains(os.path.realpath(entry.path)):
+                    refused.append((f"{prefix}{ident}/{entry.name}", "symbolic link outside the data roots"))
+                    continue
                 found.append((ident, entry.name))
     return found
 
 
-def save_plan(plan: Plan) -> str:
+def save_plan(plan: Plan, roots: confine.Roots | None = None) -> str:
     """Write OUT/.preprocess/plan.json atomically (identical content from concurrent planners)."""
     path = os.path.join(state_dir(plan.out), "plan.json")
-    write_atomic(path, plan.to_json().encode())
+    confine.write_bytes(path, plan.to_json().encode(), roots, "preprocessing state")
     return path
 
 
-def load_plan(out: str) -> Plan:
+def load_plan(out: str, roots: confine.Roots | None = None) -> Plan:
     path = os.path.join(state_dir(os.path.abspath(out)), "plan.json")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return Plan.from_json(fh.read())
+        return Plan.from_json(confine.read_text(path, roots, "preprocessing plan"))
     except FileNotFoundError:
         raise UserError(f"{path}: no preprocessing plan (run the planner first)") from None

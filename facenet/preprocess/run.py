@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from facenet import confine
 from facenet.fsutil import cpu_cores
 from facenet.preprocess.finalize import finalize, manifest_totals
 from facenet.preprocess.plan import Params, Plan, load_plan, make_plan, save_plan
@@ -14,18 +15,20 @@ from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files,
 
 _PLAN: Plan | None = None
 _DEVICE = "cpu"
+_ROOTS: confine.Roots | None = None
 
 
-def _init_worker(plan_json: str, device: str, threads: int) -> None:
+def _init_worker(plan_json: str, device: str, threads: int, roots: list[str] | None) -> None:
     import torch
 
-    global _PLAN, _DEVICE
+    global _PLAN, _DEVICE, _ROOTS
     torch.set_num_threads(threads)
     _PLAN, _DEVICE = Plan.from_json(plan_json), device
+    _ROOTS = None if roots is None else confine.Roots(roots)
 
 
 def _shard_task(index: int) -> dict:
-    rec = run_shard(_PLAN, index, _DEVICE)
+    rec = run_shard(_PLAN, index, _DEVICE, _ROOTS)
     return {"index": index, "images": len(rec["records"]), "skipped": rec["skipped"],
             "faces": sum(1 for r in rec["records"] if "out" in r)}
 
@@ -35,32 +38,34 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
     """Preprocess RAW into OUT with `workers` processes; returns the summary (also see manifest.json)."""
     from facenet.errors import UserError
 
-    if workers < 1:
-        raise UserError(f"--workers {workers}: must be at least 1")
+    if not 1 <= workers <= 256:
+        raise UserError(f"--workers {workers}: must be in [1, 256]")
     if device != "cpu":
         from facenet.devices import resolve_device_type
 
         resolve_device_type(device)  # loads torch_npu / checks CUDA, or one line saying why not
     t0 = time.perf_counter()
-    plan = make_plan(raw, out, params).with_shard_size(workers)
-    check_same_crops(plan)
-    os.makedirs(plan.out, exist_ok=True)
-    save_plan(plan)
+    roots = confine.Roots.from_env()  # FACENET_DATA_ROOTS confines this command too when it is set
+    plan = make_plan(raw, out, params, roots).with_shard_size(workers)
+    check_same_crops(plan, roots)
+    confine.ensure_dir(plan.out, roots, "OUT")
+    save_plan(plan, roots)
     stale = remove_stale_temp_files(plan.out)
     # Finished shards are skipped here, before any worker (and its MTCNN) is started.
-    pending = [i for i in range(plan.num_shards) if load_shard_record(plan, i) is None]
+    pending = [i for i in range(plan.num_shards) if load_shard_record(plan, i, roots) is None]
+    root_list = None if roots is None else roots.roots
     skipped = len(plan.items) - sum(len(plan.shard_items(i)) for i in pending)
     processed = 0
     workers = max(1, min(workers, len(pending)))
     threads = max(1, cpu_cores() // workers)
     pool = None
     if workers == 1:
-        _init_worker(plan.to_json(), device, threads)
+        _init_worker(plan.to_json(), device, threads, root_list)
         results = map(_shard_task, pending)
     else:
         # spawn, not fork: a caller that already ran torch (the queue worker, the benchmark) has an
         # OpenMP pool that a forked child deadlocks on. Each worker builds its own MTCNN on first use.
-        pool = mp.get_context("spawn").Pool(workers, _init_worker, (plan.to_json(), device, threads))
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (plan.to_json(), device, threads, root_list))
         results = pool.imap_unordered(_shard_task, pending)
     bar = _progress(len(plan.items), progress)
     bar.update(skipped)
@@ -76,7 +81,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
         if pool is not None:
             pool.close()
             pool.join()
-    manifest = finalize(plan)
+    manifest = finalize(plan, roots)
     seconds = time.perf_counter() - t0
     return {
         "raw": plan.raw, "out": plan.out, "layout": plan.layout, **manifest_totals(manifest),
@@ -91,11 +96,11 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
 CROP_SETTINGS = ("image_size", "margin", "detect_size", "min_face_frac")
 
 
-def check_same_crops(plan: Plan) -> None:
+def check_same_crops(plan: Plan, roots: confine.Roots | None = None) -> None:
     from facenet.errors import UserError
 
     try:
-        previous = load_plan(plan.out)
+        previous = load_plan(plan.out, roots)
     except UserError:
         return  # a new OUT
     if previous.raw != plan.raw:

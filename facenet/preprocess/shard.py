@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from facenet.fsutil import write_atomic
+from facenet import confine
 from facenet.preprocess.faces import DetectorSettings, FaceCropper
 from facenet.preprocess.images import conversion_of, load_rgb
 from facenet.preprocess.plan import Plan, state_dir
@@ -41,17 +41,17 @@ def shard_record_path(plan: Plan, index: int) -> str:
     return os.path.join(state_dir(plan.out), "shards", plan.plan_id, f"{index:06d}.json")
 
 
-def load_shard_record(plan: Plan, index: int) -> dict | None:
+def load_shard_record(plan: Plan, index: int, roots: confine.Roots | None = None) -> dict | None:
     try:
-        with open(shard_record_path(plan, index), encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(confine.read_text(shard_record_path(plan, index), roots, "shard record"))
     except (FileNotFoundError, ValueError):
         return None
 
 
-def run_shard(plan: Plan, index: int, device: str = "cpu") -> dict:
-    """Process shard `index` of `plan`; returns its record (also written to disk)."""
-    done = load_shard_record(plan, index)
+def run_shard(plan: Plan, index: int, device: str = "cpu", roots: confine.Roots | None = None) -> dict:
+    """Process shard `index` of `plan`; returns its record (also written to disk). With `roots` (a queued
+    job) every raw file, crop and record is read and written inside them."""
+    done = load_shard_record(plan, index, roots)
     if done is not None:
         return {**done, "skipped": True}
     t0 = time.perf_counter()
@@ -60,24 +60,39 @@ def run_shard(plan: Plan, index: int, device: str = "cpu") -> dict:
     for item in plan.shard_items(index):
         rel = plan.out_rel(item)
         target = os.path.join(plan.out, rel)
-        if os.path.exists(target):
-            record = {"item": list(item), "out": rel, "sha256": _sha256_file(target), "reused": True}
-            converted = conversion_of(plan.raw_path(item))
+        digest = _reusable(target, roots)
+        if digest:
+            record = {"item": list(item), "out": rel, "sha256": digest, "reused": True}
+            converted = conversion_of(plan.raw_path(item), roots)
             if converted:
                 record["converted"] = converted
             records.append(record)
             continue
         cropper = cropper or cropper_for(plan, device)
-        records.append(_process(plan, item, rel, target, cropper))
+        records.append(_process(plan, item, rel, target, cropper, roots))
     record = {"plan_id": plan.plan_id, "index": index, "records": records,
               "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
-    write_atomic(shard_record_path(plan, index), json.dumps(record).encode())
+    confine.write_bytes(shard_record_path(plan, index), json.dumps(record).encode(), roots, "shard record")
     return {**record, "skipped": False}
 
 
-def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper) -> dict:
+def _reusable(target: str, roots: confine.Roots | None) -> str | None:
+    """The sha256 of a finished crop at `target`, or None when there is none to reuse. A crop only ever
+    appears by rename, so a regular file there is complete; anything else (a symlink, a FIFO) is not ours
+    and is replaced by the new crop's rename."""
+    try:
+        return confine.sha256_file(target, roots, "crop")
+    except (FileNotFoundError, confine.Refused):
+        return None
+    except OSError as exc:
+        if exc.errno in (20, 40):  # ENOTDIR, ELOOP
+            return None
+        raise
+
+
+def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper, roots: confine.Roots | None) -> dict:
     raw = plan.raw_path(item)
-    loaded = load_rgb(raw, max_side=max(2000, 3 * plan.params.detect_size))
+    loaded = load_rgb(raw, max_side=max(2000, 3 * plan.params.detect_size), roots=roots)
     base = {"item": list(item)}
     if loaded.reject:
         return {**base, "reject": loaded.reject}
@@ -93,17 +108,12 @@ def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper) -> d
     else:
         face.crop.save(buf, "PNG")
     data = buf.getvalue()
-    write_atomic(target, data)
+    confine.write_bytes(target, data, roots, "crop")
     out = {**base, "out": rel, "sha256": hashlib.sha256(data).hexdigest(),
            "box": [round(v, 2) for v in face.box], "prob": round(face.prob, 5)}
     if loaded.converted:
         out["converted"] = loaded.converted
     return out
-
-
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def remove_stale_temp_files(out: str) -> int:

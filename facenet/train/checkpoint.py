@@ -15,12 +15,16 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states in types torch.load(weights_only=True) accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -45,10 +49,13 @@ def resolve_resume(resume: str | None, output: str) -> str | None:
 
 def load(path: str) -> dict:
     try:
-        # Our checkpoints hold numpy RNG state and plain containers, so they are not weights-only.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain containers only: unpickling arbitrary objects would run code from whoever
+        # could write the file, with the trainer's credentials.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"--resume {path}: cannot read checkpoint ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--resume {path}: cannot read checkpoint as tensors and plain data ({first[:200]}); "
+                        "a checkpoint written by an older version or by other code is refused") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise UserError(f"--resume {path}: not a facenet checkpoint")
     return ckpt

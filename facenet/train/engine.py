@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from facenet import devices
+from facenet import confine, devices
 from facenet.data import loader as data_loader
 from facenet.data.dataset import DatasetSplit, load_for_training
 from facenet.errors import UserError
@@ -102,9 +102,10 @@ def run(spec: TrainSpec) -> dict:
 
 def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Console, t_start: float) -> dict:
     torch_device = device.torch_device
-    data = load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size)
+    roots = confine.Roots.from_env()  # set for queued jobs: every read is confined to the data roots
+    data = load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size, roots)
     per_rank_batch = spec.batch_size // info.world_size
-    pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained)
+    pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained, roots)
     resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
     amp = make_amp(spec, device)
     workers = spec.workers if spec.workers is not None else data_loader.default_workers(info.world_size)
@@ -118,7 +119,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
 
     seed_everything(spec.seed + info.rank)
-    model = build_model(data.num_classes, pretrained_file, spec.dropout)
+    model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
     model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if spec.optimizer == "adam":
         optimizer = device.make_adam(model.parameters(), spec.lr, spec.weight_decay)
@@ -154,7 +155,10 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         uri = resolve_uri(spec.mlflow_uri)
         if uri:
             tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
-            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or default_run_name(spec, device.type), tags)
+            # Standalone: a dead server is a configuration error, said at once. Under the service (which set
+            # FACENET_MLFLOW_CONNECT_SECONDS) the server may be restarting: wait for it.
+            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or default_run_name(spec, device.type), tags,
+                              connect_timeout=float(os.environ.get("FACENET_MLFLOW_CONNECT_SECONDS", "15")))
             run_id = tracker.run_id
             tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
                                          resume=bool(resume_path))
@@ -164,9 +168,9 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     run_id = dist.all_gather_object(run_id)[0]
 
     train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
-                                            workers, spec.image_size, spec.augment, device.pin_memory)
+                                            workers, spec.image_size, spec.augment, device.pin_memory, roots)
     eval_loader = data_loader.eval_loader(data.test, per_rank_batch, info.rank, info.world_size,
-                                          workers, spec.image_size, device.pin_memory)
+                                          workers, spec.image_size, device.pin_memory, roots)
     bad_paths: set[str] = set()
     reported_bad: set[str] = set()
     events.emit("start", world_size=info.world_size, device=device.type, epochs=spec.epochs,
@@ -178,7 +182,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             seed_everything(spec.seed + 1000 * epoch + info.rank)
             train_loader.sampler.set_epoch(epoch)
             if spec.audit_samples:
-                _audit_samples(spec.audit_samples, train_loader, data, info.rank, epoch)
+                _audit_samples(spec.audit_samples, train_loader, data, info.rank, epoch,
+                               None if roots is None else confine.Roots(roots.roots + [spec.output]))
             t_epoch = time.time()
             stats = _train_epoch(ddp_model, train_loader, optimizer, amp, device, channels_last, spec,
                                  epoch, events, say, bad_paths, info)
@@ -342,12 +347,14 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
     return merged
 
 
-def _audit_samples(folder: str, loader, data: DatasetSplit, rank: int, epoch: int) -> None:
-    """Write the training images this rank reads this epoch, in the sampler's order."""
+def _audit_samples(folder: str, loader, data: DatasetSplit, rank: int, epoch: int,
+                   roots: confine.Roots | None) -> None:
+    """Write the training images this rank reads this epoch, in the sampler's order (a queued job's folder
+    must lie in the data roots or its output)."""
     used = list(iter(loader.sampler))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank{rank}_epoch{epoch + 1}.txt"), "w", encoding="utf-8") as fh:
-        fh.writelines(data.train[i][0] + "\n" for i in used)
+    text = "".join(data.train[i][0] + "\n" for i in used)
+    confine.write_bytes(os.path.join(folder, f"rank{rank}_epoch{epoch + 1}.txt"), text.encode(), roots,
+                        "--audit-samples")
 
 
 def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:

@@ -15,6 +15,7 @@ import sys
 from facenet import devices
 from facenet.data.dataset import load_for_training
 from facenet.errors import UserError
+from facenet import confine
 from facenet.model import resolve_pretrained
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
@@ -64,8 +65,9 @@ def preflight(spec: TrainSpec) -> str:
     """Everything checkable before processes start; returns the resolved device type."""
     device_type = devices.resolve_device_type(spec.device)
     devices.check_device_request(device_type, spec.npus, spec.device_list)
-    load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size)
-    resolve_pretrained(spec.pretrained)
+    roots = confine.Roots.from_env()
+    load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size, roots)
+    resolve_pretrained(spec.pretrained, roots)
     ckpt_io.resolve_resume(spec.resume, spec.output)
     return device_type
 
