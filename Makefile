@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo env-file up down logs ps urls cli wheelhouse base-images clean
+.PHONY: install test bench demo chaos env-file up down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ bench: install
 
 demo: install
 	$(PY) -m services.demo
+
+# Jobs through a real local stack while workers, trainers and Redis are killed and MLflow stopped, at
+# seeded random times; checks nothing was lost and writes build/chaos.json (README: Reliability).
+CHAOS_SEED ?= 1
+CHAOS_JOBS ?= 4
+chaos: install
+	@mkdir -p build
+	$(PY) -m services.chaos --seed $(CHAOS_SEED) --jobs $(CHAOS_JOBS) --out build/chaos.json
 
 # ---- the docker compose stack (Ascend, GPU or CPU host) -------------------------------------------
 # `make up` writes $(ENV_FILE) (random secrets, mode 600) on first run and picks the profile from the host:

@@ -70,7 +70,9 @@ BUILD_DEFAULTS = {
     # 1: install only from ./wheelhouse (`make wheelhouse` on a connected host fills it), no index at all.
     "WHEELHOUSE": "0",
 }
-SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLFLOW_TRACKING_PASSWORD")
+# MLFLOW_FLASK_SECRET_KEY: the static key MLflow's basic-auth app signs its CSRF tokens with.
+SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLFLOW_TRACKING_PASSWORD",
+           "MLFLOW_FLASK_SECRET_KEY")
 WHEELHOUSE_DIR = os.path.join(REPO, "wheelhouse")
 WHEEL_SETS = ("cpu", "cuda", "npu", "mlflow")
 
@@ -199,7 +201,9 @@ def urls(path: str = ".env") -> str:
             f"Flower  http://{host}:{env['FLOWER_PORT']} (user FLOWER_USER, password FLOWER_PASSWORD)\n"
             f"credentials: {os.path.abspath(path)} (mode 600)\n"
             "submit jobs: make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'\n"
-            f"facenet-cli on this host: FACENET_MLFLOW_URI={mlflow_public_url(env)} facenet-cli runs")
+            f"facenet-cli on this host: FACENET_MLFLOW_URI={mlflow_public_url(env)}"
+            + (f" MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=... (from {os.path.basename(path)})"
+               if auth else "") + " facenet-cli runs")
 
 
 # ---- the wheelhouse: every wheel the images install, for builds with no index (WHEELHOUSE=1) --------------

@@ -208,6 +208,11 @@ class Registry:
                             args=[job_id, status, self.retention, *pairs]) == 1
 
     def active_ids(self) -> list[str]:
+        if self.r.set(ACTIVE_KEY + ":seeded", 1, nx=True):  # once per Redis: jobs from before the set existed
+            ids = self.r.zrange(f"{PREFIX}jobs", 0, -1)
+            live = [j["id"] for j in self.jobs_by_id(ids) if j["status"] not in TERMINAL]
+            if live:
+                self.r.sadd(ACTIVE_KEY, *live)
         return sorted(self.r.smembers(ACTIVE_KEY))
 
     def jobs(self, limit: int = 50) -> list[dict]:

@@ -198,7 +198,7 @@ def down(state_dir: str, progress=print, grace: float = 10.0) -> list[str]:
             continue
         # Workers get a grace period to hand back their messages; a trainer they ran notices its
         # parent is gone and stops (FACENET_WATCH_PID), and the job resumes on the next `stack up`.
-        _stop_group(entry["pid"], grace)
+        stop_group(entry["pid"], grace)
         stopped.append(name)
         progress(f"stopped {name} (pid {entry['pid']})")
     stack["services"] = {}
@@ -206,7 +206,8 @@ def down(state_dir: str, progress=print, grace: float = 10.0) -> list[str]:
     return stopped
 
 
-def _stop_group(pid: int, grace: float) -> None:
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group `pid` leads, SIGKILL what is left after `grace`."""
     import psutil
 
     try:

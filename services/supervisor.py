@@ -198,6 +198,7 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     env = trainer_env(os.environ, settings.data_roots)
     env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()), ATTEMPT_ENV: beat.holder,
                 "FACENET_MLFLOW_CONNECT_SECONDS": str(MLFLOW_WAIT_SECONDS),
+                "FACENET_TRAINER_HEARTBEAT": os.path.join(output, "heartbeat"),
                 LEASE_ENV: f"{node}:{','.join(map(str, got))}"})
     if device_type == "cpu":
         # Each CPU "device" is a share of the cores; N processes must not each take all of them.
@@ -282,7 +283,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
         if beat.lost.is_set():
             _stop_group(proc)
             return "lost"
-        if time.time() - follower.last_activity > settings.trainer_stall_seconds:
+        if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
             _stop_group(proc)
             return "stalled"
         if time.time() > deadline:
@@ -375,6 +376,14 @@ class _Follower(threading.Thread):
             self.reg.append_log(self.job_id, lines)
         except Exception:  # the log file keeps every line; Redis holds a convenience copy
             pass
+
+    def alive_at(self) -> float:
+        """When the trainer last showed life: an output line, an event, or a beat of its loops."""
+        try:
+            beat = os.path.getmtime(os.path.join(os.path.dirname(self.events_path), "heartbeat"))
+        except OSError:
+            beat = 0.0
+        return max(self.last_activity, beat)
 
     def error_line(self) -> str | None:
         """The trainer's own `error: ...` line (a 2p job's torchrun adds its ChildFailedError noise after

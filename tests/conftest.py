@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from facenet.data.samples import copy_subset
 from services.entrypoints import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,15 +41,6 @@ def sample_root() -> str:
 @pytest.fixture(scope="session")
 def sample_faces(sample_root) -> str:
     return os.path.join(sample_root, "prep", "train")  # 8 identity folders of ~40 crops
-
-
-def copy_subset(src: str, dst: str, identities: int, per_identity: int) -> str:
-    """A smaller ImageFolder: the first `identities` folders, `per_identity` images each."""
-    for ident in sorted(os.listdir(src))[:identities]:
-        os.makedirs(os.path.join(dst, ident))
-        for name in sorted(os.listdir(os.path.join(src, ident)))[:per_identity]:
-            shutil.copy(os.path.join(src, ident, name), os.path.join(dst, ident, name))
-    return dst
 
 
 @pytest.fixture

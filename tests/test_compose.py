@@ -177,7 +177,7 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
     from services.entrypoints import service_command
 
     env_values = {"REDIS_PASSWORD": "r", "POSTGRES_PASSWORD": "p", "FLOWER_PASSWORD": "f",
-                  "MLFLOW_TRACKING_PASSWORD": "m"}
+                  "MLFLOW_TRACKING_PASSWORD": "m", "MLFLOW_FLASK_SECRET_KEY": "k"}
     for name, svc in load()["services"].items():
         if name in ("postgres", "cli"):
             continue
@@ -239,7 +239,7 @@ def test_npu_worker_gets_every_device_and_mount_for_n_chips(n, tmp_path):
     assert [d.split(":")[0] for d in w["devices"] if not re.match(r"/dev/davinci\d", d)] == NPU_MANAGEMENT
     for mount in NPU_MOUNTS:
         assert mount in w["volumes"]
-    assert w["ipc"] == "host"
+    assert "ipc" not in w and w["shm_size"]  # not the host's IPC namespace: the container's own /dev/shm
     assert w["environment"]["FACENET_DEVICE_TYPE"] == "npu"
     assert w["environment"]["FACENET_DEVICES"] == f"0-{n - 1}"
     from services.config import parse_devices
@@ -268,7 +268,8 @@ def test_make_up_helpers_write_private_secrets_once_and_detect_the_profile(tmp_p
     first = env_file.read_text()
     assert os.stat(env_file).st_mode & 0o077 == 0
     values = dict(line.split("=", 1) for line in first.splitlines() if "=" in line and not line.startswith("#"))
-    for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLFLOW_TRACKING_PASSWORD"):
+    for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_FLASK_SECRET_KEY"):
         assert len(values[key]) >= 24
     assert values["BIND_ADDRESS"] == "127.0.0.1"
     assert run("env", str(env_file)).returncode == 0 and env_file.read_text() == first  # secrets are kept

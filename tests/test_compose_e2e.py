@@ -135,10 +135,21 @@ class ComposeStack:
 
         return read_env(self.env_file)
 
-    def mlflow(self, path: str, body: dict | None = None):
+    def mlflow_auth(self) -> dict:
+        """What a client sends to the stack's MLflow (basic auth is on): the credentials from .env."""
+        s = self.secrets()
+        return {"MLFLOW_TRACKING_USERNAME": s.get("MLFLOW_TRACKING_USERNAME", "facenet"),
+                "MLFLOW_TRACKING_PASSWORD": s["MLFLOW_TRACKING_PASSWORD"]}
+
+    def mlflow(self, path: str, body: dict | None = None, auth: bool = True):
         url = f"http://127.0.0.1:{self.mlflow_port}{path}"
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            a = self.mlflow_auth()
+            token = f"{a['MLFLOW_TRACKING_USERNAME']}:{a['MLFLOW_TRACKING_PASSWORD']}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        req = urllib.request.Request(url, data=data, headers=headers)
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -219,9 +230,13 @@ def test_a_job_runs_through_make_cli_and_reaches_mlflow_on_the_published_port(st
     # facenet-cli on the host, pointed at the published MLflow as `make urls` says, links the same place.
     host = subprocess.run([sys.executable, "-m", "services.cli", "runs", "--json"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "FACENET_MLFLOW_URI": f"http://127.0.0.1:{stack.mlflow_port}",
-                                            "FACENET_STATE_DIR": stack.workdir})
+                                            "FACENET_STATE_DIR": stack.workdir, **stack.mlflow_auth()})
     assert host.returncode == 0, host.stderr
     assert job["mlflow_url"] in [r["url"] for r in json.loads(host.stdout)]
+    # MLflow's basic auth is on: without the credentials the API answers 401.
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        stack.mlflow(f"/api/2.0/mlflow/runs/get?run_id={run_id}", auth=False)
+    assert denied.value.code == 401
 
     run = stack.mlflow(f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     assert run["info"]["status"] == "FINISHED"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
@@ -66,7 +67,8 @@ def stack(tmp_path_factory, sample_root):
     env = {**os.environ, "FACENET_STATE_DIR": os.path.join(root, "state"),
            "FACENET_REDIS_PORT": str(free_port()), "FACENET_MLFLOW_PORT": str(free_port()),
            "FACENET_FLOWER_PORT": str(free_port()), "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2",
-           "FACENET_SYSTEM_METRICS_INTERVAL": "1", "FACENET_DATA_ROOTS": os.pathsep.join([root, sample_root])}
+           "FACENET_SYSTEM_METRICS_INTERVAL": "1", "FACENET_DATA_ROOTS": os.pathsep.join([root, sample_root]),
+           "FACENET_MAX_ATTEMPTS": "2", "FACENET_TRAINER_STALL_SECONDS": "60"}
     for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
         env.pop(k, None)
     s = Stack(root, env)
@@ -179,6 +181,7 @@ def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
     job = stack.wait_for(job["id"], lambda j: j["checkpoint"] and (j["progress"].get("checkpoint_epoch") or 0) >= 1,
                          what="a first checkpoint")
     assert os.path.exists(job["checkpoint"])
+    first_task = _registry(stack).get(job["id"])["task_id"]
     worker = stack.description["services"]["worker-cpu"]
     os.killpg(worker["pid"], signal.SIGKILL)  # the whole worker: main process and pool children
     deadline = time.time() + 10  # the orphaned trainer notices its supervisor is gone
@@ -202,6 +205,34 @@ def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
     assert sorted(set(steps)) == [1, 2, 3, 4], steps
     runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]
     assert len(runs) == 1
+    # Flower tells the truth: the lost attempt's task failed (worker lost, naming the job), the new one ran.
+    second_task = _registry(stack).get(job["id"])["task_id"]
+    assert second_task != first_task
+    deadline = time.time() + 30
+    while True:
+        old, new = _flower(stack, f"/api/task/info/{first_task}"), _flower(stack, f"/api/task/info/{second_task}")
+        if old.get("state") == "FAILURE" and new.get("state") == "SUCCESS" or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert old["state"] == "FAILURE" and "WorkerLostError" in old["exception"] and job["id"] in old["exception"], old
+    assert new["state"] == "SUCCESS", new
+
+
+def _registry(stack):
+    from services.registry import Registry, connect
+
+    return Registry(connect(stack.description["redis_url"]))
+
+
+def _flower(stack, path: str, auth: bool = True):
+    d = stack.description
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{d['flower_user']}:{d['flower_password']}".encode())
+               .decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(d["flower_url"] + path, headers=headers), timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as exc:
+        return {"http_status": exc.code}
 
 
 def test_request_no_worker_can_serve_is_refused(stack, sample_root):
@@ -216,7 +247,7 @@ def test_request_no_worker_can_serve_is_refused(stack, sample_root):
 def test_paths_outside_the_data_roots_are_refused(stack, tmp_path_factory):
     outside = str(tmp_path_factory.mktemp("outside-roots"))
     proc = stack.cli("submit-train", "--data", outside)
-    assert proc.returncode != 0 and "outside the configured data roots" in proc.stderr
+    assert proc.returncode == 2 and "outside the data roots" in proc.stderr
 
 
 def test_unreachable_redis_and_mlflow_are_one_line_errors(stack):
@@ -331,3 +362,134 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
     assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None
     assert int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 120
     assert not reg.r.scard(reg.key(job["id"]) + ":started")
+
+
+def test_messages_that_are_not_json_or_not_ours_are_never_run(stack, tmp_path):
+    """Pickle is accepted nowhere: a pickled message whose unpickling would run a command is refused before
+    it is decoded; unknown tasks and wrong argument types are logged and dropped; the worker keeps serving."""
+    import pickle
+    import uuid
+
+    from kombu import Connection
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def publish(body, task: str, serializer: str = "json"):
+        task_id = uuid.uuid4().hex
+        with Connection(stack.description["redis_url"]) as conn:
+            conn.Producer().publish(body, routing_key="preprocess", exchange="", serializer=serializer,
+                                    headers={"task": task, "id": task_id, "lang": "py"})
+        return task_id
+
+    assert pickle.dumps(Evil())  # the payload really would run the command if unpickled
+    publish(((Evil(),), {}, {}), "facenet.plan_dataset", serializer="pickle")
+    publish((["x"], {}, {}), "facenet.no_such_task")
+    bad_args = publish(([{"id": "abc"}], {}, {}), "facenet.plan_dataset")
+    traversal = publish((["../../etc"], {}, {}), "facenet.finalize_dataset")
+    reg = _registry(stack)
+    deadline = time.time() + 60
+    log_path = os.path.join(stack.state_dir, "logs", "worker-preprocess.log")
+    while time.time() < deadline:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            log = fh.read()
+        if all(s in log for s in ("untrusted content", "facenet.no_such_task", bad_args, traversal)):
+            break
+        time.sleep(0.5)
+    assert "untrusted content of type pickle" in log, log[-3000:]
+    assert "unregistered task" in log and "facenet.no_such_task" in log
+    assert "is not a job id" in log
+    assert not marker.exists()
+    assert reg.r.llen("preprocess") == 0  # dropped, not left to loop
+    # The worker still serves: a real job goes through.
+    from facenet.data.samples import make_raw_identities
+
+    raw = os.path.join(stack.root, "raw-after-hostile")
+    make_raw_identities(raw, per_identity=2, identities=2)
+    proc = stack.cli("submit-preprocess", raw, os.path.join(stack.root, "faces-after-hostile"), "--wait", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "SUCCEEDED", proc.stdout + proc.stderr
+
+
+def test_a_shard_that_kills_its_worker_every_time_fails_the_job(stack):
+    """Celery gives a message whose worker process died back to the queue (reject on worker lost); without a
+    bound a shard that is killed every time (out of memory) would be redelivered forever."""
+    from facenet.data.samples import make_raw_identities
+
+    raw = os.path.join(stack.root, "raw-poison")
+    make_raw_identities(raw, per_identity=4, identities=2)
+    job = stack.json("submit-preprocess", raw, os.path.join(stack.root, "faces-poison"), "--shard-size", "100")
+    reg = _registry(stack)
+    worker = psutil.Process(stack.description["services"]["worker-preprocess"]["pid"])
+    kills, deadline = 0, time.time() + 240
+    while reg.get(job["id"])["status"] not in ("FAILED", "SUCCEEDED") and time.time() < deadline:
+        if reg.r.sismember(reg.key(job["id"]) + ":started", "shard:0"):
+            for child in worker.children():  # the pool process running the shard, as the OOM killer would
+                child.kill()
+            kills += 1
+            time.sleep(1.0)
+        time.sleep(0.05)
+    final = reg.get(job["id"])
+    assert final["status"] == "FAILED", final
+    assert "shard:0 was started 3 times and never finished" in final["error"], final["error"]
+    assert kills >= 2
+    assert worker.is_running()  # the worker itself keeps serving
+
+
+def test_a_hung_trainer_is_stopped_and_the_job_fails_after_its_attempts(stack, sample_root):
+    """A trainer that stops writing anything (SIGSTOP: a real hang, no heartbeat of its own) is stopped after
+    FACENET_TRAINER_STALL_SECONDS (60 here), retried, and the job fails with the reason; the worker serves on."""
+    faces = os.path.join(sample_root, "prep")
+    job = stack.json("submit-train", "--data", faces, "--epochs", "50", "--batch-size", "32")
+    reg = _registry(stack)
+    stopped: set[int] = set()
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        record = reg.get(job["id"])
+        if record["status"] in ("FAILED", "SUCCEEDED", "CANCELLED"):
+            break
+        pid = int(record.get("trainer_pid") or 0)
+        if pid and pid not in stopped and record["status"] == "RUNNING":
+            try:
+                for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
+                    p.suspend()
+                stopped.add(pid)
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.5)
+    final = stack.json("status", job["id"])
+    assert final["status"] == "FAILED", final
+    assert final["error"].startswith("gave up after 2 attempt(s): the trainer wrote nothing for 60 s"), final["error"]
+    assert len(stopped) == 2 and not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                         for p in stopped)
+    assert stack.mlflow().get_run(final["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_secrets_appear_in_no_command_line_log_record_or_run(stack):
+    import glob
+
+    d = stack.description
+    with open(os.path.join(stack.state_dir, "secrets.env"), encoding="utf-8") as fh:
+        secrets = [line.split("=", 1)[1].strip() for line in fh if "PASSWORD" in line]
+    assert secrets and all(len(s) > 12 for s in secrets)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        assert not any(s in cmdline for s in secrets), cmdline[:300]
+    reg = _registry(stack)
+    for key in reg.r.scan_iter("facenet:job:*"):
+        if reg.r.type(key) == "hash":
+            assert not any(s in json.dumps(reg.r.hgetall(key)) for s in secrets), key
+    for path in glob.glob(os.path.join(stack.state_dir, "logs", "*.log")) + \
+            glob.glob(os.path.join(stack.state_dir, "runs", "*", "*.log")):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        assert not any(s in text for s in secrets), path
+    client = stack.mlflow()
+    for run in client.search_runs([client.get_experiment_by_name("facenet").experiment_id], max_results=500):
+        blob = json.dumps({**run.data.params, **run.data.tags})
+        assert not any(s in blob for s in secrets), run.info.run_id
+    # Flower's UI and API need its credentials.
+    assert _flower(stack, "/api/workers", auth=False) == {"http_status": 401}
+    assert isinstance(_flower(stack, "/api/workers"), dict) and d["flower_password"] in secrets

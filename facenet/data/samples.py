@@ -18,6 +18,7 @@ import glob
 import importlib.util
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -197,3 +198,12 @@ def build_sample_dataset(root: str, per_identity: int = 40, identities: int = 8,
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     run_local(raw, prep, Params(image_size=image_size), workers=workers, progress=False)
     return prep
+
+
+def copy_subset(src: str, dst: str, identities: int, per_identity: int) -> str:
+    """A smaller ImageFolder: the first `identities` folders of SRC, `per_identity` images each."""
+    for ident in sorted(os.listdir(src))[:identities]:
+        os.makedirs(os.path.join(dst, ident))
+        for name in sorted(os.listdir(os.path.join(src, ident)))[:per_identity]:
+            shutil.copy(os.path.join(src, ident, name), os.path.join(dst, ident, name))
+    return dst

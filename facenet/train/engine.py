@@ -260,6 +260,30 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     return summary
 
 
+class Liveness:
+    """Touches FACENET_TRAINER_HEARTBEAT (set by the service) from the training and evaluation loops, at
+    most every 2 s: a trainer whose loop stops (hung, stopped, a rank stuck) stops touching it, and the
+    service stops it after FACENET_TRAINER_STALL_SECONDS. Beaten by the loop itself, not a thread, so a
+    frozen loop cannot look alive."""
+
+    def __init__(self, path: str | None):
+        self.path, self.last = path, 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.path and now - self.last >= 2.0:
+            self.last = now
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                open(self.path, "a").close()
+            except OSError:
+                pass
+
+
+LIVENESS = Liveness(os.environ.get("FACENET_TRAINER_HEARTBEAT"))
+
+
 def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
                  epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo) -> dict:
     model.train()
@@ -273,6 +297,7 @@ def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, cha
         clock.start()
     t_log, seen_at_log = time.perf_counter(), 0
     for step, (images, labels, bad) in enumerate(loader, 1):
+        LIVENESS.beat()
         bad_paths.update(bad)
         if labels.numel() == 0:
             raise UserError(f"no readable image in a whole batch (e.g. {bad[0] if bad else '?'}): "
@@ -322,6 +347,7 @@ def _evaluate(model, loader, amp: Amp, device: devices.Device, channels_last: bo
     correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
     total = 0
     for images, labels, bad in loader:
+        LIVENESS.beat()
         bad_paths.update(bad)
         if labels.numel() == 0:
             continue
