@@ -41,3 +41,33 @@ def write_atomic(path: str, data: bytes, fsync: bool = False) -> None:
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def remove_stale_temp_files(out: str) -> int:
+    """Delete temp files left by killed writers (their pid is gone). Returns how many."""
+    removed = 0
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if ".tmp-" not in name:
+                continue
+            try:
+                pid = int(name.rsplit(".tmp-", 1)[1])
+            except ValueError:
+                continue
+            if not _alive(pid):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

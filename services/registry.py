@@ -123,6 +123,37 @@ end
 return got
 """
 
+# Renew this attempt's heartbeat; one that expired while Redis was away (a restart longer than the TTL)
+# is taken back, with the job marked claimed and running again, unless another attempt holds it now or the
+# job ended. 1: renewed or taken back; 0: lost. KEYS: hb key, job hash; ARGV: token, ttl.
+_BEAT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) return 1 end
+if holder then return 0 end
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status or status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[2], 'claimed', '1', 'status', 'RUNNING')
+return 1
+"""
+
+# Keep leases: renewed while they hold ARGV[1], taken back when they expired (Redis was away) and nobody
+# took the device meanwhile; returns how many this holder has now.
+_HOLD = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder == ARGV[1] then
+    redis.call('EXPIRE', key, tonumber(ARGV[2]))
+    n = n + 1
+  elseif not holder then
+    redis.call('SET', key, ARGV[1], 'EX', tonumber(ARGV[2]))
+    n = n + 1
+  end
+end
+return n
+"""
+
 # Renew (or drop) keys only while they still hold this job.
 _RENEW = """
 local n = 0
@@ -161,6 +192,8 @@ class Registry:
         self._requeue = client.register_script(_REQUEUE)
         self._lease = client.register_script(_LEASE)
         self._renew = client.register_script(_RENEW)
+        self._beat = client.register_script(_BEAT)
+        self._hold = client.register_script(_HOLD)
         self._shard_done = client.register_script(_SHARD_DONE)
         self._stalled = client.register_script(_STALLED)
 
@@ -259,8 +292,9 @@ class Registry:
         return state, int(attempts)
 
     def heartbeat(self, job_id: str, token: str) -> bool:
-        """Renew this attempt's heartbeat; False if another attempt took the job over."""
-        return bool(self._renew(keys=[self.key(job_id) + ":hb"], args=[token, self.ttl]))
+        """Renew this attempt's heartbeat (taking it back if it lapsed while Redis was away); False if another
+        attempt took the job over or the job ended."""
+        return bool(self._beat(keys=[self.key(job_id) + ":hb", self.key(job_id)], args=[token, self.ttl]))
 
     def release(self, job_id: str, token: str) -> None:
         self._renew(keys=[self.key(job_id) + ":hb"], args=[token, 0])
@@ -350,8 +384,11 @@ class Registry:
         got = self._lease(keys=self.lease_keys(node, devices), args=[n, job_id, self.ttl])
         return [devices[i] for i in got]
 
-    def renew_leases(self, node: str, devices: list[int], job_id: str, drop: bool = False) -> int:
-        return int(self._renew(keys=self.lease_keys(node, devices), args=[job_id, 0 if drop else self.ttl]))
+    def renew_leases(self, node: str, devices: list[int], holder: str, drop: bool = False) -> int:
+        """Renew (taking back lapsed ones nobody took) or drop `holder`'s leases; how many it holds(held)."""
+        if drop:
+            return int(self._renew(keys=self.lease_keys(node, devices), args=[holder, 0]))
+        return int(self._hold(keys=self.lease_keys(node, devices), args=[holder, self.ttl]))
 
     def leases(self, node: str, devices: list[int]) -> dict[int, str | None]:
         values = self.r.mget(self.lease_keys(node, devices)) if devices else []

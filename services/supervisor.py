@@ -23,6 +23,7 @@ import uuid
 from typing import Callable
 
 from facenet.errors import UserError
+from facenet.fsutil import remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
 from services import mlflow_runs
 from services.config import Settings, check_path_allowed, parse_devices
@@ -97,7 +98,7 @@ class Heartbeat(threading.Thread):
                     self.why = "another attempt took the job over"
                     self.lost.set()
                 if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
-                    self.why = "its device lease expired (Redis was away longer than the heartbeat TTL)"
+                    self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
                     self.lost.set()
             except Exception:  # Redis briefly away: the next beat retries; the TTL covers the gap
                 continue
@@ -214,6 +215,7 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     outcome = _watch(reg, job_id, proc, beat, follower, report, settings)
     follower.join(timeout=30)
     log.close()
+    remove_stale_temp_files(output)  # a checkpoint half-written by a trainer killed mid-save
 
     if outcome == "lost":  # another attempt owns the job now (or its leases lapsed); leave its record alone
         print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)

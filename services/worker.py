@@ -113,13 +113,13 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
         if job.get("claimed") != "1" or job["status"] in TERMINAL or job.get("kind") != "train" \
                 or reg.alive(job["id"]):
             continue
-        where = job.get("worker") or "a worker"
-        if reg.requeue_if_dead(job["id"], f"worker {where} was lost during attempt {job.get('attempts')}"):
+        where = f"worker {job['worker']}" if job.get("worker") else "its worker"
+        if reg.requeue_if_dead(job["id"], f"{where} was lost during attempt {job.get('attempts')}"):
             if job.get("task_id"):
-                report_lost_task(job["task_id"], job["id"], f"worker {where} was lost during attempt "
+                report_lost_task(job["task_id"], job["id"], f"{where} was lost during attempt "
                                  f"{job.get('attempts')}", job.get("worker"))
             reg.update(job["id"], task_id=send_train(job))
-            print(f"facenet sweep: job {job['id']} requeued (worker {where} lost)", flush=True)
+            print(f"facenet sweep: job {job['id']} requeued ({where} lost)", flush=True)
             requeued.append(job["id"])
     return requeued
 

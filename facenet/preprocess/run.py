@@ -8,10 +8,10 @@ import sys
 import time
 
 from facenet import confine
-from facenet.fsutil import cpu_cores
+from facenet.fsutil import cpu_cores, remove_stale_temp_files
 from facenet.preprocess.finalize import finalize, manifest_totals
 from facenet.preprocess.plan import Params, Plan, load_plan, make_plan, save_plan
-from facenet.preprocess.shard import load_shard_record, remove_stale_temp_files, run_shard
+from facenet.preprocess.shard import load_shard_record, run_shard
 
 _PLAN: Plan | None = None
 _DEVICE = "cpu"

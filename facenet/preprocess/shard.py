@@ -114,33 +114,3 @@ def _process(plan: Plan, item, rel: str, target: str, cropper: FaceCropper, root
     if loaded.converted:
         out["converted"] = loaded.converted
     return out
-
-
-def remove_stale_temp_files(out: str) -> int:
-    """Delete temp files left by killed writers (their pid is gone). Returns how many."""
-    removed = 0
-    for folder, _, files in os.walk(out):
-        for name in files:
-            if ".tmp-" not in name:
-                continue
-            try:
-                pid = int(name.rsplit(".tmp-", 1)[1])
-            except ValueError:
-                continue
-            if not _alive(pid):
-                try:
-                    os.remove(os.path.join(folder, name))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
