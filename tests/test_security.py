@@ -407,3 +407,29 @@ def test_a_file_replaced_while_it_is_read_is_one_version_or_the_other(tmp_path, 
         stop.set()
         t.join()
     assert sizes <= {Image.open(a).size, (640, 480)} and len(sizes) >= 1
+
+
+def test_ten_thousand_files_an_empty_folder_and_a_folder_of_bad_files_are_counted(tmp_path, sample_root):
+    from facenet.preprocess import Params, run_local
+
+    raw = tmp_path / "raw"
+    src = os.path.join(sample_root, "raw")
+    first = sorted(os.listdir(src))[0]
+    shutil.copytree(os.path.join(src, first), raw / "real")
+    real = len(os.listdir(raw / "real"))
+    (raw / "many").mkdir()
+    for i in range(10_000):
+        (raw / "many" / f"{i:05d}.jpg").write_bytes(b"not a photo")
+    (raw / "empty").mkdir()
+    (raw / "bad").mkdir()
+    good = sorted(os.listdir(raw / "real"))[0]
+    (raw / "bad" / "truncated.jpg").write_bytes((raw / "real" / good).read_bytes()[:500])
+    (raw / "bad" / "text.png").write_text("hello")
+    (raw / "bad" / "empty.jpg").write_bytes(b"")
+    summary = run_local(str(raw), str(tmp_path / "out"), Params(), workers=1, progress=False)
+    assert summary["images"] == real + 10_000 + 3
+    assert summary["rejects"] == 10_000 + 3 + (real - summary["faces"])
+    assert summary["reject_reasons"]["not an image"] >= 10_001
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["identities"] == 3  # the empty folder holds no image to count
+    assert manifest["lists"]["classes"] == 1

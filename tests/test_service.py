@@ -419,8 +419,8 @@ def test_a_shard_that_kills_its_worker_every_time_fails_the_job(stack):
     from facenet.data.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-poison")
-    make_raw_identities(raw, per_identity=4, identities=2)
-    job = stack.json("submit-preprocess", raw, os.path.join(stack.root, "faces-poison"), "--shard-size", "100")
+    make_raw_identities(raw, per_identity=40, identities=4)  # one shard of 160 photos: seconds of MTCNN
+    job = stack.json("submit-preprocess", raw, os.path.join(stack.root, "faces-poison"), "--shard-size", "200")
     reg = _registry(stack)
     worker = psutil.Process(stack.description["services"]["worker-preprocess"]["pid"])
     kills, deadline = 0, time.time() + 240
