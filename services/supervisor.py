@@ -221,13 +221,16 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)
         return {"job": job_id, "skipped": "taken over"}
     rc = proc.returncode
-    if outcome == "done" and rc is not None and rc < 0 and not os.path.exists(spec.json_out):
-        outcome = "killed"  # by a signal from outside (the OOM killer, an operator): resume from the checkpoint
-    if outcome in ("stalled", "overtime", "killed"):
+    if outcome == "done" and rc and not os.path.exists(spec.json_out) and not follower.user_error():
+        # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash: not the
+        # job's own input (that exits 2 with an `error:` line and fails at once). Resume from the checkpoint.
+        outcome = "killed" if rc < 0 else "crashed"
+    if outcome in ("stalled", "overtime", "killed", "crashed"):
         why = {"stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
                           "FACENET_TRAINER_STALL_SECONDS)",
                "overtime": f"the job ran past FACENET_MAX_JOB_SECONDS ({settings.max_job_seconds} s)",
-               "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)"}[outcome]
+               "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)",
+               "crashed": f"the trainer exited with code {rc}: {follower.error_line()}"}[outcome]
         _log_training_log(settings, run_id, log_path)
         if outcome != "overtime" and attempts < settings.max_attempts:
             # Another attempt resumes from the last checkpoint; the hung one's heartbeat goes first, or the
@@ -387,15 +390,21 @@ class _Follower(threading.Thread):
             beat = 0.0
         return max(self.last_activity, beat)
 
+    def user_error(self) -> str | None:
+        """The trainer's own `error: ...` line: input it refused (a 2p job's torchrun adds noise after it)."""
+        return next((ln.strip() for ln in reversed(self._tail) if ln.startswith("error:")), None)
+
     def error_line(self) -> str | None:
-        """The trainer's own `error: ...` line (a 2p job's torchrun adds its ChildFailedError noise after
-        it), else the last line naming an error, else the last line."""
+        """The trainer's `error:` line, else torchrun's word on a rank killed by a signal, else the last line
+        naming an error, else the last line with words in it."""
         for wanted in (lambda ln: ln.startswith("error:"),
-                       lambda ln: "Error:" in ln and "ChildFailedError" not in ln and "elastic" not in ln):
+                       lambda ln: "traceback :" in ln and "Signal" in ln,
+                       lambda ln: "Error:" in ln and "ChildFailedError" not in ln and "elastic" not in ln,
+                       lambda ln: any(c.isalpha() for c in ln)):
             for line in reversed(self._tail):
                 if wanted(line):
                     return line.strip()
-        return self._tail[-1].strip() if self._tail else None
+        return None
 
     def poll_events(self) -> None:
         try:

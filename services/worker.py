@@ -109,6 +109,11 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             send_stage(job["id"], stage, reg)
             print(f"facenet sweep: job {job['id']} {stage} requeued (its worker was lost)", flush=True)
             requeued.append(f"{job['id']}:{stage}")
+    for job in jobs:  # queued train jobs whose message is gone (Redis killed within its AOF fsync second)
+        if _queued_and_lost(reg, job):
+            reg.update(job["id"], task_id=send_train(job))
+            print(f"facenet sweep: job {job['id']} sent again (its queued message was lost)", flush=True)
+            requeued.append(job["id"])
     for job in jobs:  # train jobs an attempt claimed and that have not ended
         if job.get("claimed") != "1" or job["status"] in TERMINAL or job.get("kind") != "train" \
                 or reg.alive(job["id"]):
@@ -140,6 +145,29 @@ def report_lost_task(task_id: str, job_id: str, why: str, node: str | None = Non
             dispatcher.close()
     except Exception as err:  # Flower's view is a mirror: the job itself is already requeued
         print(f"facenet sweep: could not report task {task_id} as lost: {type(err).__name__}: {err}", flush=True)
+
+
+_QUEUED_SUSPECTS: dict[str, str] = {}
+
+
+def _queued_and_lost(reg: Registry, job: dict) -> bool:
+    """A QUEUED train job no attempt holds whose message is neither in its queue nor taken by a worker
+    (kombu's `unacked`), two sweeps in a row: Redis lost it (appendfsync everysec loses up to a second of
+    writes to a kill -9). A duplicate sent by mistake is harmless: its claim finds the job held or done."""
+    from services.celery_app import train_queue
+    from services.registry import QUEUED
+
+    task_id = job.get("task_id")
+    if job["status"] != QUEUED or job.get("kind") != "train" or job.get("claimed") == "1" or not task_id \
+            or reg.alive(job["id"]):
+        _QUEUED_SUSPECTS.pop(job["id"], None)
+        return False
+    if any(task_id in m for m in reg.r.lrange(train_queue(job["device_type"]), 0, -1)) \
+            or any(task_id in m for m in reg.r.hvals("unacked")):
+        _QUEUED_SUSPECTS.pop(job["id"], None)
+        return False
+    previous, _QUEUED_SUSPECTS[job["id"]] = _QUEUED_SUSPECTS.get(job["id"]), task_id
+    return previous == task_id
 
 
 _SUSPECTS: dict[str, frozenset] = {}
