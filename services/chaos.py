@@ -108,7 +108,9 @@ class Chaos:
         # preprocessing worker (2 cores here, and the trainers need them).
         self.env = {**env, "FACENET_STATE_DIR": self.state_dir, "FACENET_REDIS_PORT": str(free_port()),
                     "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
-                    "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2", "FACENET_DATA_ROOTS": self.root,
+                    "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2",
+                    # A job may be hit by several faults; the attempt bound itself is tested elsewhere.
+                    "FACENET_MAX_ATTEMPTS": "8", "FACENET_DATA_ROOTS": self.root,
                     "FACENET_CPU_DEVICES": "0-1", "FACENET_WORKER_CONCURRENCY": "1"}
         self.extra: dict[str, subprocess.Popen] = {}
         self.faults = {k: 0 for k in FAULT_KINDS}

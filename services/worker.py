@@ -151,9 +151,11 @@ _QUEUED_SUSPECTS: dict[str, str] = {}
 
 
 def _queued_and_lost(reg: Registry, job: dict) -> bool:
-    """A QUEUED train job no attempt holds whose message is neither in its queue nor taken by a worker
-    (kombu's `unacked`), two sweeps in a row: Redis lost it (appendfsync everysec loses up to a second of
-    writes to a kill -9). A duplicate sent by mistake is harmless: its claim finds the job held or done."""
+    """A QUEUED train job no attempt holds whose message is not in its queue, two sweeps in a row: Redis lost
+    it (appendfsync everysec loses up to a second of writes to a kill -9), or a worker killed before it
+    started the task holds it (kombu's `unacked`, for the visibility timeout: days). A live worker starts
+    what it takes within milliseconds; a duplicate sent by mistake is harmless (its claim finds the job
+    held or done)."""
     from services.celery_app import train_queue
     from services.registry import QUEUED
 
@@ -162,8 +164,7 @@ def _queued_and_lost(reg: Registry, job: dict) -> bool:
             or reg.alive(job["id"]):
         _QUEUED_SUSPECTS.pop(job["id"], None)
         return False
-    if any(task_id in m for m in reg.r.lrange(train_queue(job["device_type"]), 0, -1)) \
-            or any(task_id in m for m in reg.r.hvals("unacked")):
+    if any(task_id in m for m in reg.r.lrange(train_queue(job["device_type"]), 0, -1)):
         _QUEUED_SUSPECTS.pop(job["id"], None)
         return False
     previous, _QUEUED_SUSPECTS[job["id"]] = _QUEUED_SUSPECTS.get(job["id"]), task_id
