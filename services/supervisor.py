@@ -36,6 +36,7 @@ WATCH_PID_ENV = "FACENET_WATCH_PID"
 ATTEMPT_ENV = "FACENET_ATTEMPT"  # <job id>:<attempt token>
 LEASE_ENV = "FACENET_LEASE"  # <node>:<device>,<device>
 KILL_GRACE_SECONDS = 10
+LEASE_SAFETY = 0.6
 # How long an attempt (and its trainer, at start) waits for an MLflow server that does not answer.
 MLFLOW_WAIT_SECONDS = int(os.environ.get("FACENET_MLFLOW_WAIT_SECONDS", "600"))
 
@@ -88,11 +89,13 @@ class Heartbeat(threading.Thread):
         self.holder = f"{job_id}:{token}"
         self.leased: list[int] = []
         self.lost = threading.Event()
+        self.expired = False  # lost because the lease could not be renewed in time: stop at once, no grace
         self.why = ""
         self.stopped = threading.Event()
+        self.renewed_at = time.monotonic()
 
     def run(self) -> None:
-        while not self.stopped.wait(max(1.0, self.reg.ttl / 3)):
+        while not self.stopped.wait(max(0.5, self.reg.ttl / 6)):
             try:
                 if not self.reg.heartbeat(self.job_id, self.token):
                     self.why = "another attempt took the job over"
@@ -100,8 +103,17 @@ class Heartbeat(threading.Thread):
                 if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
                     self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
                     self.lost.set()
-            except Exception:  # Redis briefly away: the next beat retries; the TTL covers the gap
-                continue
+                else:
+                    self.renewed_at = time.monotonic()
+            except Exception:  # Redis briefly away: the next beat retries
+                pass
+            # A lease not renewed for most of its TTL may expire and pass to another job: stop the trainer
+            # before that can happen, so no device is ever used by two jobs at once (Redis restarts shorter
+            # than LEASE_SAFETY x TTL are ridden out).
+            if self.leased and time.monotonic() - self.renewed_at > LEASE_SAFETY * self.reg.ttl:
+                self.why = f"could not renew its device lease for {LEASE_SAFETY * self.reg.ttl:.0f} s (Redis away)"
+                self.expired = True
+                self.lost.set()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -286,7 +298,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
             pass
         follower.poll_events()
         if beat.lost.is_set():
-            _stop_group(proc)
+            _stop_group(proc, grace=0 if beat.expired else KILL_GRACE_SECONDS)
             return "lost"
         if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
             _stop_group(proc)
@@ -331,9 +343,11 @@ def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, la
     return progress
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the trainer's whole process group (torchrun and every rank), SIGKILL after a grace period."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 30)):
+def _stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the trainer's whole process group (torchrun and every rank), SIGKILL after a grace period
+    (at once with grace 0)."""
+    steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 30)) if grace else ((signal.SIGKILL, 30),)
+    for sig, wait in steps:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
