@@ -38,8 +38,13 @@ def watch_supervisor() -> None:
     import time
 
     pid = int(raw)
+    parent = os.getppid()
 
     def gone() -> bool:
+        # torchrun starts each rank in a session of its own, so a SIGKILL to the launcher's process group
+        # does not reach the ranks: a rank whose parent died (it was re-parented) stops itself too.
+        if "RANK" in os.environ and os.getppid() != parent:
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -54,7 +59,7 @@ def watch_supervisor() -> None:
 
     def loop() -> None:
         while not gone():
-            time.sleep(1.0)
+            time.sleep(0.5)
         # Nothing is printed first: stdout was a pipe to the dead supervisor, and a write would raise.
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
