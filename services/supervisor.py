@@ -264,7 +264,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
                                      trainer_pid=None))
         return {"job": job_id, "status": CANCELLED}
-    summary = _read_json(spec.json_out) if rc == 0 else None
+    # summary.json is written (atomically) when training is complete: a trainer killed after it succeeded.
+    summary = _read_json(spec.json_out)
     _log_training_log(settings, run_id, log_path)
     if summary is None:
         error = follower.error_line() or f"trainer exited with code {rc}"
