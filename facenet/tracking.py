@@ -132,10 +132,12 @@ class Tracker:
             chunk = items[i:i + 100]
             self._put("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Queue one step's metrics. With the `timestamp_ms` they were first logged with, sending them again
+        is harmless: MLflow's SQL stores keep one copy of an identical (key, value, step, timestamp)."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         self._put(f"metrics@{step}", lambda: self.client.log_batch(self.run_id, metrics=items))
 

@@ -41,6 +41,13 @@ def _check_args(job_id, index=0) -> None:
         raise BadMessage(f"shard index {index!r} is not a shard index")
 
 
+def stage_never_finished(stage: str, starts: int) -> str:
+    """The reason a job fails with when one of its stages keeps losing its worker: said the same way whether
+    the stage's next start (Celery redelivers it) or the sweep (its heartbeat stopped) counted past the bound."""
+    return (f"preprocessing {stage} was started {starts} times and never finished: its worker process died "
+            "each time (killed for memory?); see the preprocessing worker's log")
+
+
 def _started(reg: Registry, s, job_id: str, stage: str) -> dict | None:
     """Count a start of `stage`; past the bound (a stage whose worker process dies every time, e.g. killed
     for memory, is redelivered by Celery forever) the job fails with the reason. Returns what the task
@@ -48,8 +55,7 @@ def _started(reg: Registry, s, job_id: str, stage: str) -> dict | None:
     n = reg.delivered(job_id, stage)
     if n <= s.max_attempts:
         return None
-    error = (f"preprocessing {stage} was started {n} times and never finished: its worker process died "
-             "each time (killed for memory?); see the preprocessing worker's log")
+    error = stage_never_finished(stage, n)
     reg.finish(job_id, FAILED, error=error)
     return {"job": job_id, "status": FAILED, "error": error}
 

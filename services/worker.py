@@ -91,7 +91,7 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
     """Queue again every claimed job, and every preprocessing stage, whose task stopped heartbeating;
     returns what was requeued."""
     from services.registry import FAILED, PREPROCESSING, TERMINAL
-    from services.tasks import send_stage, send_train
+    from services.tasks import send_stage, send_train, stage_never_finished
 
     requeued = []
     jobs = reg.jobs_by_id(reg.active_ids())  # every job not ended, however old (one read serves both loops)
@@ -102,7 +102,7 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
             old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
             if lost > max_attempts:
-                reg.finish(job["id"], FAILED, error=f"preprocessing {stage} lost its worker {lost} times")
+                reg.finish(job["id"], FAILED, error=stage_never_finished(stage, lost))
                 break
             if old_task:
                 report_lost_task(old_task, job["id"], f"preprocessing {stage}: its worker was lost")

@@ -165,6 +165,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             if not resume_path:
                 tracker.log_params(_params(spec, data, device, info, amp, workers))
             say(f"MLflow run {run_id} at {uri}")
+            for done in history:  # a kill between the checkpoint and the send would lose these: send again
+                _log_epoch(tracker, done)
     run_id = dist.all_gather_object(run_id)[0]
 
     train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
@@ -201,6 +203,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             memory = device.max_memory_mb()
             if memory is not None:
                 record["device_memory_mb"] = memory
+            record["logged_ms"] = int(time.time() * 1000)  # the MLflow timestamp: a resend is then a duplicate
             history.append(record)
             acc_text = "n/a" if acc1 is None else f"{acc1:.4f}"
             say(f"Epoch {epoch + 1}/{spec.epochs} | loss {stats['loss']:.4f} | train acc {stats['train_acc']:.4f} | "
@@ -217,9 +220,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                                     path)
                 events.emit("checkpoint", epoch=epoch + 1, path=path)  # a supervisor may now resume from it
                 if tracker:
-                    tracker.log_metrics({k: record[k] for k in ("loss", "train_acc", "acc1", "fps", "fps_per_device",
-                                                                "lr", "epoch_time", "device_memory_mb") if k in record},
-                                        step=epoch + 1)
+                    _log_epoch(tracker, record)
                     if spec.log_checkpoints == "every":
                         tracker.log_artifact(path, "checkpoints")
             dist.barrier()
@@ -282,6 +283,16 @@ class Liveness:
 
 
 LIVENESS = Liveness(os.environ.get("FACENET_TRAINER_HEARTBEAT"))
+
+
+EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb")
+
+
+def _log_epoch(tracker: Tracker, record: dict) -> None:
+    """One epoch's metrics at step = epoch. Logged after the checkpoint that holds the record; a resumed run
+    sends its history again with the same timestamps, which MLflow keeps once."""
+    tracker.log_metrics({k: record[k] for k in EPOCH_METRICS if k in record}, step=record["epoch"],
+                        timestamp_ms=record.get("logged_ms"))
 
 
 def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
