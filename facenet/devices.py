@@ -103,7 +103,7 @@ def check_device_request(device_type: str, npus: int, device_list: list[int] | N
     return ids
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
@@ -149,8 +149,8 @@ class Device:
         return torch.float16
 
     def amp_supported(self, dtype: torch.dtype) -> tuple[bool, str | None]:
-        if self.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
-            return False, "this CPU has no native bf16 (AVX512-bf16/AMX); autocast would be slower than fp32"
+        if self.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+            return False, "this CPU has no native bf16 (AVX512-bf16/AMX), where autocast is slower than fp32"
         return True, None
 
     def autocast(self, enabled: bool, dtype: torch.dtype):

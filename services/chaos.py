@@ -69,6 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", type=int, default=4, help="identities in each job's raw set (default: 4)")
     p.add_argument("--per-identity", type=int, default=6, help="photos per identity (default: 6)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per job (default: 2)")
+    p.add_argument("--image-size", type=int, default=96, help="crop and training size (default: 96, a third of "
+                   "160's compute: the faults matter here, not the faces)")
     p.add_argument("--fault-gap", type=float, nargs=2, default=(3.0, 10.0), metavar=("MIN", "MAX"),
                    help="seconds between faults, drawn uniformly (default: 3 10)")
     p.add_argument("--mlflow-outage", type=float, nargs=2, default=(20.0, 40.0), metavar=("MIN", "MAX"),
@@ -187,6 +189,7 @@ class Chaos:
     def sample_leases(self) -> None:
         while not self.stop_sampling.wait(0.3):
             holders: dict[tuple[str, str], set[str]] = {}
+            procs: dict[tuple[str, str], list[dict]] = {}
             for p in self.trainers():
                 try:
                     env = p.environ()
@@ -199,14 +202,22 @@ class Chaos:
                     continue
                 self.attempts_seen.add(attempt)
                 node, _, devs = lease.rpartition(":")
+                try:  # what the process is, for the report: a rank, a DataLoader worker, torchrun, dying?
+                    who = {"pid": p.pid, "ppid": p.ppid(), "status": p.status(), "attempt": attempt,
+                           "cmdline": " ".join(p.cmdline())[-120:]}
+                except psutil.Error:
+                    who = {"pid": p.pid, "attempt": attempt}
                 for dev in devs.split(","):
                     holders.setdefault((node, dev), set()).add(attempt)
+                    procs.setdefault((node, dev), []).append(who)
             self.samples += 1
             for (node, dev), attempts in holders.items():
                 if len(attempts) > 1:
                     key = (node, dev, frozenset(attempts))
-                    self.double.setdefault(key, {"node": node, "device": dev, "attempts": sorted(attempts),
-                                                 "first_seen": round(time.time() - self.t0, 1)})
+                    seen = self.double.setdefault(key, {"node": node, "device": dev, "attempts": sorted(attempts),
+                                                        "first_seen": round(time.time() - self.t0, 1),
+                                                        "processes": procs[(node, dev)]})
+                    seen["last_seen"] = round(time.time() - self.t0, 1)
 
     # ---- faults -------------------------------------------------------------------------------------
     def fault_plan(self, n: int) -> list[str]:
@@ -269,7 +280,8 @@ class Chaos:
         src = os.path.join(sample_root(a.sample_root), "raw")
         raws = [copy_subset(src, os.path.join(self.root, f"raw{i}"), a.identities, a.per_identity) for i in range(a.jobs)]
         self.reference = os.path.join(self.root, "reference")
-        proc = self.cli("preprocess", raws[0], self.reference, "--workers", "1", "--json", timeout=600)
+        proc = self.cli("preprocess", raws[0], self.reference, "--workers", "1", "--image-size",
+                        str(self.args.image_size), "--json", timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"reference preprocessing failed: {proc.stdout}{proc.stderr}")
         self.reference_hash = json.loads(proc.stdout)["content_hash"]
@@ -288,6 +300,7 @@ class Chaos:
             npus = 1 + i % 2
             args = ["submit-train", "--preprocess-from", raws[i], "--data", out, "--epochs", str(a.epochs),
                     "--batch-size", "8", "--npus", str(npus), "--log-checkpoints", "none", "--json",
+                    "--image-size", str(a.image_size),
                     "--pretrained", self.poison_file if poison else "none"]
             procs.append(({"npus": npus, "poison": poison, "out": out},
                           subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env, cwd=REPO,

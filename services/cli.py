@@ -261,9 +261,8 @@ def submit_train(args: tuple[str, ...]) -> None:
     from facenet.preprocess.plan import Params
     from facenet.spec import TrainSpec
     from facenet.train.options import get_args_parser
-    from services.config import check_path_allowed, load_settings
-    from facenet.spec import check_npu_count
-    from services.jobs import check_job_spec, open_registry, submit_train as submit, view
+    from services.config import load_settings
+    from services.jobs import check_train_submission, open_registry, submit_train as submit, view
 
     ns = _submit_parser().parse_args(list(args))
     defaults = vars(get_args_parser().parse_args(["--data", "x"]))
@@ -283,15 +282,10 @@ def submit_train(args: tuple[str, ...]) -> None:
     try:
         # Every value and path is checked before Redis is even asked: bad input queues nothing.
         spec = TrainSpec(**values)
-        spec.validate()
         params = Params(image_size=ns.image_size, shard_size=ns.shard_size, detect_size=ns.detect_size,
                         min_face_frac=ns.min_face_frac, holdout=ns.holdout, seed=ns.seed)
-        params.validate()
-        check_npu_count(device_type, spec.npus)
         settings = load_settings()
-        check_job_spec(spec, settings)
-        check_path_allowed(ns.preprocess_from or spec.data, settings.data_roots,
-                           "--preprocess-from" if ns.preprocess_from else "--data")
+        check_train_submission(settings, spec, device_type, ns.preprocess_from, params)
         reg = open_registry(settings)
         job = submit(settings, reg, spec, device_type, ns.preprocess_from, params, ns.experiment)
     except UserError as exc:
@@ -326,18 +320,14 @@ def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min
     """Queue MTCNN preprocessing of RAW into OUT, in shards on the preprocess queue."""
     from facenet.errors import UserError
     from facenet.preprocess.plan import Params
-    from services.jobs import submit_preprocess as submit, view
-
-    from services.config import check_path_allowed, load_settings
-    from services.jobs import open_registry
+    from services.config import load_settings
+    from services.jobs import check_preprocess_submission, open_registry, submit_preprocess as submit, view
 
     try:
         params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
                         min_face_frac=min_face_frac, holdout=holdout, seed=seed)
-        params.validate()
         settings = load_settings()
-        check_path_allowed(raw, settings.data_roots, "RAW")
-        check_path_allowed(out, settings.data_roots, "OUT")
+        check_preprocess_submission(settings, raw, out, params)
         reg = open_registry(settings)
         job = submit(settings, reg, raw, out, params)
     except UserError as exc:

@@ -126,9 +126,12 @@ def redis_quote(value: str) -> str:
 
 
 def redis_config(host: str, port: int, password: str, data_dir: str) -> str:
-    # The password goes in a 0600 file, not on the command line where `ps` shows it.
+    # The password goes in a 0600 file, not on the command line where `ps` shows it. `appendfsync always`:
+    # a reply means the write is on disk, so a kill -9 loses no queued message and no device lease (with
+    # everysec a lease granted in the last second could vanish and the device go to a second job). The
+    # control plane writes a few times a second; the fsyncs cost nothing that shows.
     return "\n".join([f"bind {host}", f"port {port}", f"requirepass {redis_quote(password)}",
-                      f"dir {redis_quote(data_dir)}", "appendonly yes", "appendfsync everysec",
+                      f"dir {redis_quote(data_dir)}", "appendonly yes", "appendfsync always",
                       "protected-mode yes", "daemonize no", 'save ""', ""])
 
 

@@ -71,11 +71,33 @@ def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
     check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "<job>"))
 
 
+def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str = "auto",
+                           preprocess_from: str | None = None, params=None) -> None:
+    """Every check of a train submission that needs no Redis: values, the device count, tags, paths. The CLI
+    runs it before it connects, so bad input queues nothing and names itself even with Redis down."""
+    spec.validate()
+    if params is not None:
+        params.validate()
+    check_npu_count(device_type, spec.npus)
+    check_job_spec(spec, settings)
+    if preprocess_from:
+        _check_local_path(preprocess_from, settings, "--preprocess-from")
+        check_path_allowed(spec.data, settings.data_roots, "--data")
+    else:
+        _check_local_path(spec.data, settings, "--data")
+
+
+def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> None:
+    """The preprocessing counterpart of `check_train_submission`."""
+    params.validate()
+    _check_local_path(raw, settings, "RAW")
+    check_path_allowed(out, settings.data_roots, "OUT")
+
+
 def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
                  preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
     """Validate, create the job record and queue its first task; returns the job."""
-    spec.validate()
-    check_job_spec(spec, settings)
+    check_train_submission(settings, spec, device_type, preprocess_from, params)
     device_type = pick_device_type(reg, device_type, spec.npus)
     from services import mlflow_runs
 
@@ -87,7 +109,6 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
         fields["preprocess_from"] = _check_local_path(preprocess_from, settings, "--preprocess-from")
         fields["preprocess_out"] = check_path_allowed(spec.data, settings.data_roots, "--data")
         params = params or _default_params()
-        params.validate()
         fields["params"] = dataclasses.asdict(params)
         spec.data = fields["preprocess_out"]
     else:
@@ -111,7 +132,7 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
 
 
 def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, params) -> dict:
-    params.validate()
+    check_preprocess_submission(settings, raw, out, params)
     if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
         raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
     fields = {"preprocess_from": _check_local_path(raw, settings, "RAW"),

@@ -102,6 +102,7 @@ class Heartbeat(threading.Thread):
                     self.lost.set()
                 if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
                     self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
+                    self.expired = True  # the other holder may be training there already: no grace
                     self.lost.set()
                 else:
                     self.renewed_at = time.monotonic()
@@ -146,6 +147,7 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
         return {"job": job_id, "status": FAILED, "error": str(exc)}
     finally:
         beat.stop()
+        reap_attempt(beat.holder)  # nothing of this attempt may run on a device it gives back
         if beat.leased:
             _retrying(lambda: reg.renew_leases(node, beat.leased, beat.holder, drop=True))
         _retrying(lambda: reg.release(job_id, token))
@@ -225,6 +227,7 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     follower = _Follower(reg, job_id, spec.events, proc, log)
     follower.start()
     outcome = _watch(reg, job_id, proc, beat, follower, report, settings)
+    reap_attempt(beat.holder)  # before another attempt may resume into the same output folder
     follower.join(timeout=30)
     log.close()
     remove_stale_temp_files(output)  # a checkpoint half-written by a trainer killed mid-save
@@ -362,6 +365,53 @@ def _stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> No
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def attempt_processes(holder: str) -> list:
+    """Live processes carrying this attempt's ATTEMPT_ENV: the trainer, torchrun's ranks (sessions of their
+    own), DataLoader workers, whatever else they started. Zombies are dead and left out."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(ATTEMPT_ENV) == holder \
+                    and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE  # a zombie uses no device
+    except psutil.Error:
+        return False
+
+
+def reap_attempt(holder: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of the attempt that outlived the trainer's process group and wait (bounded) until
+    they are gone; returns their pids. Its leases are given back only after this: a stray rank or DataLoader
+    worker must not go on using a device another job has leased."""
+    import psutil
+
+    strays = attempt_processes(holder)
+    for p in strays:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if strays:
+        deadline, alive = time.monotonic() + timeout, strays
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in alive if _running(p)]
+        print(f"attempt {holder}: killed {len(strays)} process(es) that outlived the trainer"
+              + (f"; {len(alive)} still there after {timeout:.0f} s" if alive else ""), file=sys.stderr, flush=True)
+    return [p.pid for p in strays]
 
 
 class _Follower(threading.Thread):

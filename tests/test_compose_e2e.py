@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from services.entrypoints import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_IMAGE_SIZE
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 SERVICES = {"redis", "postgres", "mlflow", "flower", "worker-preprocess", "worker-cpu"}
@@ -109,6 +109,8 @@ class ComposeStack:
         return proc
 
     def cli(self, args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        if args.startswith("submit-train") and "--image-size" not in args:
+            args += " " + " ".join(TEST_IMAGE_SIZE)
         return self.make("cli", f"ARGS={args}", timeout=timeout, check=check)
 
     def cli_json(self, args: str, timeout: float = 600):

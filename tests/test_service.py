@@ -19,6 +19,7 @@ import urllib.request
 import psutil
 import pytest
 
+from conftest import TEST_IMAGE_SIZE
 from services.entrypoints import free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -30,6 +31,8 @@ class Stack:
         self.state_dir = env["FACENET_STATE_DIR"]
 
     def cli(self, *args: str, timeout: float = 300, check: bool = False, env: dict | None = None):
+        if args and args[0] == "submit-train" and "--image-size" not in args:
+            args = (*args, *TEST_IMAGE_SIZE)
         proc = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
                               timeout=timeout, env={**self.env, **(env or {})})
         if check and proc.returncode != 0:

@@ -38,6 +38,7 @@ class Amp:
     dtype: torch.dtype
     scaler: torch.amp.GradScaler
     static_scale: float | None
+    note: str | None = None  # why AMP is off though --amp asked for it
 
     @property
     def label(self) -> str:
@@ -47,18 +48,21 @@ class Amp:
 
 
 def make_amp(spec: TrainSpec, device: devices.Device) -> Amp:
-    """One AMP path: autocast with the backend's dtype; a GradScaler only for fp16."""
+    """One AMP path: autocast with the backend's dtype; a GradScaler only for fp16.
+
+    `--amp` with the default dtype on a CPU without native bf16 trains in fp32 and says so (emulated bf16 is
+    ~10x slower there, and a queued job does not know which CPU it lands on); `--amp-dtype bf16` forces it."""
     dtype = device.autocast_dtype(spec.amp_dtype)
-    enabled = spec.amp_enabled
-    if enabled:
+    enabled, note = spec.amp_enabled, None
+    if enabled and spec.amp_dtype == "auto":
         ok, why = device.amp_supported(dtype)
         if not ok:
-            raise UserError(f"--amp on {device.type}: {why}; drop --amp or pick --amp-dtype")
+            enabled, note = False, f"--amp on {device.type}: {why}; training in fp32 (--amp-dtype bf16 forces it)"
     use_scaler = enabled and dtype == torch.float16
     static = None if spec.loss_scale == "dynamic" else float(spec.loss_scale)
     kwargs = {"init_scale": static} if static else {}
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler, **kwargs)
-    return Amp(enabled, dtype, scaler, static)
+    return Amp(enabled, dtype, scaler, static, note)
 
 
 def default_run_name(spec: TrainSpec, device_type: str) -> str:
@@ -113,6 +117,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
 
     say(f"{data.describe()}")
     say(f"{pretrained_note}")
+    if amp.note:
+        say(amp.note)
     say(f"device {device.type} x {info.world_size} ({device.dist_backend}), precision {amp.label}"
         f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {channels_last}")
     say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
