@@ -160,8 +160,11 @@ def _trainer_processes(output_dir: str) -> list[psutil.Process]:
 
 
 def test_cancel_stops_the_trainer_and_kills_the_run(stack, sample_root):
-    faces = os.path.join(sample_root, "prep")
-    job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "32")
+    from facenet.data.samples import copy_subset
+
+    # 4 people x 12 crops: a trainer running within seconds; 30 epochs keep it running.
+    faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "small-cancel"), 4, 12)
+    job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "8", "--log-every", "1")
     job = stack.wait_for(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["progress"]["step"],
                          what="training to start")
     assert _trainer_processes(job["output"])
@@ -292,27 +295,6 @@ def test_submit_preprocess_alone_and_a_failing_job(stack):
     assert stack.mlflow().get_run(failed["mlflow_run_id"]).info.status == "FAILED"
     logs = stack.cli("logs", failed["id"], check=True).stdout
     assert failed["error"] in logs
-
-
-def test_a_queued_job_survives_a_redis_restart(stack, sample_root):
-    faces = os.path.join(sample_root, "prep")
-    running = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "32")
-    stack.wait_for(running["id"], lambda j: j["status"] == "RUNNING", what="the first job to run")
-    queued = stack.json("submit-train", "--data", faces, "--epochs", "1", "--batch-size", "32")
-    assert stack.json("status", queued["id"])["status"] == "QUEUED"  # the worker's one device is busy
-
-    redis_pid = stack.description["services"]["redis"]["pid"]
-    os.kill(redis_pid, signal.SIGTERM)  # a clean restart: the AOF holds the queue
-    psutil.Process(redis_pid).wait(timeout=30)
-    assert stack.cli("jobs").returncode == 1  # Redis is down: a one-line error
-    assert stack.cli("stack", "up", timeout=240).returncode == 0
-    assert stack.description["services"]["redis"]["pid"] != redis_pid
-
-    assert stack.json("status", queued["id"])["status"] == "QUEUED"
-    assert stack.json("cancel", running["id"])["status"] == "CANCELLED"
-    final = stack.wait_for(queued["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300,
-                           what="the queued job to run after the restart")
-    assert final["attempts"] == 1
 
 
 def test_killed_preprocessing_worker_loses_no_shard(stack):
