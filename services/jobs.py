@@ -72,32 +72,31 @@ def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
 
 
 def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str = "auto",
-                           preprocess_from: str | None = None, params=None) -> None:
+                           preprocess_from: str | None = None, params=None) -> tuple[str, str | None]:
     """Every check of a train submission that needs no Redis: values, the device count, tags, paths. The CLI
-    runs it before it connects, so bad input queues nothing and names itself even with Redis down."""
+    runs it before it connects, so bad input queues nothing and names itself even with Redis down. Returns
+    (--data, --preprocess-from) resolved."""
     spec.validate()
     if params is not None:
         params.validate()
     check_npu_count(device_type, spec.npus)
     check_job_spec(spec, settings)
     if preprocess_from:
-        _check_local_path(preprocess_from, settings, "--preprocess-from")
-        check_path_allowed(spec.data, settings.data_roots, "--data")
-    else:
-        _check_local_path(spec.data, settings, "--data")
+        return (check_path_allowed(spec.data, settings.data_roots, "--data"),
+                _check_local_path(preprocess_from, settings, "--preprocess-from"))
+    return _check_local_path(spec.data, settings, "--data"), None
 
 
-def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> None:
-    """The preprocessing counterpart of `check_train_submission`."""
+def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> tuple[str, str]:
+    """The preprocessing counterpart of `check_train_submission`; returns (RAW, OUT) resolved."""
     params.validate()
-    _check_local_path(raw, settings, "RAW")
-    check_path_allowed(out, settings.data_roots, "OUT")
+    return _check_local_path(raw, settings, "RAW"), check_path_allowed(out, settings.data_roots, "OUT")
 
 
 def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
                  preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
     """Validate, create the job record and queue its first task; returns the job."""
-    check_train_submission(settings, spec, device_type, preprocess_from, params)
+    data, raw = check_train_submission(settings, spec, device_type, preprocess_from, params)
     device_type = pick_device_type(reg, device_type, spec.npus)
     from services import mlflow_runs
 
@@ -106,13 +105,9 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
     if preprocess_from:
         if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
             raise UserError("--preprocess-from: no preprocessing worker is registered")
-        fields["preprocess_from"] = _check_local_path(preprocess_from, settings, "--preprocess-from")
-        fields["preprocess_out"] = check_path_allowed(spec.data, settings.data_roots, "--data")
-        params = params or _default_params()
-        fields["params"] = dataclasses.asdict(params)
-        spec.data = fields["preprocess_out"]
-    else:
-        spec.data = _check_local_path(spec.data, settings, "--data")
+        fields["preprocess_from"], fields["preprocess_out"] = raw, data
+        fields["params"] = dataclasses.asdict(params or _default_params())
+    spec.data = data
     spec.device = device_type
     fields["spec"] = spec.to_dict()
     job_id = reg.create("train", fields)
@@ -132,12 +127,10 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
 
 
 def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, params) -> dict:
-    check_preprocess_submission(settings, raw, out, params)
+    raw, out = check_preprocess_submission(settings, raw, out, params)
     if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
         raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
-    fields = {"preprocess_from": _check_local_path(raw, settings, "RAW"),
-              "preprocess_out": check_path_allowed(out, settings.data_roots, "OUT"),
-              "params": dataclasses.asdict(params)}
+    fields = {"preprocess_from": raw, "preprocess_out": out, "params": dataclasses.asdict(params)}
     job_id = reg.create("preprocess", fields)
     from services.tasks import send_stage
 

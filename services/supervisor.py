@@ -89,7 +89,8 @@ class Heartbeat(threading.Thread):
         self.holder = f"{job_id}:{token}"
         self.leased: list[int] = []
         self.lost = threading.Event()
-        self.expired = False  # lost because the lease could not be renewed in time: stop at once, no grace
+        # Stop at once, no grace: the lease could not be renewed in time, or another attempt holds it now.
+        self.stop_now = False
         self.why = ""
         self.stopped = threading.Event()
         self.renewed_at = time.monotonic()
@@ -102,7 +103,7 @@ class Heartbeat(threading.Thread):
                     self.lost.set()
                 if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
                     self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
-                    self.expired = True  # the other holder may be training there already: no grace
+                    self.stop_now = True  # the other holder may be training there already
                     self.lost.set()
                 else:
                     self.renewed_at = time.monotonic()
@@ -113,7 +114,7 @@ class Heartbeat(threading.Thread):
             # than LEASE_SAFETY x TTL are ridden out).
             if self.leased and time.monotonic() - self.renewed_at > LEASE_SAFETY * self.reg.ttl:
                 self.why = f"could not renew its device lease for {LEASE_SAFETY * self.reg.ttl:.0f} s (Redis away)"
-                self.expired = True
+                self.stop_now = True
                 self.lost.set()
 
     def stop(self) -> None:
@@ -302,7 +303,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
             pass
         follower.poll_events()
         if beat.lost.is_set():
-            _stop_group(proc, grace=0 if beat.expired else KILL_GRACE_SECONDS)
+            _stop_group(proc, grace=0 if beat.stop_now else KILL_GRACE_SECONDS)
             return "lost"
         if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
             _stop_group(proc)

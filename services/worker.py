@@ -152,8 +152,8 @@ _QUEUED_SUSPECTS: dict[str, str] = {}
 
 def _queued_and_lost(reg: Registry, job: dict) -> bool:
     """A QUEUED train job no attempt holds whose message is not in its queue, two sweeps in a row: Redis lost
-    it (a Redis run with appendfsync everysec loses up to a second of writes to a kill -9), or a worker killed before it
-    started the task holds it (kombu's `unacked`, for the visibility timeout: days). A live worker starts
+    it (one run with appendfsync everysec loses up to a second of writes to a kill -9), or a worker killed
+    before it started the task holds it (kombu's `unacked`, for the visibility timeout: days). A live worker starts
     what it takes within milliseconds; a duplicate sent by mistake is harmless (its claim finds the job
     held or done)."""
     from services.celery_app import train_queue
