@@ -79,13 +79,18 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return {'ok', attempts}
 """
 
-# Move a claimed job whose heartbeat expired back to QUEUED, exactly once (several sweepers may race).
+# Move a claimed job back to QUEUED for its next attempt, exactly once: either the attempt holding it
+# gives it up (ARGV[3] = its token; its heartbeat goes in the same step), or a sweeper finds the holder's
+# heartbeat expired (ARGV[3] = ''). Several sweepers and the attempt itself may race; one wins.
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'claimed') ~= '1' then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'claimed', '0', 'updated', ARGV[1], 'message', ARGV[2])
+redis.call('HDEL', KEYS[1], 'trainer_pid')
+if holder then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
@@ -302,9 +307,11 @@ class Registry:
     def alive(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id) + ":hb"))
 
-    def requeue_if_dead(self, job_id: str, message: str) -> bool:
-        """True for exactly one caller when the attempt holding `job_id` stopped heartbeating."""
-        return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[time.time(), message]))
+    def requeue(self, job_id: str, message: str, holder: str = "") -> bool:
+        """Put claimed job `job_id` back to QUEUED; True for exactly one caller. `holder`: the token of the
+        attempt giving the job up; '' for a sweeper, which wins only once the holder stopped heartbeating."""
+        return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"],
+                                  args=[time.time(), message, holder]))
 
     def request_cancel(self, job_id: str) -> None:
         self.update(job_id, cancel_requested=1)

@@ -27,7 +27,7 @@ from facenet.fsutil import remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
 from services import mlflow_runs
 from services.config import Settings, check_path_allowed, parse_devices
-from services.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Registry
+from services.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
 
 # The trainer polls this pid and kills its own process group when it is gone, so a worker killed
 # outright (kill -9, a container stopping) never leaves an orphan trainer holding devices.
@@ -249,14 +249,12 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
                "crashed": f"the trainer exited with code {rc}: {follower.error_line()}"}[outcome]
         _log_training_log(settings, run_id, log_path)
         if outcome != "overtime" and attempts < settings.max_attempts:
-            # Another attempt resumes from the last checkpoint; the hung one's heartbeat goes first, or the
-            # new message would find the job held and drop itself.
-            reg.update(job_id, status=QUEUED, claimed=0, trainer_pid=None,
-                       message=f"attempt {attempts} stopped: {why}; trying again")
-            reg.release(job_id, beat.token)
-            from services.tasks import send_train
+            # Another attempt resumes from the last checkpoint. The same step drops this attempt's heartbeat,
+            # or the new message would find the job held and drop itself. (False: a sweeper got there first
+            # because this heartbeat had lapsed; it sent the message.)
+            from services.tasks import requeue_train
 
-            reg.update(job_id, task_id=send_train(job))
+            requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", holder=beat.token)
             return {"job": job_id, "requeued": why}
         _end_mlflow_run(settings, reg.get(job_id), "FAILED")
         error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"

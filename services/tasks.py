@@ -88,6 +88,16 @@ def send_train(job: dict) -> str:
     return res.id
 
 
+def requeue_train(reg: Registry, job: dict, message: str, holder: str = "") -> bool:
+    """Queue train job `job` again for its next attempt (which resumes from the checkpoint): called by the
+    attempt that gives it up (`holder` = its token) and by sweepers that find its heartbeat gone. Exactly
+    one caller moves it back to QUEUED and sends the one new message; False for the others."""
+    if not reg.requeue(job["id"], message, holder):
+        return False
+    reg.update(job["id"], task_id=send_train(job))
+    return True
+
+
 class _Stage:
     """A preprocessing stage's heartbeat while its task runs (see Registry.stage_start)."""
 

@@ -9,7 +9,7 @@ heartbeat TTL:
   expired (its worker was killed) go back to their queue, counting attempts;
   so do preprocessing stages (plan, a shard, finalize) whose task stopped
   heartbeating.
-  Exactly one sweeper wins each job (registry.requeue_if_dead); the dead
+  Exactly one sweeper wins each job (tasks.requeue_train); the dead
   worker's own message, redelivered hours later, finds the job finished or
   held and is dropped.
 """
@@ -91,7 +91,7 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
     """Queue again every claimed job, and every preprocessing stage, whose task stopped heartbeating;
     returns what was requeued."""
     from services.registry import FAILED, PREPROCESSING, TERMINAL
-    from services.tasks import send_stage, send_train, stage_never_finished
+    from services.tasks import requeue_train, send_stage, send_train, stage_never_finished
 
     requeued = []
     jobs = reg.jobs_by_id(reg.active_ids())  # every job not ended, however old (one read serves both loops)
@@ -119,11 +119,10 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
                 or reg.alive(job["id"]):
             continue
         where = f"worker {job['worker']}" if job.get("worker") else "its worker"
-        if reg.requeue_if_dead(job["id"], f"{where} was lost during attempt {job.get('attempts')}"):
+        why = f"{where} was lost during attempt {job.get('attempts')}"
+        if requeue_train(reg, job, why):
             if job.get("task_id"):
-                report_lost_task(job["task_id"], job["id"], f"{where} was lost during attempt "
-                                 f"{job.get('attempts')}", job.get("worker"))
-            reg.update(job["id"], task_id=send_train(job))
+                report_lost_task(job["task_id"], job["id"], why, job.get("worker"))
             print(f"facenet sweep: job {job['id']} requeued ({where} lost)", flush=True)
             requeued.append(job["id"])
     return requeued

@@ -39,16 +39,29 @@ def test_claims_drop_duplicates_and_finished_jobs(reg):
     job = reg.create("train", {"spec": {}, "device_type": "cpu", "npus": 1})
     assert reg.claim(job, "attempt-1") == ("ok", 1)
     assert reg.claim(job, "attempt-2") == ("busy", 0)  # a duplicate message while the first attempt lives
-    assert not reg.requeue_if_dead(job, "lost")  # alive: nothing to requeue
+    assert not reg.requeue(job, "lost")  # alive: nothing to requeue
+    assert not reg.requeue(job, "lost", holder="attempt-2")  # nor for anyone but its holder
     time.sleep(2.5)  # attempt 1's heartbeat expired (its worker died)
-    assert reg.requeue_if_dead(job, "worker lost")
-    assert not reg.requeue_if_dead(job, "worker lost")  # exactly one sweeper wins
+    assert reg.requeue(job, "worker lost")
+    assert not reg.requeue(job, "worker lost")  # exactly one sweeper wins
     assert reg.get(job)["status"] == QUEUED
     assert reg.claim(job, "attempt-2") == ("ok", 2)
     assert not reg.heartbeat(job, "attempt-1")  # a stale attempt learns it was taken over
     reg.finish(job, CANCELLED)
     assert reg.claim(job, "attempt-3") == ("done", 0)
     assert reg.claim("nosuchjob", "x") == ("missing", 0)
+
+
+def test_an_attempt_gives_its_job_back_once_and_its_heartbeat_with_it(reg):
+    job = reg.create("train", {"spec": {}, "device_type": "cpu", "npus": 1})
+    assert reg.claim(job, "attempt-1") == ("ok", 1)
+    reg.update(job, status="RUNNING", trainer_pid=1234)
+    assert reg.requeue(job, "attempt 1 stopped: hung; trying again", holder="attempt-1")
+    record = reg.get(job)
+    assert (record["status"], record["claimed"], record.get("trainer_pid")) == (QUEUED, "0", None)
+    assert not reg.alive(job)  # the next message finds the job free, not held
+    assert not reg.requeue(job, "worker lost")  # a sweeper racing it finds nothing left to do
+    assert reg.claim(job, "attempt-2") == ("ok", 2)
 
 
 def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(reg, redis_url, tmp_path):
@@ -61,7 +74,7 @@ def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(reg, redis_ur
     for attempt in (1, 2):  # each attempt's worker dies: claimed, then the heartbeat stops
         assert reg.claim(job, f"dead-{attempt}") == ("ok", attempt)
         time.sleep(2.5)
-        assert reg.requeue_if_dead(job, f"worker w{attempt} was lost during attempt {attempt}")
+        assert reg.requeue(job, f"worker w{attempt} was lost during attempt {attempt}")
     out = run_train_job(settings, reg, job, "cpu@test")
     final = reg.get(job)
     assert out["status"] == FAILED and final["status"] == FAILED
