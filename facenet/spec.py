@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 OPT_LEVELS = ("O0", "O1", "O2")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 CHECKPOINT_LOGGING = ("last", "every", "none")
+LOSSES = ("softmax", "triplet", "arcface")
 # Tags the service sets on every run; a user's tag must not overwrite them.
 RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
 
@@ -28,16 +29,18 @@ RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
 # 60000-pixel input. (name: (lowest, highest))
 BOUNDS = {"epochs": (1, 100_000), "batch_size": (1, 1 << 20), "npus": (1, 4096), "workers": (0, 64),
           "image_size": (32, 1024), "log_every": (1, 1_000_000), "warmup_steps": (0, 1_000_000),
-          "seed": (0, 2**32 - 1)}
+          "seed": (0, 2**32 - 1), "images_per_identity": (2, 1024), "verify_every": (0, 100_000)}
 FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "optimizer": str, "lr_steps": list,
                "lr_gamma": float, "weight_decay": float, "amp": bool, "amp_dtype": str, "opt_level": str,
                "loss_scale": str, "npus": int, "device_list": list, "device": str, "workers": int, "seed": int,
                "resume": str, "output": str, "json_out": str, "events": str, "mlflow_uri": str, "run_id": str,
                "run_name": str, "experiment": str, "tags": dict, "pretrained": str, "holdout": float,
                "augment": bool, "image_size": int, "dropout": float, "log_every": int, "warmup_steps": int,
-               "log_checkpoints": str, "audit_samples": str}
+               "log_checkpoints": str, "audit_samples": str, "loss": str, "triplet_margin": float,
+               "arcface_scale": float, "arcface_margin": float, "images_per_identity": int, "verify_every": int,
+               "verify_pairs": str}
 OPTIONAL = ("device_list", "workers", "resume", "json_out", "events", "mlflow_uri", "run_id", "run_name",
-            "pretrained", "audit_samples")
+            "pretrained", "audit_samples", "verify_every", "verify_pairs")
 
 
 def default_pretrained_path() -> str:
@@ -85,6 +88,13 @@ class TrainSpec:
     warmup_steps: int = 3
     log_checkpoints: str = "last"
     audit_samples: str | None = None  # DIR: each rank lists the training images it reads per epoch
+    loss: str = "softmax"  # the recipe's classifier; triplet (FaceNet's) or arcface (additive angular margin)
+    triplet_margin: float = 0.2  # FaceNet's alpha, on squared distances of unit embeddings
+    arcface_scale: float = 64.0  # insightface's s
+    arcface_margin: float = 0.5  # insightface's m, radians
+    images_per_identity: int = 4  # triplet: K images of each of P people per batch (P = per-process batch / K)
+    verify_every: int | None = None  # None: every epoch when there are pairs; 0: never
+    verify_pairs: str | None = None  # None: DATA/test_pairs.txt or DATA/pairs.txt when present
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +199,18 @@ class TrainSpec:
             raise bad("log_every", self.log_every, "must be at least 1")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", self.warmup_steps, "must be 0 or more")
+        if self.loss not in LOSSES:
+            raise bad("loss", self.loss, f"choose one of {', '.join(LOSSES)}")
+        for name, lo, hi in (("triplet_margin", 0.0, 4.0), ("arcface_scale", 0.0, 1024.0), ("arcface_margin", -1e-12, 1.5)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not lo < value <= hi:
+                raise bad(name, value, f"must be in ({max(lo, 0):g}, {hi:g}]" if lo >= 0 else f"must be in [0, {hi:g}]")
+        if self.loss == "triplet":
+            per_process, k = self.batch_size // self.npus, self.images_per_identity
+            if per_process % k or per_process // k < 2:
+                raise bad("batch_size", self.batch_size,
+                          f"--loss triplet takes whole groups of --images-per-identity {k} from at least 2 people "
+                          f"per process: each process's batch ({per_process}) must be a multiple of {k}, at least {2 * k}")
         if self.log_checkpoints not in CHECKPOINT_LOGGING:
             raise bad("log_checkpoints", self.log_checkpoints,
                       f"choose one of {', '.join(CHECKPOINT_LOGGING)}")

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +35,21 @@ EXPERIMENT_KIND = "custom_model_development"  # MLflow 3: open in the model-trai
 
 def resolve_uri(uri: str | None) -> str | None:
     return uri or os.environ.get("FACENET_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
+    """UserError in one line unless the MLflow server at `uri` answers /health."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+    except OSError as exc:
+        raise UserError(f"MLflow at {uri} is unreachable ({getattr(exc, 'reason', exc)}); start the stack with "
+                        "`facenet-cli stack up` or point FACENET_MLFLOW_URI at yours") from None
+    raise UserError(f"MLflow at {uri} answered /health with an error")
+
 
 
 @dataclass
@@ -201,8 +217,11 @@ class Tracker:
         # While training runs, keep retrying; once close() set a deadline, stop there.
         return self._deadline if self._deadline is not None else float("inf")
 
-    def close(self, status: str = "FINISHED", timeout: float = 300.0) -> TrackerReport:
-        """Flush queued records (up to `timeout` s), end the run with `status`, report."""
+    def close(self, status: str = "FINISHED", timeout: float = 300.0,
+              waiting: Callable[[], None] = lambda: None) -> TrackerReport:
+        """Flush queued records (up to `timeout` s), end the run with `status`, report. `waiting` is called
+        every 2 s meanwhile (the trainer's liveness beat: the flush is bounded here, not by the stall
+        detector)."""
         self._deadline = time.monotonic() + timeout
         if self._system is not None:
             try:
@@ -213,7 +232,10 @@ class Tracker:
         end = lambda: self.client.set_terminated(self.run_id, status=status)  # noqa: E731
         self._put("end run", end)
         self._queue.put(None)
-        self._thread.join(timeout + 60)
+        give_up = time.monotonic() + timeout + 60
+        while self._thread.is_alive() and time.monotonic() < give_up:
+            waiting()
+            self._thread.join(2.0)
         while not self._queue.empty():  # records the thread never reached
             item = self._queue.get_nowait()
             if item is not None:

@@ -78,6 +78,120 @@ def preprocess(raw, out, workers, shard_size, image_size, margin, device, detect
 
 
 
+# ---- verification ------------------------------------------------------------------------------------
+
+MODEL_HELP = ("a model file (OUTPUT/model.pt) or checkpoint, a training output folder, or an MLflow model URI "
+              "runs:/<run id>/model")
+
+
+def _mlflow_uri(explicit: str | None) -> str | None:
+    from services.config import load_settings
+
+    return explicit or load_settings().mlflow_uri
+
+
+class _Bar:
+    """A tqdm bar on stderr for `progress(done, total)` callbacks (the total is known only once the
+    images are listed)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None  # drawn at the first image: an error before then prints one line
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=self.label, total=total, unit="img", file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@cli.command()
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--data", required=True, type=click.Path(), help="data root: a preprocessing OUT (its test_pairs.txt), "
+              "an LFW folder (its pairs.txt), or a folder of identity folders (pairs generated from all of it)")
+@click.option("--pairs", "pairs_file", type=click.Path(), default=None,
+              help="a pairs file (ours or LFW's pairs.txt) with paths relative to --data [default: found in --data]")
+@click.option("--distance", type=click.Choice(["euclidean", "cosine"]), default="euclidean", show_default=True,
+              help="distance of L2-normalised embeddings")
+@click.option("--flip", is_flag=True, help="add each image's mirror image's embedding (test-time flip)")
+@click.option("--device", type=click.Choice(["auto", "npu", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of generated pairs")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="write the ROC curve to this PNG")
+@click.option("--mlflow-uri", default=None, help="MLflow server for runs:/ models and logging "
+              "[default: FACENET_MLFLOW_URI, else the local stack's]")
+@click.option("--no-log", is_flag=True, help="do not log to the model's MLflow run")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (with the ROC points)")
+def evaluate(model_ref, data, pairs_file, distance, flip, device, batch_size, seed, plot, mlflow_uri, no_log,
+             as_json) -> None:
+    """Face verification by the LFW protocol: 10-fold accuracy (each fold's threshold chosen on the other
+    folds), VAL@FAR=1e-3, ROC AUC and EER, on pairs of people the report says whether the model saw.
+
+    For a model from an MLflow run (runs:/..., or a model file naming its run), the numbers (eval_*), the
+    ROC curve and the report are logged to that run.
+    """
+    import json
+
+    from facenet.errors import UserError
+    from facenet.evaluate import evaluate as run_evaluation, format_report
+
+    bar = None if as_json else _Bar("embedding")
+    try:
+        report = run_evaluation(model_ref, data, pairs_file, distance, flip, device, batch_size,
+                                mlflow_uri=_mlflow_uri(mlflow_uri), log=not no_log, plot=plot, seed=seed,
+                                progress=bar)
+    except UserError as exc:
+        _fail(exc)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_report(report))
+
+
+@cli.command()
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.argument("folder", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--flip", is_flag=True, help="add each image's mirror image's embedding")
+@click.option("--device", type=click.Choice(["auto", "npu", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--mlflow-uri", default=None, help="MLflow server for runs:/ models")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def embed(model_ref, folder, out, flip, device, batch_size, mlflow_uri, as_json) -> None:
+    """Embed every image below FOLDER (face crops, as preprocessing writes them) into OUT.npz (arrays
+    paths, embeddings) or OUT.parquet (columns path, embedding): 512 floats per image, L2-normalised,
+    paths relative to FOLDER. Unreadable images are left out and named."""
+    import json
+
+    from facenet.errors import UserError
+    from facenet.evaluate import embed_folder
+
+    bar = None if as_json else _Bar("embedding")
+    try:
+        summary = embed_folder(model_ref, folder, out, device, batch_size, flip, mlflow_uri=_mlflow_uri(mlflow_uri),
+                               progress=bar)
+    except UserError as exc:
+        _fail(exc)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['images']} embeddings ({summary['dim']}-d, {summary['image_size']} px, on {summary['device']}) "
+               f"-> {summary['out']}")
+    if summary["unreadable"]:
+        click.echo(f"left out {len(summary['unreadable'])} unreadable image(s), e.g. {summary['unreadable'][0]}")
+
+
 # ---- the queue -----------------------------------------------------------------------------------
 
 def _settings_and_registry():
@@ -464,24 +578,49 @@ def workers(as_json) -> None:
 
 
 @cli.command()
+@click.argument("run_refs", nargs=-1, metavar="[RUN]...")
+@click.option("--compare", is_flag=True, help="compare the RUNs (ids, prefixes as listed, or job ids) side by side")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="with --compare: also write the comparison PNG here (it is always logged to the newest run)")
 @click.option("--experiment", default=None, help="MLflow experiment (default $FACENET_EXPERIMENT or facenet)")
 @click.option("--limit", type=int, default=50, show_default=True, help="newest runs shown")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
-def runs(experiment, limit, as_json) -> None:
-    """Training runs from MLflow, to compare FPS and accuracy."""
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def runs(run_refs, compare, plot, experiment, limit, as_json) -> None:
+    """Training runs from MLflow, to compare FPS and accuracy.
+
+    With --compare RUN RUN...: a table of the params that differ, FPS, FPS per device, Acc@1 and
+    verification numbers, and one PNG (FPS against device count; Acc@1 and verification accuracy per
+    epoch), also logged to the newest of the runs as compare/*.png.
+    """
     from facenet.errors import UserError
     from services import mlflow_runs
     from services.config import load_settings
 
     settings = load_settings()
+    if run_refs and not compare:
+        _fail(UserError("RUN arguments go with --compare (runs --compare RUN RUN...)"))
     try:
         if not settings.mlflow_uri:
             raise UserError("no MLflow server known: start the stack or set FACENET_MLFLOW_URI")
         mlflow_runs.check_reachable(settings.mlflow_uri)
-        rows = mlflow_runs.list_runs(settings.mlflow_uri, experiment or settings.experiment, limit,
-                                     browse_uri=settings.mlflow_browse_uri)
+        if compare:
+            from services.compare import compare as compare_runs, format_table
+
+            report = compare_runs(settings.mlflow_uri, list(run_refs), experiment or settings.experiment, plot)
+        else:
+            rows = mlflow_runs.list_runs(settings.mlflow_uri, experiment or settings.experiment, limit,
+                                         browse_uri=settings.mlflow_browse_uri)
     except UserError as exc:
         _fail(exc)
+    if compare:
+        if as_json:
+            _echo_json(report)
+            return
+        click.echo(format_table(report))
+        if report["plot"]:
+            click.echo(f"\nplot: {report['plot']}")
+        click.echo(f"logged to run {report['logged_to']} (compare/)")
+        return
     if as_json:
         _echo_json(rows)
         return

@@ -9,10 +9,9 @@ manifest and the training log, and ends the run KILLED on cancel.
 from __future__ import annotations
 
 import os
-import urllib.request
 
 from facenet.errors import UserError
-from facenet.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from facenet.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_reachable  # noqa: F401 (used by services)
 
 # MLflow's run-comparison charts pick these up per epoch; the table shows the rest.
 RUN_COLUMNS = ("npus", "device_type", "amp", "epochs")
@@ -23,20 +22,6 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
-
-
-def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
-    """UserError in one line unless the MLflow server at `uri` answers /health."""
-    if not uri or not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status == 200:
-                return
-    except OSError as exc:
-        raise UserError(f"MLflow at {uri} is unreachable ({getattr(exc, 'reason', exc)}); start the stack with "
-                        "`facenet-cli stack up` or point FACENET_MLFLOW_URI at yours") from None
-    raise UserError(f"MLflow at {uri} answered /health with an error")
 
 
 def experiment_id(c, name: str) -> str:

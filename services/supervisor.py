@@ -59,10 +59,12 @@ def trainer_env(environ, data_roots: list[str]) -> dict:
 
 
 def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> None:
-    """The spec's own paths besides --data: --pretrained must lie in the data roots (refused before anything
-    says whether it exists), --audit-samples in them or, relative, in the job's output folder."""
+    """The spec's own paths besides --data: --pretrained and --verify-pairs must lie in the data roots (refused
+    before anything says whether they exist), --audit-samples in them or, relative, in the job's output folder."""
     if spec.pretrained not in (None, "", "none", "auto"):
         spec.pretrained = check_path_allowed(spec.pretrained, data_roots, "--pretrained")
+    if spec.verify_pairs:
+        spec.verify_pairs = check_path_allowed(spec.verify_pairs, data_roots, "--verify-pairs")
     if spec.audit_samples:
         if os.path.isabs(spec.audit_samples):
             spec.audit_samples = check_path_allowed(spec.audit_samples, data_roots, "--audit-samples")

@@ -39,6 +39,21 @@ def sample_root() -> str:
 
 
 @pytest.fixture(scope="session")
+def orl_faces() -> str:
+    """The AT&T (ORL) faces, 40 real people x 10 distinct photos, preprocessed at 96 px: train/ holds 30
+    people (train_list.txt, test_list.txt), test/ 10 others and test_pairs.txt pairs them. Cached per
+    machine."""
+    from facenet.data.samples import build_orl_dataset, cache_dir
+
+    root = os.path.join(cache_dir(), "test-data", "orl-v1")
+    done = os.path.join(root, ".complete")
+    if not os.path.exists(done):
+        build_orl_dataset(root, train_people=30, image_size=96)
+        open(done, "w").close()
+    return os.path.join(root, "prep")
+
+
+@pytest.fixture(scope="session")
 def sample_faces(sample_root) -> str:
     return os.path.join(sample_root, "prep", "train")  # 8 identity folders of ~40 crops
 

@@ -126,7 +126,8 @@ def test_layout_lists_manifest_and_rejects_are_exact(raw_tree, tmp_path):
     test = (out / "test_list.txt").read_text().splitlines()
     # 30 train faces; held out: round(0.2 x 12) = 2 of the first identity, round(0.2 x 6) = 1 of each other
     assert len(test) == 5 and len(train) == 25
-    assert manifest["lists"] == {"classes": 4, "train_list": 25, "test_list": 5}
+    assert manifest["lists"] == {"classes": 4, "train_list": 25, "test_list": 5, "test_pairs": 0}
+    assert not (out / "test_pairs.txt").exists()  # 2 test people: too few for two folds of pairs
     paths = [line.rsplit(" ", 1)[0] for line in train + test]
     assert len(set(paths)) == 30 and all(p.startswith("train/") for p in paths)
     assert all((out / p).is_file() for p in paths)

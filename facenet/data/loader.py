@@ -136,6 +136,60 @@ class TrainSampler(Sampler[int]):
         return self.total // self.world_size
 
 
+class IdentityBatchSampler(Sampler[int]):
+    """P people x K images per process batch, for metric losses (`--loss triplet`), sharded over ranks.
+
+    Each epoch, each person's images are shuffled and cut into groups of K (a person's last group, or a
+    person with fewer than K images, is filled by repeating their images), the groups are shuffled, and
+    every step takes P groups per rank. The last global step is filled by wrapping around to the first
+    groups, as `TrainSampler` does: every image is read every epoch, every batch has the same shape, and
+    every rank takes the same number of steps. Use with batch_size = P x K and drop_last.
+    """
+
+    def __init__(self, labels: list[int], rank: int, world_size: int, batch_size: int, per_identity: int, seed: int):
+        if batch_size % per_identity:
+            raise ValueError(f"batch {batch_size} is not a multiple of {per_identity} images per identity")
+        self.rank, self.world_size, self.k, self.seed = rank, world_size, per_identity, seed
+        self.p = batch_size // per_identity
+        self.by_label: dict[int, list[int]] = {}
+        for i, label in enumerate(labels):
+            self.by_label.setdefault(label, []).append(i)
+        groups = sum(-(-len(v) // per_identity) for v in self.by_label.values())
+        self.steps = -(-groups // (self.p * world_size))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        groups: list[list[int]] = []
+        for label in sorted(self.by_label):
+            items = self.by_label[label]
+            order = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+            for start in range(0, len(order), self.k):
+                group = order[start:start + self.k]
+                fill = 0
+                while len(group) < self.k:  # too few images left: repeat this person's own
+                    group.append(order[fill % len(order)])
+                    fill += 1
+                groups.append(group)
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+        needed = self.steps * self.p * self.world_size
+        while len(groups) < needed:
+            groups += groups[: needed - len(groups)]
+        out: list[int] = []
+        for step in range(self.steps):
+            first = (step * self.world_size + self.rank) * self.p
+            for group in groups[first:first + self.p]:
+                out += group
+        return iter(out)
+
+    def __len__(self) -> int:
+        return self.steps * self.p * self.k
+
+
 class StridedSampler(Sampler[int]):
     """rank, rank+world, ... : every held-out image exactly once over all ranks, no padding.
 
@@ -176,6 +230,15 @@ def train_loader(samples: list[Sample], batch_size: int, rank: int, world_size: 
     """
     dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
     sampler = TrainSampler(len(dataset), rank, world_size, batch_size, seed)
+    return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
+
+
+def identity_loader(samples: list[Sample], batch_size: int, per_identity: int, rank: int, world_size: int,
+                    seed: int, workers: int, image_size: int, augment: bool, pin_memory: bool,
+                    roots: confine.Roots | None = None) -> DataLoader:
+    """P people x K images per batch (see IdentityBatchSampler); `batch_size` is this process's."""
+    dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
+    sampler = IdentityBatchSampler([label for _, label in samples], rank, world_size, batch_size, per_identity, seed)
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
 
 

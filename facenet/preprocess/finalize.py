@@ -1,4 +1,5 @@
-"""Finalizing: shard records -> train_list.txt, test_list.txt and manifest.json.
+"""Finalizing: shard records -> train_list.txt, test_list.txt, test_pairs.txt (when RAW has a test/
+split) and manifest.json.
 
 Deterministic: the same records give byte-identical files (no timestamps),
 so a rerun or a second finalizer rewrites the same content.
@@ -16,6 +17,7 @@ from facenet.errors import UserError
 from facenet import confine
 from facenet.preprocess.plan import Plan
 from facenet.preprocess.shard import load_shard_record
+from facenet.verification.pairs import format_pairs, generate_pairs
 
 MANIFEST_VERSION = 1
 
@@ -39,6 +41,7 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
     records = collect_records(plan, roots)
     p = plan.params
     faces_by_identity: dict[str, list[str]] = defaultdict(list)
+    test_faces: dict[str, list[str]] = defaultdict(list)  # RAW/test/ people: verification pairs, never trained on
     splits = {s: Counter() for s in sorted({r["item"][0] for r in records})}
     identities = {s: set() for s in splits}
     rejects, reasons, converted = [], Counter(), Counter()
@@ -56,6 +59,8 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
             converted[r["converted"]] += 1
         if split == "train":
             faces_by_identity[identity].append(r["out"])
+        else:
+            test_faces[identity].append(os.path.join(plan.out, r["out"]))
     for path, reason in plan.refused:  # never planned (symlinks leaving the roots, unlistable names)
         rejects.append({"path": path, "reason": reason})
         reasons[reason] += 1
@@ -71,11 +76,17 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
     train_text = "".join(line + "\n" for line in sorted(train_lines))
     test_text = "".join(line + "\n" for line in sorted(test_lines))
 
+    # Pairs over the people of RAW/test/ (VGGFace2's test identities), whom no list names: verification
+    # on people the model never saw. No file when there are none (or too few to pair).
+    pairs = generate_pairs(test_faces, seed=p.seed)
+    pairs_text = format_pairs(pairs, plan.out) if pairs else ""
+
     content = hashlib.sha256()
     for r in sorted((r for r in records if "out" in r), key=lambda r: r["out"]):
         content.update(f"{r['out']} {r['sha256']}\n".encode())
     content.update(train_text.encode())
     content.update(test_text.encode())
+    content.update(pairs_text.encode())  # nothing when there are no pairs: such outputs keep their hash
 
     manifest = {
         "version": MANIFEST_VERSION,
@@ -86,15 +97,19 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
                                                "seed")},
         "splits": {s: {"identities": len(identities[s]), "images": c["images"], "faces": c["faces"],
                        "rejects": c["rejects"]} for s, c in splits.items()},
-        "lists": {"classes": len(classes), "train_list": len(train_lines), "test_list": len(test_lines)},
+        "lists": {"classes": len(classes), "train_list": len(train_lines), "test_list": len(test_lines),
+                  "test_pairs": len(pairs)},
         "reject_reasons": dict(sorted(reasons.items())),
         "converted": dict(sorted(converted.items())),
         "refused": len(plan.refused),
         "rejects": sorted(rejects, key=lambda r: r["path"]),
         "content_hash": "sha256:" + content.hexdigest(),
     }
-    for name, data in (("train_list.txt", train_text.encode()), ("test_list.txt", test_text.encode()),
-                       ("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())):
+    outputs = [("train_list.txt", train_text.encode()), ("test_list.txt", test_text.encode())]
+    if pairs:
+        outputs.append(("test_pairs.txt", pairs_text.encode()))
+    outputs.append(("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode()))  # last: says all is there
+    for name, data in outputs:
         confine.write_bytes(os.path.join(plan.out, name), data, roots, "preprocessing output")
     return manifest
 
@@ -105,4 +120,5 @@ def manifest_totals(manifest: dict) -> dict:
     return {"images": sum(s["images"] for s in splits), "faces": sum(s["faces"] for s in splits),
             "rejects": sum(s["rejects"] for s in splits), "reject_reasons": manifest["reject_reasons"],
             "train_list": manifest["lists"]["train_list"], "test_list": manifest["lists"]["test_list"],
-            "classes": manifest["lists"]["classes"], "content_hash": manifest["content_hash"]}
+            "classes": manifest["lists"]["classes"], "test_pairs": manifest["lists"].get("test_pairs", 0),
+            "content_hash": manifest["content_hash"]}

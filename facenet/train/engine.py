@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from facenet import confine, devices
@@ -26,6 +25,7 @@ from facenet.model import build_model, resolve_pretrained
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
 from facenet.train import distributed as dist
+from facenet.train.losses import Trainable, make_objective
 from facenet.train.metrics import EpochClock, EventLog, modelzoo_block
 from facenet.tracking import Tracker, resolve_uri
 
@@ -124,16 +124,19 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
         f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
 
+    pairs = _verification_pairs(spec, data, roots, say)
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
     model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    objective = make_objective(spec)
+    trainable = Trainable(model, spec.loss)  # network + loss head: what DDP wraps
     if spec.optimizer == "adam":
         optimizer = device.make_adam(model.parameters(), spec.lr, spec.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
 
-    start_epoch, history, run_id = 0, [], spec.run_id
+    start_epoch, history, run_id, baseline = 0, [], spec.run_id, None
     if resume_path:
         state = ckpt_io.load(resume_path)
         _check_resumable(state, data, resume_path)
@@ -141,7 +144,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         amp.scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state.get("history", [])
+        start_epoch, history, baseline = state["epoch"], state.get("history", []), state.get("verify_baseline")
         run_id = run_id or state.get("mlflow_run_id")
         if info.is_main and state.get("rng"):
             ckpt_io.set_rng_state(state["rng"])
@@ -149,10 +152,10 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     if start_epoch >= spec.epochs:
         say(f"nothing to do: checkpoint already has {start_epoch} of {spec.epochs} epochs")
 
-    ddp_model = model
+    ddp_model = trainable
     if info.world_size > 1:
         ids = [device.index] if device.index is not None else None
-        ddp_model = DistributedDataParallel(model, device_ids=ids)
+        ddp_model = DistributedDataParallel(trainable, device_ids=ids)
 
     tracker, events = None, EventLog(None)
     if info.is_main:
@@ -171,18 +174,33 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             if not resume_path:
                 tracker.log_params(_params(spec, data, device, info, amp, workers))
             say(f"MLflow run {run_id} at {uri}")
-            for done in history:  # a kill between the checkpoint and the send would lose these: send again
+            for done in ([baseline] if baseline else []) + history:  # a kill between the checkpoint and the
+                # send would lose these: send again
                 _log_epoch(tracker, done)
     run_id = dist.all_gather_object(run_id)[0]
 
-    train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
-                                            workers, spec.image_size, spec.augment, device.pin_memory, roots)
+    if spec.loss == "triplet":
+        train_loader = data_loader.identity_loader(data.train, per_rank_batch, spec.images_per_identity, info.rank,
+                                                   info.world_size, spec.seed, workers, spec.image_size, spec.augment,
+                                                   device.pin_memory, roots)
+    else:
+        train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
+                                                workers, spec.image_size, spec.augment, device.pin_memory, roots)
     eval_loader = data_loader.eval_loader(data.test, per_rank_batch, info.rank, info.world_size,
                                           workers, spec.image_size, device.pin_memory, roots)
     bad_paths: set[str] = set()
     reported_bad: set[str] = set()
     events.emit("start", world_size=info.world_size, device=device.type, epochs=spec.epochs,
                 start_epoch=start_epoch, mlflow_run_id=run_id, steps_per_epoch=len(train_loader))
+    if pairs is not None and start_epoch == 0:
+        # The untrained (or pretrained) model's numbers, at step 0: what training has to beat.
+        baseline = {"epoch": 0, **_verify(model, pairs, spec, device, amp, channels_last, info, roots),
+                    "logged_ms": int(time.time() * 1000)}
+        say(f"verification before training: accuracy {baseline['verify_acc']:.4f}, VAL@FAR=1e-3 "
+            f"{baseline['val_far_1e-3']:.4f}, AUC {baseline['auc']:.4f}")
+        events.emit("verify", **baseline)
+        if tracker:
+            _log_epoch(tracker, baseline)
     status = "FAILED"
     try:
         for epoch in range(start_epoch, spec.epochs):
@@ -193,10 +211,15 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 _audit_samples(spec.audit_samples, train_loader, data, info.rank, epoch,
                                None if roots is None else confine.Roots(roots.roots + [spec.output]))
             t_epoch = time.time()
-            stats = _train_epoch(ddp_model, train_loader, optimizer, amp, device, channels_last, spec,
+            stats = _train_epoch(ddp_model, objective, train_loader, optimizer, amp, device, channels_last, spec,
                                  epoch, events, say, bad_paths, info)
             train_seconds = time.time() - t_epoch
-            acc1, n_eval = _evaluate(model, eval_loader, amp, device, channels_last, bad_paths)
+            acc1, n_eval = None, 0
+            if objective.has_classifier:
+                acc1, n_eval = _evaluate(trainable, objective, eval_loader, amp, device, channels_last, bad_paths)
+            verification = {}
+            if pairs is not None and ((epoch + 1) % spec.verify_every == 0 or epoch + 1 == spec.epochs):
+                verification = _verify(model, pairs, spec, device, amp, channels_last, info, roots)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             bad_paths = _share_bad_paths(bad_paths, reported_bad, say)
@@ -205,15 +228,16 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                       "epoch_time": time.time() - t_epoch, "train_seconds": train_seconds,
                       "train_images": stats["images"], "window_images": stats["window_images"],
                       "window_seconds": stats["window_seconds"], "eval_images": n_eval,
-                      "bad_images": len(bad_paths)}
+                      "bad_images": len(bad_paths), **verification}
             memory = device.max_memory_mb()
             if memory is not None:
                 record["device_memory_mb"] = memory
             record["logged_ms"] = int(time.time() * 1000)  # the MLflow timestamp: a resend is then a duplicate
             history.append(record)
             acc_text = "n/a" if acc1 is None else f"{acc1:.4f}"
+            verify_text = f" | verify {verification['verify_acc']:.4f} auc {verification['auc']:.4f}" if verification else ""
             say(f"Epoch {epoch + 1}/{spec.epochs} | loss {stats['loss']:.4f} | train acc {stats['train_acc']:.4f} | "
-                f"Acc@1 {acc_text} ({n_eval} held out) | fps {stats['fps']:.1f} "
+                f"Acc@1 {acc_text} ({n_eval} held out){verify_text} | fps {stats['fps']:.1f} "
                 f"({stats['fps'] / info.world_size:.1f}/device) | lr {lr:g} | {record['epoch_time']:.1f}s")
             events.emit("epoch", **record)
             if info.is_main:
@@ -221,6 +245,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict(),
                                      "epoch": epoch + 1, "rng": ckpt_io.rng_state(), "history": history,
+                                     "verify_baseline": baseline,
                                      "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id,
                                      "writer_rank": info.rank},
                                     path)
@@ -235,13 +260,15 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         if status != "FINISHED":
             events.emit("failed")
             if tracker:
-                tracker.close("FAILED", timeout=30)
+                tracker.close("FAILED", timeout=30, waiting=LIVENESS.beat)
             events.close()
 
     summary = _summary(spec, history, info, device, amp, t_start, run_id, data, bad_paths)
+    summary["verify_untrained"] = baseline and {k: baseline[k] for k in ("verify_acc", "val_far_1e-3", "auc", "eer")}
     if info.is_main:
         final = os.path.join(spec.output, "model.pt")
-        ckpt_io.save_atomic({"model": model.state_dict(), "classes": data.classes, "spec": spec.to_dict()}, final)
+        ckpt_io.save_atomic({"model": model.state_dict(), "classes": data.classes, "spec": spec.to_dict(),
+                             "epoch": spec.epochs, "mlflow_run_id": run_id}, final)
         summary["model"] = final
         if tracker:
             tracker.log_metrics({"final_fps": summary["fps"], "final_acc1": summary["acc1"]}, step=spec.epochs)
@@ -253,7 +280,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             example = np.zeros((1, 3, spec.image_size, spec.image_size), dtype=np.float32)
             tracker.log_model(model, example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                                 "facenet-pytorch==2.5.3"])
-            report = tracker.close("FINISHED")
+            report = tracker.close("FINISHED", waiting=LIVENESS.beat)  # log_model: ~15 s on 2 cores
             summary["mlflow_lost_records"] = len(report.lost)
             say(report.summary())
         events.emit("end", **{k: v for k, v in summary.items() if k != "event"})
@@ -291,17 +318,18 @@ class Liveness:
 LIVENESS = Liveness(os.environ.get("FACENET_TRAINER_HEARTBEAT"))
 
 
-EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb")
+EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb",
+                 "verify_acc", "val_far_1e-3", "auc", "eer")
 
 
 def _log_epoch(tracker: Tracker, record: dict) -> None:
     """One epoch's metrics at step = epoch. Logged after the checkpoint that holds the record; a resumed run
     sends its history again with the same timestamps, which MLflow keeps once."""
-    tracker.log_metrics({k: record[k] for k in EPOCH_METRICS if k in record}, step=record["epoch"],
+    tracker.log_metrics({k: record[k] for k in EPOCH_METRICS if record.get(k) is not None}, step=record["epoch"],
                         timestamp_ms=record.get("logged_ms"))
 
 
-def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
+def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
                  epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo) -> dict:
     model.train()
     steps = len(loader)
@@ -322,8 +350,8 @@ def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, cha
         x = data_loader.to_device(images, device.torch_device, channels_last)
         y = labels.to(device.torch_device, non_blocking=True)
         with device.autocast(amp.enabled, amp.dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            out = model(x)
+            loss, n_correct = objective.loss(out, y)
         optimizer.zero_grad(set_to_none=True)
         amp.scaler.scale(loss).backward()
         amp.scaler.step(optimizer)
@@ -331,7 +359,7 @@ def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, cha
         n = labels.numel()
         seen += n
         loss_sum += loss.detach().float() * n
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += n_correct
         if step == clock.warmup:
             device.synchronize()
             clock.start()
@@ -358,8 +386,9 @@ def _train_epoch(model, loader, optimizer, amp: Amp, device: devices.Device, cha
 
 
 @torch.inference_mode()
-def _evaluate(model, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set):
-    """Top-1 on the held-out split over all ranks. Returns (acc1 or None, images evaluated)."""
+def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set):
+    """Top-1 of the loss's classifier on the held-out split over all ranks. Returns (acc1 or None, images
+    evaluated). `model` is the Trainable (not DDP: ranks evaluate different images)."""
     model.eval()
     correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
     total = 0
@@ -370,12 +399,66 @@ def _evaluate(model, loader, amp: Amp, device: devices.Device, channels_last: bo
             continue
         x = data_loader.to_device(images, device.torch_device, channels_last)
         with device.autocast(amp.enabled, amp.dtype):
-            logits = model(x)
-        correct += (logits.argmax(1) == labels.to(device.torch_device)).sum()
+            predicted = objective.predict(model(x))
+        correct += (predicted == labels.to(device.torch_device)).sum()
         total += labels.numel()
     correct_all, total_all = dist.all_reduce([float(correct.item()), float(total)], device.torch_device)
     model.train()
     return (correct_all / total_all if total_all else None), int(total_all)
+
+
+def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Roots | None, say: Console):
+    """The pairs the per-epoch verification runs on, or None (with a line saying why not)."""
+    from facenet.verification.pairs import read_pairs
+
+    if spec.verify_every == 0:
+        return None
+    path = spec.verify_pairs
+    if path is None:
+        path = next((os.path.join(spec.data, n) for n in ("test_pairs.txt", "pairs.txt")
+                     if os.path.isfile(os.path.join(spec.data, n))), None)
+    if path is None:
+        if spec.verify_every is not None:
+            raise UserError(f"--verify-every {spec.verify_every}: {spec.data} has no test_pairs.txt or pairs.txt; "
+                            "name a pairs file with --verify-pairs")
+        say("verification: no test_pairs.txt or pairs.txt in the data root (--verify-pairs FILE adds one); off")
+        return None
+    pairs = read_pairs(path, spec.data, roots)
+    people = set(pairs.identities.values())
+    seen = len(people & set(data.classes))
+    every = spec.verify_every or 1
+    say(f"verification every {every} epoch(s): {pairs.source}, {len(people)} people, "
+        f"{seen or 'none'} of them trained on")
+    spec.verify_every = every
+    return pairs
+
+
+def _verify(model, pairs, spec: TrainSpec, device: devices.Device, amp: Amp, channels_last: bool,
+            info: dist.DistInfo, roots: confine.Roots | None) -> dict:
+    """LFW-protocol numbers on `pairs`, sharded: each rank embeds every world_size-th image, then every rank
+    gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding)."""
+    from facenet.evaluate import logged_metrics
+    from facenet.verification import metrics as vm
+    from facenet.verification.embed import distances, embed_paths
+
+    paths = sorted({img for p in pairs.pairs for img in (p.a, p.b)})
+    mine = paths[info.rank::info.world_size]
+    emb, bad = embed_paths(model, mine, device.torch_device, spec.image_size, batch_size=max(32, spec.batch_size // info.world_size),
+                           channels_last=channels_last, autocast=lambda: device.autocast(amp.enabled, amp.dtype),
+                           roots=roots, progress=lambda *_: LIVENESS.beat())
+    parts = dist.all_gather_object((info.rank, emb, bad))
+    full = np.zeros((len(paths), emb.shape[1]), dtype=np.float32)
+    unreadable: set[str] = set()
+    for rank, part, part_bad in parts:
+        full[rank::info.world_size] = part
+        unreadable.update(part_bad)
+    index = {p: i for i, p in enumerate(paths)}
+    kept = [p for p in pairs.pairs if p.a not in unreadable and p.b not in unreadable]
+    if not kept:
+        raise UserError(f"verification: every pair has an unreadable image (e.g. {sorted(unreadable)[0]})")
+    d = distances(full[[index[p.a] for p in kept]], full[[index[p.b] for p in kept]])
+    result = vm.verification_metrics(d, [p.same for p in kept], [p.fold for p in kept])
+    return {**logged_metrics(result), "verify_pairs": len(kept)}
 
 
 def _share_bad_paths(local: set, reported: set, say: Console) -> set:
@@ -426,6 +509,8 @@ def _summary(spec: TrainSpec, history: list, info: dist.DistInfo, device: device
         "fps": round(fps, 3),
         "fps_per_device": round(fps / info.world_size, 3),
         "acc1": last.get("acc1"),
+        "loss_function": spec.loss,
+        **{k: last.get(k) for k in ("verify_acc", "val_far_1e-3", "auc", "eer")},
         "train_acc": last.get("train_acc"),
         "loss": last.get("loss"),
         "epochs": len(history),

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from facenet.errors import UserError
-from facenet.spec import (AMP_DTYPES, CHECKPOINT_LOGGING, DEVICES, OPT_LEVELS, OPTIMIZERS, TrainSpec,
+from facenet.spec import (AMP_DTYPES, CHECKPOINT_LOGGING, DEVICES, LOSSES, OPT_LEVELS, OPTIMIZERS, TrainSpec,
                           default_pretrained_path)
 
 
@@ -64,6 +64,22 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
     g.add_argument("--pretrained", default=d.pretrained, metavar="FILE|auto|none",
                    help=f"vggface2 weights to start from; auto uses {default_pretrained_path()} when it "
                         "exists, else trains from scratch. Nothing is downloaded")
+
+    g = p.add_argument_group("loss and verification")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="softmax: the recipe's classifier head; triplet: FaceNet's loss with online semi-hard "
+                        "mining over P people x K images per batch; arcface: additive angular margin head")
+    g.add_argument("--triplet-margin", type=float, default=d.triplet_margin,
+                   help="triplet margin on squared distances of unit embeddings")
+    g.add_argument("--images-per-identity", type=int, default=d.images_per_identity, metavar="K",
+                   help="triplet: K images of each person per batch (each process's batch must be a multiple)")
+    g.add_argument("--arcface-scale", type=float, default=d.arcface_scale, help="arcface: logit scale s")
+    g.add_argument("--arcface-margin", type=float, default=d.arcface_margin, help="arcface: angular margin m (radians)")
+    g.add_argument("--verify-every", type=int, default=None, metavar="N",
+                   help="verification on pairs (LFW protocol) every N epochs; default: every epoch when DATA has "
+                        "test_pairs.txt or pairs.txt (or --verify-pairs is given); 0: never")
+    g.add_argument("--verify-pairs", metavar="FILE",
+                   help="pairs file for the per-epoch verification (ours or LFW's), paths relative to DATA")
 
     g = p.add_argument_group("precision")
     g.add_argument("--amp", "--amp_cfg", "--amp-cfg", action="store_true",

@@ -1,0 +1,289 @@
+"""Verification of a trained model by the LFW protocol: `facenet-cli evaluate` and training's per-epoch check.
+
+MODEL is one of our model files (`OUTPUT/model.pt`) or checkpoints (`OUTPUT/checkpoint.pt`), a training
+output folder (its model.pt, else its checkpoint), or an MLflow model URI `runs:/<run id>/model` (the run's
+`final/model.pt` artifact, else its checkpoint). The report says where the pairs came from and how many of
+their people the model was trained on; for a model that came from an MLflow run, its metrics (`eval_*`),
+a ROC curve PNG and the report JSON are logged to that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from facenet.errors import UserError
+from facenet.verification import metrics as vm
+from facenet.verification.embed import distances, embed_paths
+from facenet.verification.pairs import PairSet, find_pairs
+
+FAR_TARGET = 1e-3
+MAX_MODEL_BYTES = 2 << 30
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    path: str
+    image_size: int
+    classes: list[str]  # the identities it was trained on (empty when the file does not say)
+    run_id: str | None
+    epoch: int | None
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+def resolve_model(ref: str, mlflow_uri: str | None, workdir: str) -> tuple[str, str | None]:
+    """(model file, MLflow run id it came from or None) for MODEL (see the module docstring)."""
+    m = re.fullmatch(r"runs:/([0-9a-f]{32})(/.*)?", ref)
+    if m:
+        return _download_from_run(m.group(1), mlflow_uri, workdir), m.group(1)
+    if ref.startswith(("runs:", "models:", "mlflow-artifacts:")):
+        raise UserError(f"--model {ref}: only runs:/<32-hex run id>/model MLflow URIs are understood")
+    if os.path.isdir(ref):
+        for name in ("model.pt", "checkpoint.pt"):
+            if os.path.isfile(os.path.join(ref, name)):
+                return os.path.join(ref, name), None
+        raise UserError(f"--model {ref}: no model.pt or checkpoint.pt in this folder (is it a training output?)")
+    if not os.path.exists(ref):
+        raise UserError(f"--model {ref}: no such file or folder")
+    return ref, None
+
+
+def _download_from_run(run_id: str, mlflow_uri: str | None, workdir: str) -> str:
+    if not mlflow_uri:
+        raise UserError(f"--model runs:/{run_id}: no MLflow server configured (--mlflow-uri, FACENET_MLFLOW_URI "
+                        "or a local stack)")
+    from mlflow.tracking import MlflowClient
+
+    from facenet.tracking import check_reachable
+
+    check_reachable(mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        raise UserError(f"--model runs:/{run_id}: no such run at {mlflow_uri} ({str(exc).splitlines()[0][:160]})") from None
+    for artifact in ("final/model.pt", "checkpoints/checkpoint.pt"):
+        try:
+            return client.download_artifacts(run_id, artifact, workdir)
+        except Exception:
+            continue
+    raise UserError(f"--model runs:/{run_id}: the run has no final/model.pt or checkpoints/checkpoint.pt artifact "
+                    "(did it finish, or log checkpoints?)")
+
+
+def load_model(path: str, run_id: str | None = None) -> LoadedModel:
+    """Build InceptionResnetV1 from one of our model files or checkpoints (tensors only: no pickle)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    if os.path.getsize(path) > MAX_MODEL_BYTES:
+        raise UserError(f"--model {path}: {os.path.getsize(path) >> 20} MiB, more than a FaceNet model")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--model {path}: not a model file we can read as tensors ({first[:160]})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise UserError(f"--model {path}: not a facenet model or checkpoint (no 'model' state dict)")
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj["model"].items()}
+    if "logits.weight" not in state:
+        raise UserError(f"--model {path}: not InceptionResnetV1 weights (no logits.weight)")
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    model = InceptionResnetV1(classify=True, num_classes=int(state["logits.weight"].shape[0]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"--model {path}: not InceptionResnetV1 weights ({str(exc).splitlines()[0][:160]})") from None
+    return LoadedModel(model, path, int(spec.get("image_size", 160)), list(obj.get("classes") or []),
+                       run_id or obj.get("mlflow_run_id"), obj.get("epoch", spec.get("epochs")))
+
+
+# ---- verification ------------------------------------------------------------------------------------------
+def verify(model: torch.nn.Module, pairs: PairSet, device: torch.device, image_size: int, metric: str = "euclidean",
+           flip: bool = False, batch_size: int = 128, workers: int = 0, channels_last: bool = False,
+           autocast=contextlib.nullcontext, far_target: float = FAR_TARGET, progress=None) -> dict:
+    """Embed every image of `pairs` once and score the pairs by the LFW protocol. Pairs with an unreadable
+    image are dropped and counted (`dropped_pairs`, `unreadable`), never silently."""
+    paths = sorted({img for p in pairs.pairs for img in (p.a, p.b)})
+    index = {p: i for i, p in enumerate(paths)}
+    emb, bad = embed_paths(model, paths, device, image_size, batch_size, flip, workers, channels_last,
+                           autocast, progress=progress)
+    bad_set = set(bad)
+    kept = [p for p in pairs.pairs if p.a not in bad_set and p.b not in bad_set]
+    if not kept:
+        raise UserError(f"no pair left to verify: {len(bad)} unreadable image(s), e.g. {bad[0] if bad else '?'}")
+    a = emb[[index[p.a] for p in kept]]
+    b = emb[[index[p.b] for p in kept]]
+    d = distances(a, b, metric)
+    out = vm.verification_metrics(d, [p.same for p in kept], [p.fold for p in kept], far_target)
+    fpr, tpr, _ = vm.roc(d, np.array([p.same for p in kept]))
+    out.update({"metric": metric, "flip": flip, "images": len(paths), "dropped_pairs": len(pairs.pairs) - len(kept),
+                "unreadable": sorted(bad_set), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}})
+    return out
+
+
+def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: str = "euclidean",
+             flip: bool = False, device_type: str = "auto", batch_size: int = 128, workers: int = 0,
+             mlflow_uri: str | None = None, log: bool = True, plot: str | None = None, seed: int = 0,
+             progress=None) -> dict:
+    """`facenet-cli evaluate`: the report as a dict (see `format_report`); logs to the model's MLflow run
+    when it came from one and `log` is set; writes the ROC curve to `plot` when given."""
+    if metric not in ("euclidean", "cosine"):
+        raise UserError(f"--distance {metric}: choose euclidean or cosine")
+    if batch_size < 1 or batch_size > 4096:
+        raise UserError(f"--batch-size {batch_size}: must be in 1..4096")
+    data = os.path.abspath(data)
+    pairs = find_pairs(data, pairs_file and os.path.abspath(pairs_file), seed)
+    with tempfile.TemporaryDirectory(prefix="facenet-eval-") as tmp:
+        loaded, device, path, run_id = _prepare(model_ref, device_type, mlflow_uri, tmp)
+        result = verify(loaded.model, pairs, device.torch_device, loaded.image_size, metric, flip, batch_size,
+                        workers, device.channels_last, progress=progress)
+        people = set(pairs.identities.values())
+        seen = people & set(loaded.classes)
+        report = {"model": model_ref, "model_file": path if not run_id else f"runs:/{run_id}/" + os.path.relpath(path, tmp),
+                  "mlflow_run_id": loaded.run_id, "epoch": loaded.epoch, "image_size": loaded.image_size,
+                  "device": device.type, "data": data, "pairs_source": pairs.source, "identities": len(people),
+                  "identities_seen_in_training": len(seen) if loaded.classes else None, **result}
+        png = plot or os.path.join(tmp, "roc.png")
+        plot_roc(report, png)
+        report["roc_png"] = plot
+        report["logged_to_mlflow"] = _log_to_run(report, png, mlflow_uri) if log and loaded.run_id else None
+    return report
+
+
+def _prepare(model_ref: str, device_type: str, mlflow_uri: str | None, tmp: str):
+    from facenet import devices
+
+    device = devices.setup_device(devices.resolve_device_type(device_type), 0, None)
+    path, run_id = resolve_model(model_ref, mlflow_uri, tmp)
+    loaded = load_model(path, run_id)
+    loaded.model.to(device.torch_device)
+    if device.channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
+    return loaded, device, path, run_id
+
+
+def embed_folder(model_ref: str, folder: str, out: str, device_type: str = "auto", batch_size: int = 128,
+                 flip: bool = False, workers: int = 0, mlflow_uri: str | None = None, progress=None) -> dict:
+    """`facenet-cli embed`: every image below FOLDER -> OUT (.npz or .parquet) with its path relative to
+    FOLDER; returns a summary. Unreadable images are left out and named, never written as zeros."""
+    from facenet.verification.embed import images_under, write_embeddings
+
+    if not out.endswith((".npz", ".parquet")):
+        raise UserError(f"OUT {out}: name it .npz or .parquet")
+    if not os.path.isdir(folder):
+        raise UserError(f"FOLDER {folder}: no such directory")
+    if batch_size < 1 or batch_size > 4096:
+        raise UserError(f"--batch-size {batch_size}: must be in 1..4096")
+    folder = os.path.abspath(folder)
+    paths = images_under(folder)
+    if not paths:
+        raise UserError(f"FOLDER {folder}: no images in it")
+    with tempfile.TemporaryDirectory(prefix="facenet-embed-") as tmp:
+        loaded, device, _, _ = _prepare(model_ref, device_type, mlflow_uri, tmp)
+        emb, bad = embed_paths(loaded.model, paths, device.torch_device, loaded.image_size, batch_size, flip,
+                               workers, device.channels_last, progress=progress)
+    bad_set = set(bad)
+    keep = [i for i, p in enumerate(paths) if p not in bad_set]
+    rel = [os.path.relpath(paths[i], folder) for i in keep]
+    meta = {"model": model_ref, "folder": folder, "image_size": loaded.image_size, "flip": flip,
+            "mlflow_run_id": loaded.run_id, "epoch": loaded.epoch}
+    write_embeddings(out, rel, emb[keep], meta)
+    return {"out": os.path.abspath(out), "images": len(keep), "dim": int(emb.shape[1]), "unreadable": sorted(bad_set),
+            "device": device.type, **{k: meta[k] for k in ("image_size", "flip", "mlflow_run_id")}}
+
+
+def _log_to_run(report: dict, png: str, mlflow_uri: str | None) -> str:
+    """Log the numbers (eval_*), the ROC PNG and the report to the model's run; say what happened."""
+    run_id = report["mlflow_run_id"]
+    if not mlflow_uri:
+        return f"not logged: no MLflow server configured for run {run_id}"
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from facenet.tracking import check_reachable
+
+        check_reachable(mlflow_uri)
+        client = MlflowClient(mlflow_uri)
+        import time
+
+        now, step = int(time.time() * 1000), int(report["epoch"] or 0)
+        client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(v), now, step) for k, v in logged_metrics(report).items()])
+        client.log_artifact(run_id, png, "evaluation")
+        client.log_text(run_id, json.dumps({k: v for k, v in report.items() if k != "roc"}, indent=2),
+                        "evaluation/report.json")
+    except UserError as exc:
+        return f"not logged to run {run_id}: {exc}"
+    except Exception as exc:
+        return f"not logged to run {run_id}: {str(exc).splitlines()[0][:200]}"
+    return f"logged to MLflow run {run_id} (eval_* metrics, evaluation/roc.png)"
+
+
+def logged_metrics(result: dict) -> dict[str, float]:
+    """The verification numbers under the names MLflow shows (training logs the same at every epoch)."""
+    if result["far_target"] != FAR_TARGET:
+        raise ValueError(f"logged as val_far_1e-3 but measured at FAR {result['far_target']}")
+    return {"verify_acc": result["accuracy"], "val_far_1e-3": result["val"], "auc": result["auc"], "eer": result["eer"]}
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+def format_report(r: dict) -> str:
+    seen = r.get("identities_seen_in_training")
+    seen_text = "unknown (the model file names no classes)" if seen is None else \
+        (f"{seen} of them seen in training" if seen else "none of them seen in training")
+    lines = [
+        f"model     {r['model']} (epoch {r['epoch'] if r['epoch'] is not None else '?'}, {r['image_size']} px, on {r['device']})",
+        f"pairs     {r['pairs_source']}",
+        f"people    {r['identities']}: {seen_text}",
+        f"scored    {r['pairs']} pairs ({r['same_pairs']} same, {r['different_pairs']} different), {r['folds']} folds, "
+        f"{r['metric']} distance{', flipped images added' if r['flip'] else ''}",
+    ]
+    if r["dropped_pairs"]:
+        lines.append(f"dropped   {r['dropped_pairs']} pairs with unreadable images, e.g. {r['unreadable'][0]}")
+    lines += [
+        "",
+        f"  {'accuracy':<14}{r['accuracy']:.4f} +- {r['accuracy_std']:.4f}   (threshold {r['threshold']:.4f}, "
+        "chosen on the other folds)",
+        f"  {'VAL@FAR=' + format(r['far_target'], 'g'):<14}{r['val']:.4f} +- {r['val_std']:.4f}   (FAR {r['far']:.4f})",
+        f"  {'ROC AUC':<14}{r['auc']:.4f}",
+        f"  {'EER':<14}{r['eer']:.4f}",
+    ]
+    if r.get("roc_png"):
+        lines.append(f"\nROC curve: {r['roc_png']}")
+    if r.get("logged_to_mlflow"):
+        lines.append(r["logged_to_mlflow"])
+    return "\n".join(lines)
+
+
+def plot_roc(report: dict, path: str, size_px: int = 600) -> str:
+    """The ROC curve (log false-accept rate) as a size_px x size_px PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = np.array(report["roc"]["fpr"]), np.array(report["roc"]["tpr"])
+    fig, ax = plt.subplots(figsize=(size_px / 100, size_px / 100), dpi=100)
+    try:
+        ax.plot(np.maximum(fpr, 1e-4), tpr, lw=2, label=f"AUC {report['auc']:.4f}, EER {report['eer']:.4f}")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-4, 1.0)
+        ax.set_ylim(0.0, 1.01)
+        ax.set_xlabel("false accept rate")
+        ax.set_ylabel("true accept rate")
+        ax.set_title(f"verification: acc {report['accuracy']:.4f}, {report['pairs']} pairs", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
