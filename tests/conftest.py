@@ -54,6 +54,26 @@ def orl_faces() -> str:
 
 
 @pytest.fixture(scope="session")
+def sample_split(sample_root, tmp_path_factory) -> str:
+    """The sample set as training and verification data: train/ holds 4 of the 8 people, test/ the other 4,
+    and test_pairs.txt pairs those 4 (people training never sees)."""
+    import shutil
+
+    from facenet.verification.pairs import format_pairs, generate_pairs, identity_folders
+
+    src = os.path.join(sample_root, "prep", "train")
+    root = str(tmp_path_factory.mktemp("split"))
+    people = sorted(os.listdir(src))
+    trained = [p for p in people if p.startswith("t1_person")][:4]
+    for person in people:
+        shutil.copytree(os.path.join(src, person), os.path.join(root, "train" if person in trained else "test", person))
+    pairs = generate_pairs(identity_folders(os.path.join(root, "test")), seed=0)
+    with open(os.path.join(root, "test_pairs.txt"), "w", encoding="utf-8") as fh:
+        fh.write(format_pairs(pairs, root))
+    return root
+
+
+@pytest.fixture(scope="session")
 def sample_faces(sample_root) -> str:
     return os.path.join(sample_root, "prep", "train")  # 8 identity folders of ~40 crops
 

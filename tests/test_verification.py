@@ -131,6 +131,30 @@ def test_preprocessing_pairs_people_it_never_trains_on(orl_faces):
     assert sum(p.same for p in pairs.pairs) * 2 == len(pairs.pairs)
 
 
+def test_identity_batches_hold_several_people_and_read_every_image():
+    from facenet.data.loader import IdentityBatchSampler
+
+    # 4 people x 32 (the sample split), 5 x 7 and one person with 1 image, 10 + 3 (fewer people than P).
+    for labels in ([i // 32 for i in range(128)], [i // 7 for i in range(35)] + [5], [0] * 10 + [1] * 3):
+        for world in (1, 2):
+            read = set()
+            lengths = set()
+            for rank in range(world):
+                sampler = IdentityBatchSampler(labels, rank, world, batch_size=16, per_identity=4, seed=1)
+                for epoch in range(3):
+                    sampler.set_epoch(epoch)
+                    order = list(sampler)
+                    lengths.add(len(order))
+                    assert len(order) == len(sampler) and len(order) % 16 == 0
+                    for b in range(0, len(order), 16):
+                        people = [labels[i] for i in order[b:b + 16]]
+                        assert all(len(set(people[g:g + 4])) == 1 for g in range(0, 16, 4))  # K of one person
+                        assert len(set(people)) >= 2, people  # and never one person alone
+                    if epoch == 0:
+                        read.update(order)
+            assert read == set(range(len(labels))) and len(lengths) == 1  # every image; equal steps on all ranks
+
+
 # ---- facenet-cli evaluate / embed ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def untrained_model(tmp_path_factory) -> str:

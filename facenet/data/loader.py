@@ -140,10 +140,12 @@ class IdentityBatchSampler(Sampler[int]):
     """P people x K images per process batch, for metric losses (`--loss triplet`), sharded over ranks.
 
     Each epoch, each person's images are shuffled and cut into groups of K (a person's last group, or a
-    person with fewer than K images, is filled by repeating their images), the groups are shuffled, and
-    every step takes P groups per rank. The last global step is filled by wrapping around to the first
-    groups, as `TrainSampler` does: every image is read every epoch, every batch has the same shape, and
-    every rank takes the same number of steps. Use with batch_size = P x K and drop_last.
+    person with fewer than K images, is filled by repeating their images). Each batch takes one group from
+    each of the P people with the most groups left (ties broken at random), so a batch holds P different
+    people whenever that many are left, and people run out together rather than one person filling the
+    last batches. Batches are dealt to ranks in turn; the last round is filled by wrapping around to the
+    first batches, as `TrainSampler` does: every image is read every epoch, every batch has the same
+    shape, every rank takes the same number of steps. Use with batch_size = P x K and drop_last.
     """
 
     def __init__(self, labels: list[int], rank: int, world_size: int, batch_size: int, per_identity: int, seed: int):
@@ -154,37 +156,53 @@ class IdentityBatchSampler(Sampler[int]):
         self.by_label: dict[int, list[int]] = {}
         for i, label in enumerate(labels):
             self.by_label.setdefault(label, []).append(i)
-        groups = sum(-(-len(v) // per_identity) for v in self.by_label.values())
-        self.steps = -(-groups // (self.p * world_size))
+        # How many batches the dealing below makes depends only on each person's group count, not on the
+        # shuffles: count them once, so every epoch (and every rank) has the same length.
+        left = sorted((-(-len(v) // per_identity) for v in self.by_label.values()), reverse=True)
+        batches = 0
+        while left and left[0] > 0:
+            left = sorted([n - 1 for n in left[:self.p]] + left[self.p:], reverse=True)
+            batches += 1
+        self.steps = -(-batches // world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def _batches(self) -> list[list[int]]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        groups: list[list[int]] = []
+        left: dict[int, list[list[int]]] = {}
         for label in sorted(self.by_label):
             items = self.by_label[label]
             order = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+            groups = []
             for start in range(0, len(order), self.k):
                 group = order[start:start + self.k]
-                fill = 0
-                while len(group) < self.k:  # too few images left: repeat this person's own
-                    group.append(order[fill % len(order)])
-                    fill += 1
+                group += [order[i % len(order)] for i in range(self.k - len(group))]  # repeat their own images
                 groups.append(group)
-        groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
-        needed = self.steps * self.p * self.world_size
-        while len(groups) < needed:
-            groups += groups[: needed - len(groups)]
-        out: list[int] = []
-        for step in range(self.steps):
-            first = (step * self.world_size + self.rank) * self.p
-            for group in groups[first:first + self.p]:
-                out += group
-        return iter(out)
+            left[label] = groups
+        labels = sorted(left)
+        batches: list[list[int]] = []
+        dealt: list[list[int]] = []
+        while any(left.values()):
+            tie = dict(zip(labels, torch.randperm(len(labels), generator=g).tolist()))
+            ranked = sorted((lab for lab in labels if left[lab]), key=lambda lab: (-len(left[lab]), tie[lab]))
+            batch = [left[lab].pop() for lab in ranked[:self.p]]
+            dealt += batch
+            fill = 0
+            while len(batch) < self.p:  # fewer people left than P: reuse groups already dealt this epoch
+                batch.append(dealt[fill % len(dealt)])
+                fill += 1
+            batches.append([i for group in batch for i in group])
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        batches = self._batches()
+        needed = self.steps * self.world_size
+        while len(batches) < needed:
+            batches += batches[: needed - len(batches)]
+        return iter([i for step in range(self.steps) for i in batches[step * self.world_size + self.rank]])
 
     def __len__(self) -> int:
         return self.steps * self.p * self.k

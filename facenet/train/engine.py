@@ -124,6 +124,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
         f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
 
+    if spec.loss == "triplet" and data.num_classes < 2:
+        raise UserError(f"--loss triplet: {spec.data} has {data.num_classes} identity; triplets need 2 or more")
     pairs = _verification_pairs(spec, data, roots, say)
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
@@ -276,10 +278,12 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 tracker.log_artifact(summary["checkpoint"], "checkpoints")
             tracker.log_text(json.dumps(summary, indent=2), "summary.json")
             tracker.log_artifact(final, "final")
-            model.cpu().float().eval()
-            example = np.zeros((1, 3, spec.image_size, spec.image_size), dtype=np.float32)
-            tracker.log_model(model, example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                                "facenet-pytorch==2.5.3"])
+            if spec.log_model:  # whatever the loss, the MLflow model maps face crops to unit embeddings
+                model.cpu().float().eval()
+                model.classify = False
+                example = np.zeros((1, 3, spec.image_size, spec.image_size), dtype=np.float32)
+                tracker.log_model(model, example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                                    "facenet-pytorch==2.5.3"])
             report = tracker.close("FINISHED", waiting=LIVENESS.beat)  # log_model: ~15 s on 2 cores
             summary["mlflow_lost_records"] = len(report.lost)
             say(report.summary())
@@ -423,7 +427,7 @@ def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Root
                             "name a pairs file with --verify-pairs")
         say("verification: no test_pairs.txt or pairs.txt in the data root (--verify-pairs FILE adds one); off")
         return None
-    pairs = read_pairs(path, spec.data, roots)
+    pairs = read_pairs(path, spec.data, roots, "--verify-pairs" if spec.verify_pairs else "verification pairs")
     people = set(pairs.identities.values())
     seen = len(people & set(data.classes))
     every = spec.verify_every or 1

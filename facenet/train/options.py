@@ -114,6 +114,8 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
                    help="extra MLflow run tag (repeatable)")
     g.add_argument("--log-checkpoints", choices=CHECKPOINT_LOGGING, default=d.log_checkpoints,
                    help="upload checkpoints to MLflow: the last one, every epoch, or none")
+    g.add_argument("--no-log-model", dest="log_model", action="store_false",
+                   help="do not log the final model as an MLflow model (model.pt is still uploaded under final/)")
     g.add_argument("--audit-samples", metavar="DIR",
                    help="each process writes DIR/rank<R>_epoch<E>.txt: the training images it reads (sampler audit)")
     g.add_argument("--spec", metavar="FILE", help="read the whole spec from a JSON file (other flags are ignored)")

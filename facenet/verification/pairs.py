@@ -53,48 +53,50 @@ def identity_of(path: str) -> str:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def read_pairs(path: str, root: str, roots: confine.Roots | None = None) -> PairSet:
+def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: str = "--pairs") -> PairSet:
     """Read a pairs file in our format or LFW's (told apart by the first line). Every image it names
-    must exist; the error names the first missing one and the line."""
-    text = confine.read_bytes(path, roots, "--pairs", 64 << 20).decode("utf-8", errors="replace")
+    must exist; the error names the first missing one and the line. `what`: the option named in errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file")
+    text = confine.read_bytes(path, roots, what, 64 << 20).decode("utf-8", errors="replace")
     lines = [ln for ln in text.splitlines()]
     first = next((ln for ln in lines if ln.strip()), "")
     if first.startswith("# facenet-stack pairs"):
-        pairs = _read_ours(path, root, lines)
+        pairs = _read_ours(path, root, lines, what)
     elif first.split() and all(tok.isdigit() for tok in first.split()) and len(first.split()) <= 2:
-        pairs = _read_lfw(path, root, lines)
+        pairs = _read_lfw(path, root, lines, what)
     else:
-        raise UserError(f"--pairs {path}: line 1 is neither our header ({HEADER!r}) nor LFW's "
+        raise UserError(f"{what} {path}: line 1 is neither our header ({HEADER!r}) nor LFW's "
                         f"('<folds> <pairs per fold>'): {first[:80]!r}")
     if not pairs:
-        raise UserError(f"--pairs {path}: no pairs in it")
+        raise UserError(f"{what} {path}: no pairs in it")
     for p in pairs:
         for image in (p.a, p.b):
             if not os.path.isfile(image):
-                raise UserError(f"--pairs {path}: {image} does not exist")
+                raise UserError(f"{what} {path}: {image} does not exist")
     return PairSet(pairs, f"{path} ({len(pairs)} pairs)", {img: identity_of(img) for p in pairs for img in (p.a, p.b)})
 
 
-def _read_ours(path: str, root: str, lines: list[str]) -> list[Pair]:
+def _read_ours(path: str, root: str, lines: list[str], what: str) -> list[Pair]:
     pairs = []
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split()
         if len(parts) != 4 or parts[2] not in ("0", "1") or not parts[3].isdigit():
-            raise UserError(f"--pairs {path}:{n}: expected '<path a> <path b> <0|1> <fold>', got {line[:80]!r}")
-        a, b = (_inside(root, rel, f"{path}:{n}") for rel in parts[:2])
+            raise UserError(f"{what} {path}:{n}: expected '<path a> <path b> <0|1> <fold>', got {line[:80]!r}")
+        a, b = (_inside(root, rel, f"{what} {path}:{n}") for rel in parts[:2])
         pairs.append(Pair(a, b, parts[2] == "1", int(parts[3])))
     return pairs
 
 
-def _read_lfw(path: str, root: str, lines: list[str]) -> list[Pair]:
+def _read_lfw(path: str, root: str, lines: list[str], what: str) -> list[Pair]:
     header = lines[0].split()
     body = [(n, ln.split()) for n, ln in enumerate(lines[1:], 2) if ln.strip()]
     if len(header) == 2:  # "10 300": 10 folds of 300 same-person lines then 300 different-person lines
         folds, per = int(header[0]), int(header[1])
         if len(body) != folds * 2 * per:
-            raise UserError(f"--pairs {path}: the header promises {folds} x 2 x {per} pairs, "
+            raise UserError(f"{what} {path}: the header promises {folds} x 2 x {per} pairs, "
                             f"the file has {len(body)} lines")
         fold_of = [i // (2 * per) for i in range(len(body))]
     else:  # pairsDevTest.txt style, "500": one set; spread each class evenly over 10 folds
@@ -109,10 +111,10 @@ def _read_lfw(path: str, root: str, lines: list[str]) -> list[Pair]:
             else:
                 raise ValueError
         except ValueError:
-            raise UserError(f"--pairs {path}:{n}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
+            raise UserError(f"{what} {path}:{n}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
                             f"got {' '.join(parts)[:80]!r}") from None
         except FileNotFoundError as exc:
-            raise UserError(f"--pairs {path}:{n}: {exc.args[0]}") from None
+            raise UserError(f"{what} {path}:{n}: {exc.args[0]}") from None
         pairs.append(Pair(a, b, len(parts) == 3, fold))
     return pairs
 
@@ -220,8 +222,6 @@ def find_pairs(root: str, pairs_file: str | None = None, seed: int = 0,
     if not os.path.isdir(root):
         raise UserError(f"--data {root}: no such directory")
     if pairs_file:
-        if not os.path.isfile(pairs_file):
-            raise UserError(f"--pairs {pairs_file}: no such file")
         return read_pairs(pairs_file, root, roots)
     for name in ("test_pairs.txt", "pairs.txt"):
         candidate = os.path.join(root, name)

@@ -1,0 +1,124 @@
+"""The three losses (`--loss softmax|triplet|arcface`): each learns an embedding that verifies people it
+never trained on better than the untrained model does, logs the same metrics to MLflow, runs on 2
+processes (gloo), and is judged by `facenet-cli evaluate` with the same numbers training logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, read_events, read_json, run_train
+
+LOSSES = ("softmax", "triplet", "arcface")
+VERIFY = ("verify_acc", "val_far_1e-3", "auc", "eer")
+
+
+@pytest.fixture(scope="module")
+def trained(sample_split, mlflow_server, tmp_path_factory) -> dict:
+    """One 5-epoch run per loss on 4 people (fp32: the same numbers on every CPU), logged to MLflow."""
+    runs = {}
+    for loss in LOSSES:
+        out = tmp_path_factory.mktemp(loss)
+        res = run_train("--data", sample_split, "--loss", loss, "--epochs", "5", "--batch-size", "16", "--lr", "0.001",
+                        "--workers", "0", "--output", str(out), "--json-out", str(out / "summary.json"),
+                        "--mlflow-uri", mlflow_server.uri, "--experiment", "test-losses", "--run-name", loss,
+                        "--log-checkpoints", "none", "--no-log-model")  # the learn test checks those
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[loss] = {"out": out, "stdout": res.stdout, "summary": read_json(out / "summary.json"),
+                      "events": read_events(out / "events.jsonl")}
+    return runs
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_each_loss_learns_to_verify_people_it_never_saw(trained, loss, mlflow_server):
+    run = trained[loss]
+    assert "4 people, none of them trained on" in run["stdout"]
+    before = next(e for e in run["events"] if e["event"] == "verify")
+    epochs = [e for e in run["events"] if e["event"] == "epoch"]
+    assert before["epoch"] == 0 and [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    # The untrained model is near chance on these pairs; a few epochs of any loss must do clearly better.
+    # (Verification on 4 unseen people moves a few points from epoch to epoch: the last two are averaged.)
+    late_auc = (epochs[-1]["auc"] + epochs[-2]["auc"]) / 2
+    assert late_auc > before["auc"] + 0.05, (loss, before, [(e["verify_acc"], e["auc"]) for e in epochs])
+    assert epochs[-1]["verify_acc"] > before["verify_acc"], (loss, before["verify_acc"], epochs[-1]["verify_acc"])
+    summary = run["summary"]
+    assert summary["loss_function"] == loss and summary["verify_acc"] == epochs[-1]["verify_acc"]
+    assert summary["verify_untrained"]["auc"] == before["auc"]
+    # Acc@1 needs a classifier: the softmax and arcface heads have one, triplet none.
+    assert (summary["acc1"] is None) is (loss == "triplet")
+    client = mlflow_server.client()
+    for metric in VERIFY:
+        history = client.get_metric_history(summary["mlflow_run_id"], metric)
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5], metric
+    assert client.get_run(summary["mlflow_run_id"]).data.params["loss"] == loss
+
+
+def test_evaluate_a_run_from_mlflow_gives_the_numbers_training_logged(trained, sample_split, mlflow_server, tmp_path):
+    summary = trained["arcface"]["summary"]
+    env = {**os.environ, "FACENET_MLFLOW_URI": mlflow_server.uri}
+    res = subprocess.run([sys.executable, "-m", "services.cli", "evaluate", "--model",
+                          f"runs:/{summary['mlflow_run_id']}/model", "--data", sample_split, "--device", "cpu", "--json"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    # Same model, same pairs, same fp32 code: the numbers of the last epoch, to rounding.
+    # (Another batch size may move a distance in its last bit: a pair on the threshold could flip.)
+    assert report["accuracy"] == pytest.approx(summary["verify_acc"], abs=1e-3)
+    assert report["auc"] == pytest.approx(summary["auc"], abs=1e-3)
+    assert report["identities_seen_in_training"] == 0 and report["epoch"] == 5
+    assert report["logged_to_mlflow"].startswith(f"logged to MLflow run {summary['mlflow_run_id']}")
+    client = mlflow_server.client()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["eval_verify_acc"] == pytest.approx(report["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert artifacts == {"evaluation/roc.png", "evaluation/report.json"}
+
+
+def test_runs_compare_puts_the_losses_side_by_side(trained, mlflow_server, tmp_path):
+    ids = [trained[loss]["summary"]["mlflow_run_id"] for loss in LOSSES]
+    env = {**os.environ, "FACENET_MLFLOW_URI": mlflow_server.uri, "FACENET_EXPERIMENT": "test-losses"}
+    png = tmp_path / "compare.png"
+    res = subprocess.run([sys.executable, "-m", "services.cli", "runs", "--compare", ids[0][:12], *ids[1:],
+                          "--plot", str(png)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    loss_row = next(line for line in lines if line.startswith("loss "))
+    assert loss_row.split()[1:] == list(LOSSES)  # the param that differs, one column per run
+    assert any(line.startswith("verification accuracy") for line in lines)
+    assert not any(line.startswith("epochs ") for line in lines)  # the same in all three: not shown
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (1200, 500)
+    newest = max(ids, key=lambda i: mlflow_server.client().get_run(i).info.start_time)
+    logged = {a.path for a in mlflow_server.client().list_artifacts(newest, "compare")}
+    assert "compare/compare.png" in logged
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "runs", "--compare", ids[0]], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=120)
+    assert bad.returncode != 0 and "at least two runs" in bad.stderr
+
+
+@pytest.mark.parametrize("loss", ["triplet", "arcface"])
+def test_metric_losses_train_on_two_processes(sample_split, loss, tmp_path):
+    out = tmp_path / "ddp"
+    res = run_train("--data", sample_split, "--loss", loss, "--npus", "2", "--device", "cpu", "--epochs", "1",
+                    "--batch-size", "16", "--workers", "0", "--verify-every", "1", "--output", str(out),
+                    "--json-out", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["world_size"] == 2 and summary["loss_function"] == loss and 0 <= summary["verify_acc"] <= 1
+
+
+def test_bad_loss_settings_are_one_line(sample_split, tmp_path):
+    cases = [(["--loss", "triplet", "--batch-size", "10"], "--batch-size 10: --loss triplet takes whole groups"),
+             (["--loss", "contrastive"], "argument --loss: invalid choice: 'contrastive'"),
+             (["--loss", "arcface", "--arcface-margin", "2"], "--arcface-margin 2.0: must be in [0, 1.5]"),
+             (["--verify-pairs", str(tmp_path / "none.txt")], "--verify-pairs"),
+             (["--verify-every", "1", "--data", os.path.join(sample_split, "train")], "has no test_pairs.txt or pairs.txt")]
+    for args, message in cases:
+        data = [] if "--data" in args else ["--data", sample_split]
+        res = run_train(*data, *args, "--epochs", "1", "--output", str(tmp_path / "o"))
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
