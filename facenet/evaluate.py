@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,8 +214,6 @@ def _log_to_run(report: dict, png: str, mlflow_uri: str | None) -> str:
 
         check_reachable(mlflow_uri)
         client = MlflowClient(mlflow_uri)
-        import time
-
         now, step = int(time.time() * 1000), int(report["epoch"] or 0)
         client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(v), now, step) for k, v in logged_metrics(report).items()])
         client.log_artifact(run_id, png, "evaluation")

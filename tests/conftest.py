@@ -132,8 +132,8 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "facenet.train", *args, *sized]
 
 
-def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_train(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 

@@ -111,7 +111,7 @@ def test_preprocess_then_train_through_the_queue(stack):
     make_raw_identities(raw, per_identity=10, identities=4)
     faces = os.path.join(stack.root, "faces")
     proc = stack.cli("submit-train", "--preprocess-from", raw, "--data", faces, "--epochs", "2", "--batch-size", "16",
-                     "--amp", "--log-every", "1", "--wait", "--json")
+                     "--amp", "--log-every", "1", "--loss", "arcface", "--wait", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = json.loads(proc.stdout)
     assert job["status"] == "SUCCEEDED" and job["attempts"] == 1
@@ -129,6 +129,7 @@ def test_preprocess_then_train_through_the_queue(stack):
     assert run["run_id"] == job["mlflow_run_id"] and run["status"] == "FINISHED"
     assert run["name"] == f"1p-cpu-bs16-O2-{job['id']}"
     assert run["params"]["epochs"] == "2" and run["tags"]["device_type"] == "cpu" and run["tags"]["npus"] == "1"
+    assert run["params"]["loss"] == "arcface"  # the losses go through the queue like every other option
     assert {"fps", "acc1", "loss", "lr"} <= set(run["metrics"])
     assert any(k.startswith("system/") for k in run["metrics"]), sorted(run["metrics"])
     client = stack.mlflow()

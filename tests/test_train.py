@@ -249,8 +249,9 @@ def test_bad_input_is_one_clear_line(small_faces, tmp_path, args, message):
     missing = str(tmp_path / "nope")
     fill = {"missing": missing, "data": small_faces}
     # a batch the small set can fill, so only the value under test is wrong (a later flag wins)
+    # (An unreachable MLflow is retried for FACENET_MLFLOW_CONNECT_SECONDS, 15 by default, before the error.)
     res = run_train("--batch-size", "8", *[a.format(**fill) for a in args], "--output", str(tmp_path / "out"),
-                    timeout=120)
+                    timeout=120, env={"FACENET_MLFLOW_CONNECT_SECONDS": "2"})
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     error_lines = [line for line in res.stderr.splitlines() if "error" in line]

@@ -197,6 +197,9 @@ def test_evaluate_refuses_bad_input_in_one_line(untrained_model, orl_faces, tmp_
     missing = tmp_path / "missing_pairs.txt"
     missing.write_text("# facenet-stack pairs v1: <path a> <path b> <1 same | 0 different> <fold>\n"
                        "test/s31/01.png test/s31/99.png 1 0\n")
+    one_fold = tmp_path / "one_fold.txt"
+    one_fold.write_text("# facenet-stack pairs v1: <path a> <path b> <1 same | 0 different> <fold>\n"
+                        "test/s31/01.png test/s31/02.png 1 0\ntest/s31/01.png test/s32/01.png 0 0\n")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
     cases = [
@@ -206,6 +209,8 @@ def test_evaluate_refuses_bad_input_in_one_line(untrained_model, orl_faces, tmp_
         (["--model", untrained_model, "--data", str(two)], "--data", "no verification pairs"),
         (["--model", untrained_model, "--data", orl_faces, "--pairs", str(missing)], "--pairs",
          "test/s31/99.png does not exist"),
+        (["--model", untrained_model, "--data", orl_faces, "--pairs", str(one_fold)], "--pairs",
+         "every pair is in one fold"),
         (["--model", untrained_model, "--data", str(tmp_path / "nowhere")], "--data", "no such directory"),
         (["--model", "runs:/abc/model", "--data", orl_faces], "--model", "runs:/<32-hex run id>/model"),
     ]

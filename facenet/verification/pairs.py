@@ -74,6 +74,9 @@ def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: s
         for image in (p.a, p.b):
             if not os.path.isfile(image):
                 raise UserError(f"{what} {path}: {image} does not exist")
+    if len({p.fold for p in pairs}) < 2:
+        raise UserError(f"{what} {path}: every pair is in one fold; the LFW protocol needs 2 or more (each fold's "
+                        "threshold is chosen on the others)")
     return PairSet(pairs, f"{path} ({len(pairs)} pairs)", {img: identity_of(img) for p in pairs for img in (p.a, p.b)})
 
 
@@ -228,8 +231,9 @@ def find_pairs(root: str, pairs_file: str | None = None, seed: int = 0,
         if os.path.isfile(candidate):
             return read_pairs(candidate, root, roots)
     test = os.path.join(root, "test")
-    folder = test if os.path.isdir(test) and identity_folders(test, roots) else root
-    by_identity = identity_folders(folder, roots)
+    by_identity = identity_folders(test, roots) if os.path.isdir(test) else {}
+    folder = test if by_identity else root
+    by_identity = by_identity or identity_folders(root, roots)
     pairs = generate_pairs(by_identity, seed)
     if not pairs:
         with_two = sum(1 for v in by_identity.values() if len(v) > 1)
