@@ -110,6 +110,20 @@ class _Bar:
             self.bar.close()
 
 
+def _embedding_command(as_json: bool, run):
+    """run(progress) with a progress bar on stderr (none with --json); a UserError is one line."""
+    from facenet.errors import UserError
+
+    bar = None if as_json else _Bar("embedding")
+    try:
+        return run(bar)
+    except UserError as exc:
+        _fail(exc)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @cli.command()
 @click.option("--model", "model_ref", required=True, help=MODEL_HELP)
 @click.option("--data", required=True, type=click.Path(), help="data root: a preprocessing OUT (its test_pairs.txt), "
@@ -137,19 +151,11 @@ def evaluate(model_ref, data, pairs_file, distance, flip, device, batch_size, se
     """
     import json
 
-    from facenet.errors import UserError
     from facenet.evaluate import evaluate as run_evaluation, format_report
 
-    bar = None if as_json else _Bar("embedding")
-    try:
-        report = run_evaluation(model_ref, data, pairs_file, distance, flip, device, batch_size,
-                                mlflow_uri=_mlflow_uri(mlflow_uri), log=not no_log, plot=plot, seed=seed,
-                                progress=bar)
-    except UserError as exc:
-        _fail(exc)
-    finally:
-        if bar is not None:
-            bar.close()
+    report = _embedding_command(as_json, lambda progress: run_evaluation(
+        model_ref, data, pairs_file, distance, flip, device, batch_size, mlflow_uri=_mlflow_uri(mlflow_uri),
+        log=not no_log, plot=plot, seed=seed, progress=progress))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -171,18 +177,10 @@ def embed(model_ref, folder, out, flip, device, batch_size, mlflow_uri, as_json)
     paths relative to FOLDER. Unreadable images are left out and named."""
     import json
 
-    from facenet.errors import UserError
     from facenet.evaluate import embed_folder
 
-    bar = None if as_json else _Bar("embedding")
-    try:
-        summary = embed_folder(model_ref, folder, out, device, batch_size, flip, mlflow_uri=_mlflow_uri(mlflow_uri),
-                               progress=bar)
-    except UserError as exc:
-        _fail(exc)
-    finally:
-        if bar is not None:
-            bar.close()
+    summary = _embedding_command(as_json, lambda progress: embed_folder(
+        model_ref, folder, out, device, batch_size, flip, mlflow_uri=_mlflow_uri(mlflow_uri), progress=progress))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -48,6 +48,7 @@ def test_each_loss_learns_to_verify_people_it_never_saw(trained, loss, mlflow_se
     assert epochs[-1]["verify_acc"] > before["verify_acc"], (loss, before["verify_acc"], epochs[-1]["verify_acc"])
     summary = run["summary"]
     assert summary["loss_function"] == loss and summary["verify_acc"] == epochs[-1]["verify_acc"]
+    assert summary["mlflow_lost_records"] == 0
     assert summary["verify_untrained"]["auc"] == before["auc"]
     # Acc@1 needs a classifier: the softmax and arcface heads have one, triplet none.
     assert (summary["acc1"] is None) is (loss == "triplet")
