@@ -187,6 +187,13 @@ def test_evaluate_reports_the_protocol_and_draws_the_roc(untrained_model, orl_fa
     assert text.returncode == 0, text.stderr[-2000:]
     assert "none of them seen in training" in text.stdout and "cosine distance, flipped images added" in text.stdout
     assert "VAL@FAR=0.001" in text.stdout and "ROC AUC" in text.stdout
+    # A plain folder of identity folders, no pairs file: pairs generated from all of it, and said so.
+    plain = cli("evaluate", "--model", untrained_model, "--data", os.path.join(orl_faces, "test"), "--device", "cpu",
+                "--json", "--no-log")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    generated = json.loads(plain.stdout)
+    assert generated["pairs_source"].endswith(f"from the 10 identity folders of {os.path.join(orl_faces, 'test')}")
+    assert generated["pairs_source"].startswith(f"{generated['pairs']} pairs generated (seed 0, 5 folds)")
 
 
 def test_evaluate_refuses_bad_input_in_one_line(untrained_model, orl_faces, tmp_path):
