@@ -88,6 +88,12 @@ def test_logs_keep_the_tail_and_a_reader_position(reg):
     assert lines[0] == "line 0" and pos == 10
     reg.append_log(job, ["line 10"])
     assert reg.read_log(job, pos) == (["line 10"], 11)
+    # The README's promise: Redis keeps the last 5000 lines; a reader's position still counts every line.
+    reg.append_log(job, [f"line {i}" for i in range(11, 6011)])
+    lines, pos = reg.read_log(job)
+    assert len(lines) == 5000 and lines[0] == "line 1011" and lines[-1] == "line 6010" and pos == 6011
+    assert reg.r.llen(reg.key(job) + ":log") == 5000
+    assert reg.read_log(job, 6009) == (["line 6009", "line 6010"], 6011)
 
 
 def test_job_ids_resolve_by_unique_prefix(reg):

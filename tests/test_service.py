@@ -488,3 +488,37 @@ def test_secrets_appear_in_no_command_line_log_record_or_run(stack):
     # Flower's UI and API need its credentials.
     assert _flower(stack, "/api/workers", auth=False) == {"http_status": 401}
     assert isinstance(_flower(stack, "/api/workers"), dict) and d["flower_password"] in secrets
+
+
+def test_the_live_workers_take_json_only_late_acks_one_at_a_time(stack):
+    """What the README promises of the queue, read from the running workers (celery inspect conf), not
+    from our source: JSON only, late acks, prefetch 1, reject-on-worker-lost, a visibility timeout longer
+    than the longest job."""
+    code = ("import json; from services.celery_app import app; "
+            "print(json.dumps(app.control.inspect(timeout=10).conf(with_defaults=True)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    confs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(confs) >= 2 and any(n.startswith("preprocess@") for n in confs) and any(n.startswith("cpu@") for n in confs)
+    for node, conf in confs.items():
+        assert conf["accept_content"] == ["json"] and conf["result_accept_content"] == ["json"], node
+        assert conf["task_serializer"] == conf["result_serializer"] == conf["event_serializer"] == "json", node
+        assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True, node
+        assert conf["worker_prefetch_multiplier"] == 1, node
+        vt = conf["broker_transport_options"]["visibility_timeout"]
+        assert vt == 7 * 24 * 3600 + 3600, node  # FACENET_MAX_JOB_SECONDS (a week) + an hour
+        assert conf["result_backend_transport_options"]["visibility_timeout"] == vt, node
+
+
+def test_the_local_stack_listens_on_loopback_only(stack):
+    services = stack.json("stack", "status")
+    pids = {s["pid"] for s in services if s.get("pid")}
+    assert len(pids) >= 5, services
+    procs = []
+    for pid in pids:
+        parent = psutil.Process(pid)
+        procs += [parent] + parent.children(recursive=True)
+    listening = [(p.pid, c.laddr) for p in procs for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 3, listening  # Redis, MLflow, Flower at least
+    assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening

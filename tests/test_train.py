@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import zipfile
 
+import mlflow
 import pytest
 import torch
+import yaml
 
 from facenet.devices import cpu_has_bf16
 
@@ -51,8 +55,21 @@ def test_learns_real_faces_with_amp_and_logs_to_mlflow(sample_faces, mlflow_serv
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoints", "final", "summary.json"} <= artifacts
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert any(m.source_run_id == run.info.run_id for m in models)
+    models = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+              if m.source_run_id == run.info.run_id]
+    assert len(models) == 1
+    # Logged without pickle: a torch.export archive (JSON program + raw weights), no pickled module; and
+    # whatever the loss, it maps face crops to 512-d embeddings.
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}", dst_path=str(tmp_path / "model"))
+    files = {os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs}
+    assert "data/model.pt2" in files and not any(f.endswith((".pth", ".pkl", ".pickle")) for f in files), files
+    with zipfile.ZipFile(os.path.join(local, "data", "model.pt2")) as archive:
+        names = archive.namelist()
+    assert any(n.endswith("models/model.json") for n in names) and not any(n.endswith(".pkl") for n in names), names
+    with open(os.path.join(local, "MLmodel"), encoding="utf-8") as fh:
+        signature = yaml.safe_load(fh)["signature"]
+    assert json.loads(signature["outputs"])[0]["tensor-spec"]["shape"] == [-1, 512], signature
 
 
 def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
