@@ -178,15 +178,18 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
 
     env_values = {"REDIS_PASSWORD": "r", "POSTGRES_PASSWORD": "p", "FLOWER_PASSWORD": "f",
                   "MLFLOW_TRACKING_PASSWORD": "m", "MLFLOW_FLASK_SECRET_KEY": "k"}
-    for name, svc in load()["services"].items():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FACENET_", "MLFLOW_", "ASCEND_"))}
+    services = load()["services"]
+    services["worker-npu"] = merged_npu_worker(6, tmp_path)  # what `make up NPUS=6` runs: base + override
+    for name, svc in services.items():
         if name in ("postgres", "cli"):
             continue
         env = {k: interpolate(str(v), env_values) for k, v in (svc.get("environment") or {}).items()}
-        env.setdefault("FACENET_DEVICES", "0-7")
         for k in ("FACENET_REDIS_DATA", "FACENET_FLOWER_DB", "FACENET_MLFLOW_AUTH_DIR"):
             if k in env:
                 env[k] = str(tmp_path / name / os.path.basename(env[k]))
-        monkeypatch.setattr(os, "environ", {**os.environ, **env})
+        # Each service sees its own environment only (a fresh copy: nothing leaks from the previous one).
+        monkeypatch.setattr(os, "environ", {**clean, **env})
         cmd, extra = service_command(svc["command"][3])
         assert cmd and os.path.basename(cmd[0]).startswith(("python", "redis-server")), (name, cmd)
         if name == "mlflow":
@@ -198,8 +201,11 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
             # MLflow's basic auth is on by default in the compose stack.
             assert "--app-name" in cmd and cmd[cmd.index("--app-name") + 1] == "basic-auth"
             assert extra["MLFLOW_AUTH_ADMIN_PASSWORD"] == "m"
-        if name == "worker-npu":
-            assert cmd[cmd.index("-Q") + 1] == "train.npu" and cmd[cmd.index("-c") + 1] == "8"
+        if name == "worker-npu":  # the override's FACENET_DEVICES: 6 chips, one job slot each
+            assert env["FACENET_DEVICES"] == "0-5" and env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5"
+            assert cmd[cmd.index("-Q") + 1] == "train.npu" and cmd[cmd.index("-c") + 1] == "6"
+        if name in ("worker-gpu", "worker-cpu"):  # the compose file's own default: device 0
+            assert cmd[cmd.index("-c") + 1] == "1", (name, cmd)
 
 
 def interpolate(value: str, env: dict) -> str:

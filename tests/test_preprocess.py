@@ -193,9 +193,15 @@ def test_two_runs_at_once_corrupt_nothing(raw_tree, tmp_path):
     out = tmp_path / "out"
     procs = [subprocess.Popen(preprocess_cmd(raw, out, "--workers", "1", "--shard-size", "3", "--json"), cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    summaries = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
+        summaries.append(json.loads(stdout))
+    # They really ran at once: each processed shards itself (the same shard order, started together), and
+    # between them every image was processed or found done.
+    assert all(s["processed"] > 0 for s in summaries), summaries
+    assert all(s["processed"] + s["skipped"] == s["images"] for s in summaries), summaries
     assert json.loads((out / "manifest.json").read_text()) == json.loads((ref / "manifest.json").read_text())
     assert not [f for f in _all_files(out) if ".tmp-" in f]
     for rel in (f for f in _all_files(ref) if not f.startswith(".")):
