@@ -274,3 +274,22 @@ def test_bad_input_is_one_clear_line(small_faces, tmp_path, args, message):
     error_lines = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(error_lines) == 1, res.stderr
     assert message.format(**fill) in error_lines[0]
+
+
+def test_pretrained_auto_uses_the_seeds_cache_file_only_when_it_exists(small_faces, tmp_path):
+    """--pretrained auto (the default): $TORCH_HOME/checkpoints/20180402-114759-vggface2.pt when present, else
+    from scratch, said in a line either way; nothing is downloaded."""
+    from facenet_pytorch import InceptionResnetV1
+
+    home = tmp_path / "torch"
+    weights = home / "checkpoints" / "20180402-114759-vggface2.pt"
+    common = ["--data", small_faces, "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    res = run_train(*common, "--output", str(tmp_path / "a"), env={"TORCH_HOME": str(home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"no pretrained vggface2 weights at {weights} (pass --pretrained FILE to use some): training from scratch" \
+        in res.stdout
+    weights.parent.mkdir(parents=True)
+    torch.save(InceptionResnetV1(classify=True, num_classes=8631).state_dict(), weights)
+    res = run_train(*common, "--output", str(tmp_path / "b"), env={"TORCH_HOME": str(home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"pretrained vggface2 weights: {weights}" in res.stdout
