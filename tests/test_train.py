@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 
@@ -293,3 +295,18 @@ def test_pretrained_auto_uses_the_seeds_cache_file_only_when_it_exists(small_fac
     res = run_train(*common, "--output", str(tmp_path / "b"), env={"TORCH_HOME": str(home)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"pretrained vggface2 weights: {weights}" in res.stdout
+
+
+def test_modelzoo_script_runs_as_the_seed_calls_it(small_faces, tmp_path):
+    """`bash scripts/train_performance_1p.sh --data_path=DIR` (the seed's spelling), extra flags winning over
+    the preset: the Final block on stdout and the ModelZoo key = value log."""
+    res = subprocess.run(["bash", os.path.join(REPO, "scripts", "train_performance_1p.sh"), f"--data_path={small_faces}",
+                          "--batch-size", "8", "--workers", "0", "--image-size", "96"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Final Performance images/sec :" in res.stdout and "E2E Training Duration sec :" in res.stdout
+    logs = glob.glob(str(tmp_path / "output" / "modelzoo" / "*" / "*.log"))
+    assert len(logs) == 1, logs
+    values = dict(line.strip().split(" = ", 1) for line in open(logs[0], encoding="utf-8"))
+    assert {"ActualFPS", "TrainingTime", "TrainAccuracy", "HeldOutAccuracy", "ActualLoss", "E2ETrainingTime"} <= set(values)
+    assert float(values["ActualFPS"]) > 0 and values["BatchSize"] == "8" and values["RankSize"] == "1"
