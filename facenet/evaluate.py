@@ -107,26 +107,33 @@ def load_model(path: str, run_id: str | None = None) -> LoadedModel:
 
 
 # ---- verification ------------------------------------------------------------------------------------------
+def score_pairs(pairs: PairSet, images: list[str], embeddings: np.ndarray, unreadable, metric: str = "euclidean",
+                far_target: float = FAR_TARGET) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The LFW protocol's numbers for `pairs` from the embeddings of `images` (rows in that order). Pairs with
+    an unreadable image are dropped and counted (`dropped_pairs`, `unreadable`), never silently. Returns
+    (numbers, distances, same-person flags) of the pairs kept. Used by `evaluate` and by training."""
+    bad = set(unreadable)
+    kept = [p for p in pairs.pairs if p.a not in bad and p.b not in bad]
+    if not kept:
+        raise UserError(f"no pair left to verify: {len(bad)} unreadable image(s), e.g. {min(bad) if bad else '?'}")
+    index = {img: i for i, img in enumerate(images)}
+    d = distances(embeddings[[index[p.a] for p in kept]], embeddings[[index[p.b] for p in kept]], metric)
+    same = np.array([p.same for p in kept])
+    out = vm.verification_metrics(d, same, [p.fold for p in kept], far_target)
+    out.update({"dropped_pairs": len(pairs.pairs) - len(kept), "unreadable": sorted(bad)})
+    return out, d, same
+
+
 def verify(model: torch.nn.Module, pairs: PairSet, device: torch.device, image_size: int, metric: str = "euclidean",
            flip: bool = False, batch_size: int = 128, workers: int = 0, channels_last: bool = False,
            autocast=contextlib.nullcontext, far_target: float = FAR_TARGET, progress=None) -> dict:
-    """Embed every image of `pairs` once and score the pairs by the LFW protocol. Pairs with an unreadable
-    image are dropped and counted (`dropped_pairs`, `unreadable`), never silently."""
-    paths = sorted({img for p in pairs.pairs for img in (p.a, p.b)})
-    index = {p: i for i, p in enumerate(paths)}
-    emb, bad = embed_paths(model, paths, device, image_size, batch_size, flip, workers, channels_last,
+    """Embed every image of `pairs` once and score the pairs (`score_pairs`), with the ROC points."""
+    images = pairs.images()
+    emb, bad = embed_paths(model, images, device, image_size, batch_size, flip, workers, channels_last,
                            autocast, progress=progress)
-    bad_set = set(bad)
-    kept = [p for p in pairs.pairs if p.a not in bad_set and p.b not in bad_set]
-    if not kept:
-        raise UserError(f"no pair left to verify: {len(bad)} unreadable image(s), e.g. {bad[0] if bad else '?'}")
-    a = emb[[index[p.a] for p in kept]]
-    b = emb[[index[p.b] for p in kept]]
-    d = distances(a, b, metric)
-    out = vm.verification_metrics(d, [p.same for p in kept], [p.fold for p in kept], far_target)
-    fpr, tpr, _ = vm.roc(d, np.array([p.same for p in kept]))
-    out.update({"metric": metric, "flip": flip, "images": len(paths), "dropped_pairs": len(pairs.pairs) - len(kept),
-                "unreadable": sorted(bad_set), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}})
+    out, d, same = score_pairs(pairs, images, emb, bad, metric, far_target)
+    fpr, tpr, _ = vm.roc(d, same)
+    out.update({"metric": metric, "flip": flip, "images": len(images), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}})
     return out
 
 
@@ -138,15 +145,14 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
     when it came from one and `log` is set; writes the ROC curve to `plot` when given."""
     if metric not in ("euclidean", "cosine"):
         raise UserError(f"--distance {metric}: choose euclidean or cosine")
-    if batch_size < 1 or batch_size > 4096:
-        raise UserError(f"--batch-size {batch_size}: must be in 1..4096")
+    _check_batch_size(batch_size)
     data = os.path.abspath(data)
     pairs = find_pairs(data, pairs_file and os.path.abspath(pairs_file), seed)
     with tempfile.TemporaryDirectory(prefix="facenet-eval-") as tmp:
         loaded, device, path, run_id = _prepare(model_ref, device_type, mlflow_uri, tmp)
         result = verify(loaded.model, pairs, device.torch_device, loaded.image_size, metric, flip, batch_size,
                         workers, device.channels_last, progress=progress)
-        people = set(pairs.identities.values())
+        people = pairs.people()
         seen = people & set(loaded.classes)
         report = {"model": model_ref, "model_file": path if not run_id else f"runs:/{run_id}/" + os.path.relpath(path, tmp),
                   "mlflow_run_id": loaded.run_id, "epoch": loaded.epoch, "image_size": loaded.image_size,
@@ -157,6 +163,11 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
         report["roc_png"] = plot
         report["logged_to_mlflow"] = _log_to_run(report, png, mlflow_uri) if log and loaded.run_id else None
     return report
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1 or batch_size > 4096:
+        raise UserError(f"--batch-size {batch_size}: must be in 1..4096")
 
 
 def _prepare(model_ref: str, device_type: str, mlflow_uri: str | None, tmp: str):
@@ -181,8 +192,7 @@ def embed_folder(model_ref: str, folder: str, out: str, device_type: str = "auto
         raise UserError(f"OUT {out}: name it .npz or .parquet")
     if not os.path.isdir(folder):
         raise UserError(f"FOLDER {folder}: no such directory")
-    if batch_size < 1 or batch_size > 4096:
-        raise UserError(f"--batch-size {batch_size}: must be in 1..4096")
+    _check_batch_size(batch_size)
     folder = os.path.abspath(folder)
     paths = images_under(folder)
     if not paths:

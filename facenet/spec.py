@@ -202,10 +202,11 @@ class TrainSpec:
             raise bad("warmup_steps", self.warmup_steps, "must be 0 or more")
         if self.loss not in LOSSES:
             raise bad("loss", self.loss, f"choose one of {', '.join(LOSSES)}")
-        for name, lo, hi in (("triplet_margin", 0.0, 4.0), ("arcface_scale", 0.0, 1024.0), ("arcface_margin", -1e-12, 1.5)):
+        for name, hi, zero_ok in (("triplet_margin", 4.0, False), ("arcface_scale", 1024.0, False),
+                                  ("arcface_margin", 1.5, True)):
             value = getattr(self, name)
-            if not math.isfinite(value) or not lo < value <= hi:
-                raise bad(name, value, f"must be in ({max(lo, 0):g}, {hi:g}]" if lo >= 0 else f"must be in [0, {hi:g}]")
+            if not math.isfinite(value) or not (0 <= value if zero_ok else 0 < value) or value > hi:
+                raise bad(name, value, f"must be in {'[' if zero_ok else '('}0, {hi:g}]")
         if self.loss == "triplet":
             per_process, k = self.batch_size // self.npus, self.images_per_identity
             if per_process % k or per_process // k < 2:

@@ -16,15 +16,16 @@ from facenet.errors import UserError
 from services.mlflow_runs import client
 
 # Params that are the same in spirit but differ between any two runs (ids, paths of the job, timings).
-_NOISE = {"run_id", "output", "json_out", "events", "resume", "mlflow_uri", "run_name", "train_images_seen"}
-RESULT_ROWS = (("final_fps", "FPS"), (None, "FPS per device"), ("final_acc1", "Acc@1 (held out)"),
-               ("verify_acc", "verification accuracy"), ("val_far_1e-3", "VAL@FAR=1e-3"), ("auc", "ROC AUC"))
+_NOISE = {"run_id", "output", "json_out", "events", "resume", "mlflow_uri", "run_name"}
+# Table rows after FPS and FPS per device (which is derived): metric key -> label.
+RESULT_ROWS = (("final_acc1", "Acc@1 (held out)"), ("verify_acc", "verification accuracy"),
+               ("val_far_1e-3", "VAL@FAR=1e-3"), ("auc", "ROC AUC"))
 HISTORY = ("acc1", "verify_acc")
 
 
-def resolve_runs(uri: str, refs: list[str], experiment_ids: list[str]) -> list:
-    """MLflow runs for RUN arguments: full run ids, unique prefixes of them (as `runs` prints), or job ids."""
-    c = client(uri)
+def resolve_runs(c, refs: list[str], experiment_ids: list[str]) -> list:
+    """MLflow runs (client `c`) for RUN arguments: full run ids, unique prefixes of them (as `runs` prints),
+    or job ids."""
     out = []
     for ref in refs:
         run = None
@@ -58,14 +59,15 @@ def compare(uri: str, refs: list[str], experiment: str, plot: str | None = None,
         raise UserError("--compare needs at least two runs")
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
-    runs = resolve_runs(uri, refs, [exp.experiment_id] if exp else [])
+    runs = resolve_runs(c, refs, [exp.experiment_id] if exp else [])
     ids = [r.info.run_id for r in runs]
     params = [dict(r.data.params) for r in runs]
     keys = sorted(set().union(*params) - _NOISE)
     differing = {k: [p.get(k) for p in params] for k in keys if len({p.get(k) for p in params}) > 1}
-    results = {label: [r.data.metrics.get(key) for r in runs] for key, label in RESULT_ROWS}
     devices = [_int(p.get("world_size") or r.data.tags.get("npus")) for p, r in zip(params, runs)]
-    results["FPS per device"] = [None if f is None or not d else f / d for f, d in zip(results["FPS"], devices)]
+    fps = [r.data.metrics.get("final_fps") for r in runs]
+    results = {"FPS": fps, "FPS per device": [None if f is None or not d else f / d for f, d in zip(fps, devices)],
+               **{label: [r.data.metrics.get(key) for r in runs] for key, label in RESULT_ROWS}}
     histories = {rid: {m: [(h.step, h.value) for h in sorted(c.get_metric_history(rid, m), key=lambda h: h.step)]
                        for m in HISTORY} for rid in ids}
     report = {"runs": [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,

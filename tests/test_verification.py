@@ -123,7 +123,7 @@ def test_preprocessing_pairs_people_it_never_trains_on(orl_faces):
     assert manifest["splits"]["test"] == {"identities": 10, "images": 100, "faces": 100, "rejects": 0}
     pairs = read_pairs(os.path.join(orl_faces, "test_pairs.txt"), orl_faces)
     assert manifest["lists"]["test_pairs"] == len(pairs.pairs) > 0
-    people = set(pairs.identities.values())
+    people = pairs.people()
     listed = {line.split()[0].split("/")[1] for name in ("train_list.txt", "test_list.txt")
               for line in open(os.path.join(orl_faces, name))}
     assert len(people) == 10 and len(listed) == 30 and not people & listed

@@ -63,7 +63,7 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
     else:
         # The seed's tree (ROOT/train/<identity>, ROOT/test/<identity>) without lists: train on ROOT/train.
         train_dir = os.path.join(root, "train")
-        folder = train_dir if os.path.isdir(train_dir) and _identity_dirs(train_dir) else root
+        folder = train_dir if os.path.isdir(train_dir) and identity_dirs(train_dir) else root
         split = _from_folders(root, folder, holdout, seed, roots)
     split.manifest_hash = _manifest_hash(root, roots)
     if split.num_classes < 2:
@@ -82,23 +82,25 @@ def load_for_training(root: str, holdout: float, seed: int, batch_size: int,
     return split
 
 
-def _identity_dirs(folder: str) -> list[str]:
+def identity_dirs(folder: str) -> list[str]:
+    """The identity sub-folders of `folder` (hidden ones skipped), sorted."""
     try:
         return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     except PermissionError:
         raise UserError(f"--data {folder}: permission denied") from None
 
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
+    """The image file names in `folder`, sorted."""
     return sorted(e.name for e in os.scandir(folder)
                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: confine.Roots | None) -> DatasetSplit:
     classes, train, test = [], [], []
-    for name in _identity_dirs(folder):
+    for name in identity_dirs(folder):
         confine.check(os.path.join(folder, name), roots, "identity folder")
-        files = _list_images(os.path.join(folder, name))
+        files = list_images(os.path.join(folder, name))
         if not files:
             continue
         label = len(classes)

@@ -126,7 +126,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
 
     if spec.loss == "triplet" and data.num_classes < 2:
         raise UserError(f"--loss triplet: {spec.data} has {data.num_classes} identity; triplets need 2 or more")
-    pairs = _verification_pairs(spec, data, roots, say)
+    pairs, verify_every = _verification_pairs(spec, data, roots, say)
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
     model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -220,7 +220,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             if objective.has_classifier:
                 acc1, n_eval = _evaluate(trainable, objective, eval_loader, amp, device, channels_last, bad_paths)
             verification = {}
-            if pairs is not None and ((epoch + 1) % spec.verify_every == 0 or epoch + 1 == spec.epochs):
+            if pairs is not None and ((epoch + 1) % verify_every == 0 or epoch + 1 == spec.epochs):
                 verification = _verify(model, pairs, spec, device, amp, channels_last, info, roots)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -412,57 +412,47 @@ def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channe
 
 
 def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Roots | None, say: Console):
-    """The pairs the per-epoch verification runs on, or None (with a line saying why not)."""
-    from facenet.verification.pairs import read_pairs
+    """(the pairs the per-epoch verification runs on, every how many epochs), or (None, 0) with a line
+    saying why not."""
+    from facenet.verification.pairs import pairs_file_in, read_pairs
 
     if spec.verify_every == 0:
-        return None
-    path = spec.verify_pairs
-    if path is None:
-        path = next((os.path.join(spec.data, n) for n in ("test_pairs.txt", "pairs.txt")
-                     if os.path.isfile(os.path.join(spec.data, n))), None)
+        return None, 0
+    path = spec.verify_pairs or pairs_file_in(spec.data)
     if path is None:
         if spec.verify_every is not None:
             raise UserError(f"--verify-every {spec.verify_every}: {spec.data} has no test_pairs.txt or pairs.txt; "
                             "name a pairs file with --verify-pairs")
         say("verification: no test_pairs.txt or pairs.txt in the data root (--verify-pairs FILE adds one); off")
-        return None
+        return None, 0
     pairs = read_pairs(path, spec.data, roots, "--verify-pairs" if spec.verify_pairs else "verification pairs")
-    people = set(pairs.identities.values())
+    people = pairs.people()
     seen = len(people & set(data.classes))
     every = spec.verify_every or 1
     say(f"verification every {every} epoch(s): {pairs.source}, {len(people)} people, "
         f"{seen or 'none'} of them trained on")
-    spec.verify_every = every
-    return pairs
+    return pairs, every
 
 
 def _verify(model, pairs, spec: TrainSpec, device: devices.Device, amp: Amp, channels_last: bool,
             info: dist.DistInfo, roots: confine.Roots | None) -> dict:
     """LFW-protocol numbers on `pairs`, sharded: each rank embeds every world_size-th image, then every rank
     gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding)."""
-    from facenet.evaluate import logged_metrics
-    from facenet.verification import metrics as vm
-    from facenet.verification.embed import distances, embed_paths
+    from facenet.evaluate import logged_metrics, score_pairs
+    from facenet.verification.embed import embed_paths
 
-    paths = sorted({img for p in pairs.pairs for img in (p.a, p.b)})
-    mine = paths[info.rank::info.world_size]
+    images = pairs.images()
+    mine = images[info.rank::info.world_size]
     emb, bad = embed_paths(model, mine, device.torch_device, spec.image_size, batch_size=max(32, spec.batch_size // info.world_size),
                            channels_last=channels_last, autocast=lambda: device.autocast(amp.enabled, amp.dtype),
                            roots=roots, progress=lambda *_: LIVENESS.beat())
-    parts = dist.all_gather_object((info.rank, emb, bad))
-    full = np.zeros((len(paths), emb.shape[1]), dtype=np.float32)
+    full = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
     unreadable: set[str] = set()
-    for rank, part, part_bad in parts:
+    for rank, part, part_bad in dist.all_gather_object((info.rank, emb, bad)):
         full[rank::info.world_size] = part
         unreadable.update(part_bad)
-    index = {p: i for i, p in enumerate(paths)}
-    kept = [p for p in pairs.pairs if p.a not in unreadable and p.b not in unreadable]
-    if not kept:
-        raise UserError(f"verification: every pair has an unreadable image (e.g. {sorted(unreadable)[0]})")
-    d = distances(full[[index[p.a] for p in kept]], full[[index[p.b] for p in kept]])
-    result = vm.verification_metrics(d, [p.same for p in kept], [p.fold for p in kept])
-    return {**logged_metrics(result), "verify_pairs": len(kept)}
+    result, _, _ = score_pairs(pairs, images, full, unreadable)
+    return {**logged_metrics(result), "verify_pairs": result["pairs"]}
 
 
 def _share_bad_paths(local: set, reported: set, say: Console) -> set:

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 
 from facenet import confine
-from facenet.data.dataset import IMAGE_EXTENSIONS
+from facenet.data.dataset import IMAGE_EXTENSIONS, identity_dirs, list_images
 from facenet.errors import UserError
 
 HEADER = "# facenet-stack pairs v1: <path a> <path b> <1 same | 0 different> <fold>"
@@ -45,7 +45,14 @@ class Pair:
 class PairSet:
     pairs: list[Pair]
     source: str  # where they came from, for the report
-    identities: dict[str, str]  # image path -> identity name, for "did the model see these people?"
+
+    def images(self) -> list[str]:
+        """Every image the pairs name, once, sorted."""
+        return sorted({img for p in self.pairs for img in (p.a, p.b)})
+
+    def people(self) -> set[str]:
+        """The identities in the pairs (by folder name), for "did the model see these people?"."""
+        return {identity_of(img) for img in self.images()}
 
 
 def identity_of(path: str) -> str:
@@ -77,7 +84,7 @@ def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: s
     if len({p.fold for p in pairs}) < 2:
         raise UserError(f"{what} {path}: every pair is in one fold; the LFW protocol needs 2 or more (each fold's "
                         "threshold is chosen on the others)")
-    return PairSet(pairs, f"{path} ({len(pairs)} pairs)", {img: identity_of(img) for p in pairs for img in (p.a, p.b)})
+    return PairSet(pairs, f"{path} ({len(pairs)} pairs)")
 
 
 def _read_ours(path: str, root: str, lines: list[str], what: str) -> list[Pair]:
@@ -196,15 +203,12 @@ def _unique_draws(rng: random.Random, wanted: int, draw) -> list[tuple[str, str]
 
 
 def identity_folders(folder: str, roots: confine.Roots | None = None) -> dict[str, list[str]]:
-    """{identity: [image paths]} for a folder of identity folders (hidden entries and non-images skipped)."""
+    """{identity: [image paths]} for a folder of identity folders, listed as training lists them."""
     out: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(folder)):
+    for name in identity_dirs(folder):
         sub = os.path.join(folder, name)
-        if name.startswith(".") or not os.path.isdir(sub):
-            continue
         confine.check(sub, roots, "an identity folder")
-        out[name] = [os.path.join(sub, f) for f in sorted(os.listdir(sub))
-                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        out[name] = [os.path.join(sub, f) for f in list_images(sub)]
     return out
 
 
@@ -216,6 +220,12 @@ def format_pairs(pairs: list[Pair], root: str) -> str:
 
 
 # ---- finding the pairs for a data root -----------------------------------------------------------------------
+def pairs_file_in(root: str) -> str | None:
+    """ROOT/test_pairs.txt (preprocessing's), else LFW's ROOT/pairs.txt, else None."""
+    return next((os.path.join(root, n) for n in ("test_pairs.txt", "pairs.txt")
+                 if os.path.isfile(os.path.join(root, n))), None)
+
+
 def find_pairs(root: str, pairs_file: str | None = None, seed: int = 0,
                roots: confine.Roots | None = None) -> PairSet:
     """The pairs to verify on for data root ROOT, in this order: `pairs_file`; ROOT/test_pairs.txt
@@ -226,10 +236,9 @@ def find_pairs(root: str, pairs_file: str | None = None, seed: int = 0,
         raise UserError(f"--data {root}: no such directory")
     if pairs_file:
         return read_pairs(pairs_file, root, roots)
-    for name in ("test_pairs.txt", "pairs.txt"):
-        candidate = os.path.join(root, name)
-        if os.path.isfile(candidate):
-            return read_pairs(candidate, root, roots)
+    found = pairs_file_in(root)
+    if found:
+        return read_pairs(found, root, roots)
     test = os.path.join(root, "test")
     by_identity = identity_folders(test, roots) if os.path.isdir(test) else {}
     folder = test if by_identity else root
@@ -242,5 +251,4 @@ def find_pairs(root: str, pairs_file: str | None = None, seed: int = 0,
                         "images (at least 4 people, 2 with 2+ images, are needed to generate pairs)")
     folds = len({p.fold for p in pairs})
     return PairSet(pairs, f"{len(pairs)} pairs generated (seed {seed}, {folds} folds) from the "
-                          f"{len(by_identity)} identity folders of {folder}",
-                   {img: identity_of(img) for p in pairs for img in (p.a, p.b)})
+                          f"{len(by_identity)} identity folders of {folder}")
