@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+
+from facenet.errors import UserError
 
 
 @contextlib.contextmanager
@@ -27,10 +31,31 @@ def atomic_write(path: str, fsync: bool = False):
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if _disk_full(exc):
+            raise UserError(f"cannot write {path}: no space left on its disk ({_free_mib(folder)} MiB free); "
+                            "free some space and run again (what was written before is intact)") from None
         raise
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT anywhere in the chain (torch's zip writer reports it as a RuntimeError whose
+    context is the OSError)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _free_mib(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free // 2**20
+    except OSError:
+        return 0
 
 
 def write_atomic(path: str, data: bytes, fsync: bool = False) -> None:

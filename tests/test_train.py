@@ -250,6 +250,28 @@ def test_opt_level_o0_trains_in_fp32_and_says_so(small_faces, tmp_path):
     assert "precision fp32" in res.stdout
 
 
+def test_a_full_disk_is_one_clear_line_naming_the_file(small_faces, tmp_path):
+    """--output on a 40 MiB filesystem: the first checkpoint (~200 MB) cannot be written. One line names it and the
+    space left (torch reports ENOSPC as a RuntimeError from its zip writer); no traceback, no temp file left."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        out = disk / "run"
+        res = run_train("--data", small_faces, "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                        "--output", str(out))
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        error_lines = [line for line in res.stderr.splitlines() if "error" in line]
+        assert len(error_lines) == 1, res.stderr
+        assert f"cannot write {out / 'checkpoint.pt'}: no space left on its disk (" in error_lines[0]
+        assert [p for p in os.listdir(out) if ".tmp-" in p] == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "{missing}"], "--data {missing}: no such directory"),
     (["--data", "{data}", "--npus", "0"], "--npus 0: must be in [1, 4096]"),
