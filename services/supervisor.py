@@ -138,6 +138,7 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
         why = job.get("message") or "the worker running it died"
         reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
         reg.release(job_id, token)
+        _end_mlflow_run(settings, job, "FAILED")  # the lost attempt left it RUNNING
         return {"job": job_id, "status": FAILED}
     device_type, devices = worker_devices()
     beat = Heartbeat(reg, job_id, token, node, devices)

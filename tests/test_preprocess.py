@@ -143,11 +143,22 @@ def test_layout_lists_manifest_and_rejects_are_exact(raw_tree, tmp_path):
     again = run_preprocess(raw, out, "--workers", "2", "--shard-size", "5")
     assert again["processed"] == 0 and again["skipped"] == 43
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    # crops made with other settings are never mixed into this output
-    res = subprocess.run(preprocess_cmd(raw, out, "--image-size", "112"), capture_output=True, text=True, cwd=REPO,
-                         timeout=120)
-    assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert f"--image-size 112: {out} was preprocessed with 160" in res.stderr
+    # crops made with other settings, or of another RAW, are never mixed into this output: each crop setting
+    # and the RAW are refused in one line, before anything is written
+    other_raw = tmp_path / "other-raw"
+    shutil.copytree(raw, other_raw)
+    refusals = [(["--image-size", "112"], f"--image-size 112: {out} was preprocessed with 160"),
+                (["--margin", "8"], f"--margin 8: {out} was preprocessed with 0"),
+                (["--detect-size", "320"], f"--detect-size 320: {out} was preprocessed with 640"),
+                (["--min-face-frac", "0.2"], f"--min-face-frac 0.2: {out} was preprocessed with 0.1"),
+                ([], f"{out} holds crops of {raw}, not {other_raw}; use another output folder")]
+    before = {rel: (out / rel).read_bytes() for rel in _all_files(out)}
+    for extra, message in refusals:
+        source = other_raw if not extra else raw
+        res = subprocess.run(preprocess_cmd(source, out, *extra), capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert {rel: (out / rel).read_bytes() for rel in _all_files(out)} == before
 
 
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(raw_tree, tmp_path):

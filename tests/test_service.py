@@ -169,23 +169,39 @@ def _trainer_processes(output_dir: str) -> list[psutil.Process]:
 
 
 def test_cancel_stops_the_trainer_and_kills_the_run(stack, sample_root):
+    """Cancel kills the trainer and marks the run KILLED. Meanwhile a second job wanting the stack's one CPU
+    device waits: it never has a trainer while the first one's lives, and starts only after the cancel."""
     from facenet.data.samples import copy_subset
 
     # 4 people x 12 crops: a trainer running within seconds; 30 epochs keep it running.
     faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "small-cancel"), 4, 12)
     job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "8", "--log-every", "1")
-    job = stack.wait_for(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["progress"]["step"],
-                         what="training to start")
-    assert _trainer_processes(job["output"])
+    second = stack.json("submit-train", "--data", faces, "--epochs", "1", "--batch-size", "8")
+    reg = _registry(stack)
+    samples = 0
+
+    def first_trains(j):
+        nonlocal samples  # every look at the first job also looks at the second
+        other = reg.get(second["id"])
+        assert other["status"] == "QUEUED" and not other.get("trainer_pid"), other
+        samples += 1
+        return (j["progress"]["epoch"] or 0) >= 1 and j["progress"]["step"]
+
+    job = stack.wait_for(job["id"], first_trains, what="training to start")
+    assert _trainer_processes(job["output"]) and samples >= 2
     cancelled = stack.json("cancel", job["id"])
     assert cancelled["status"] == "CANCELLED"
-    deadline = time.time() + 15
+    deadline = time.time() + 15  # bound: the supervisor kills the group at once; 15 s covers a loaded host
     while _trainer_processes(job["output"]) and time.time() < deadline:
         time.sleep(0.3)
     assert not _trainer_processes(job["output"])
     run = stack.mlflow().get_run(job["mlflow_run_id"])
     assert run.info.status == "KILLED"
-    # The devices are free again.
+    # The device went to the waiting job only after the first one ended (the registry's own timestamps).
+    done = stack.wait_for(second["id"], lambda j: j["status"] == "SUCCEEDED", timeout=240, what="the second job")
+    first = stack.json("status", job["id"])
+    assert first["trainer_started"] < first["finished"] <= done["started"] < done["trainer_started"], (first, done)
+    # The device is free again.
     worker = next(w for w in stack.json("workers") if w["node"].startswith("cpu@"))
     assert not any(worker["leases"].values())
 
@@ -231,6 +247,32 @@ def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
         time.sleep(1)
     assert old["state"] == "FAILURE" and "WorkerLostError" in old["exception"] and job["id"] in old["exception"], old
     assert new["state"] == "SUCCESS", new
+
+    # The dead worker's own message is still unacknowledged in Redis; after the visibility timeout kombu puts
+    # it back on the queue. Do exactly that now (kombu's restore_by_tag): a live worker takes it, finds the job
+    # finished and drops it; no trainer starts, the job and its run stay as they are.
+    from kombu import Connection
+
+    with Connection(stack.description["redis_url"]) as conn:
+        channel = conn.default_channel
+        unacked = channel.client.hgetall(channel.unacked_key)
+        tags = [tag for tag, body in unacked.items() if first_task.encode() in body]
+        assert len(tags) == 1, f"the killed worker's message is not waiting unacknowledged: {unacked}"
+        channel.qos.restore_by_tag(tags[0])
+    log_path = os.path.join(stack.state_dir, "logs", "worker-cpu.log")
+    dropped = f"Task facenet.train[{first_task}] succeeded"
+    deadline = time.time() + 60  # bound: an idle worker takes a message within a second or two
+    while True:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            line = next((x for x in fh if dropped in x), None)
+        if line or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert line and "'skipped': 'done'" in line, f"the redelivered message was not dropped:\n{line}"
+    after = _registry(stack).get(job["id"])
+    assert after["status"] == "SUCCEEDED" and int(after["attempts"]) == 2
+    assert float(after["trainer_started"]) == final["trainer_started"] and not _trainer_processes(job["output"])
+    assert len([r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]) == 1
 
 
 def _registry(stack):
@@ -307,14 +349,15 @@ def test_submit_preprocess_alone_and_a_failing_job(stack):
 
 
 def test_killed_preprocessing_worker_loses_no_shard(stack):
+    """kill -9 of the preprocessing worker mid-shard: the job still ends with exactly what an undisturbed run of
+    the same RAW writes (every crop, byte for byte, both lists and the manifest)."""
     from facenet.data.samples import make_raw_identities
-    from services.registry import Registry, connect
 
     raw = os.path.join(stack.root, "raw-kill")
-    make_raw_identities(raw, per_identity=30, identities=8)
+    make_raw_identities(raw, per_identity=12, identities=8)
     out = os.path.join(stack.root, "faces-kill")
     job = stack.json("submit-preprocess", raw, out, "--shard-size", "2")
-    reg = Registry(connect(stack.description["redis_url"]))
+    reg = _registry(stack)
     deadline = time.time() + 120
     while int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 3:
         assert time.time() < deadline and reg.get(job["id"])["status"] == "PREPROCESSING", reg.get(job["id"])
@@ -325,37 +368,86 @@ def test_killed_preprocessing_worker_loses_no_shard(stack):
     assert stack.cli("stack", "up", timeout=240).returncode == 0
     final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300,
                            what="preprocessing to finish after the worker was killed")
-    assert final["result"]["images"] == 240 and final["result"]["faces"] + final["result"]["rejects"] == 240
+    assert final["result"]["images"] == 96 and final["result"]["faces"] + final["result"]["rejects"] == 96
     logs = ""
     for name in ("worker-preprocess", "worker-cpu"):  # any live worker's sweep may win
         with open(os.path.join(stack.state_dir, "logs", f"{name}.log"), encoding="utf-8") as fh:
             logs += fh.read()
     assert f"job {job['id']} shard:" in logs  # the sweep sent the lost shard again
-    # The result equals an uninterrupted run's: same lists as a local rerun that finds everything done.
-    with open(os.path.join(out, "train_list.txt"), encoding="utf-8") as fh:
-        assert len(fh.read().splitlines()) == final["result"]["train_list"]
+
+    # An undisturbed run of the same RAW with the same settings, on this host, outside the queue.
+    ref = os.path.join(stack.root, "faces-kill-ref")
+    proc = stack.cli("preprocess", raw, ref, "--shard-size", "2", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def files(root):  # hidden ones (the job's own .preprocess state, temp files) aside
+        found = (os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+        return sorted(rel for rel in found if not any(part.startswith(".") for part in rel.split(os.sep)))
+
+    crops = files(ref)
+    assert len([f for f in crops if f.startswith(("train/", "test/"))]) == final["result"]["faces"] > 80
+    assert {"train_list.txt", "test_list.txt", "manifest.json"} <= set(crops)
+    assert files(out) == crops
+    for rel in crops:
+        with open(os.path.join(out, rel), "rb") as a, open(os.path.join(ref, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def _active_tasks(stack) -> dict:
+    """What every live worker is executing now (celery inspect active), as {node: [task, ...]}."""
+    code = ("import json; from services.celery_app import app; "
+            "print(json.dumps(app.control.inspect(timeout=5).active() or {}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_cancel_during_preprocessing_stops_the_shards(stack):
+    """Cancel while shards run: `--wait` exits 1 saying CANCELLED; the shards running at that moment may finish
+    theirs, but none starts after: once they are done no shard finishes and no crop appears over a further wait,
+    the queued shard messages are dropped, no worker executes anything of the job, and no training starts."""
     from facenet.data.samples import make_raw_identities
-    from services.registry import Registry, connect
 
     raw = os.path.join(stack.root, "raw-cancel")
-    make_raw_identities(raw, per_identity=30, identities=8)
-    job = stack.json("submit-train", "--preprocess-from", raw, "--data", os.path.join(stack.root, "faces-cancel"),
-                     "--shard-size", "2", "--epochs", "1")
-    reg = Registry(connect(stack.description["redis_url"]))
-    deadline = time.time() + 120
-    while not int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0):
-        assert time.time() < deadline
-        time.sleep(0.05)
-    cancelled = stack.json("cancel", job["id"])
+    make_raw_identities(raw, per_identity=12, identities=8)
+    faces = os.path.join(stack.root, "faces-cancel")
+    t0 = time.time()
+    waiting = subprocess.Popen([sys.executable, "-m", "services.cli", "submit-train", "--preprocess-from", raw,
+                                "--data", faces, "--shard-size", "2", "--epochs", "1", *TEST_IMAGE_SIZE, "--wait"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env)
+    reg = _registry(stack)
+    key = lambda job_id: reg.key(job_id)  # noqa: E731
+    deadline, job_id = time.time() + 120, None
+    while job_id is None or not int(reg.r.hget(key(job_id), "shards_done") or 0):
+        assert time.time() < deadline and waiting.poll() is None, waiting.stderr.read() if waiting.poll() else ""
+        newest = stack.json("jobs")[0] if job_id is None else None
+        if newest and newest["created"] >= t0 - 1:
+            job_id = newest["id"]
+        time.sleep(0.1)
+    cancelled = stack.json("cancel", job_id)
     assert cancelled["status"] == "CANCELLED" and "preprocessing" in cancelled["message"]
-    time.sleep(3)  # shards still queued are dropped, not run
-    final = stack.json("status", job["id"])
-    assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None
-    assert int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 120
-    assert not reg.r.scard(reg.key(job["id"]) + ":started")
+    at_cancel = int(reg.r.hget(key(job_id), "shards_done") or 0)
+    # --wait ends with the job, exit status 1 (bound: it polls every 0.5 s)
+    stdout, stderr = waiting.communicate(timeout=30)
+    assert waiting.returncode == 1 and f"job {job_id} CANCELLED" in stdout, stdout + stderr
+    # The shards running at the cancel end (bound: a shard of 2 photos takes ~1 s here; 30 s for a loaded host),
+    # and every queued shard message is taken and dropped.
+    deadline = time.time() + 30
+    while reg.r.scard(key(job_id) + ":started") or reg.r.llen("preprocess"):
+        assert time.time() < deadline, (reg.r.smembers(key(job_id) + ":started"), reg.r.llen("preprocess"))
+        time.sleep(0.2)
+    settled = int(reg.r.hget(key(job_id), "shards_done") or 0)
+    crops = sum(len(fs) for _, _, fs in os.walk(os.path.join(faces, "train")))
+    from facenet.fsutil import cpu_cores
+
+    concurrency = int(stack.env.get("FACENET_WORKER_CONCURRENCY") or cpu_cores())  # the preprocessing pool
+    assert settled <= at_cancel + concurrency < 48, (at_cancel, settled)  # 96 photos = 48 shards
+    assert not any(job_id in json.dumps(tasks) for tasks in _active_tasks(stack).values())
+    time.sleep(4)  # long enough for several more shards, had anything kept going
+    assert int(reg.r.hget(key(job_id), "shards_done") or 0) == settled
+    assert sum(len(fs) for _, _, fs in os.walk(os.path.join(faces, "train"))) == crops
+    final = stack.json("status", job_id)
+    assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None and final["trainer_started"] is None
 
 
 def test_messages_that_are_not_json_or_not_ours_are_never_run(stack, tmp_path):
@@ -433,33 +525,47 @@ def test_a_shard_that_kills_its_worker_every_time_fails_the_job(stack):
 
 
 def test_a_hung_trainer_is_stopped_and_the_job_fails_after_its_attempts(stack, sample_root):
-    """A trainer that stops writing anything (SIGSTOP: a real hang, no heartbeat of its own) is stopped after
-    FACENET_TRAINER_STALL_SECONDS (30 here: a live trainer shows life every 2 s, its final MLflow upload
-    included), retried, and the job fails with the reason; the worker serves on."""
+    """Two real faults, FACENET_MAX_ATTEMPTS=2: attempt 1's trainer stops writing anything (SIGSTOP: a real
+    hang, no heartbeat of its own) and is stopped after FACENET_TRAINER_STALL_SECONDS (30 here: a live trainer
+    shows life every 2 s, its final MLflow upload included) and retried; during attempt 2 the whole device
+    worker is killed (kill -9). The sweep finds the job's heartbeat gone and, the bound reached, the job fails
+    naming the lost worker; no trainer is left, and the restarted worker serves on."""
     faces = os.path.join(sample_root, "prep")
     job = stack.json("submit-train", "--data", faces, "--epochs", "50", "--batch-size", "32")
     reg = _registry(stack)
-    stopped: set[int] = set()
+    stopped, killed_worker = set(), None
     deadline = time.time() + 420
     while time.time() < deadline:
         record = reg.get(job["id"])
         if record["status"] in ("FAILED", "SUCCEEDED", "CANCELLED"):
             break
         pid = int(record.get("trainer_pid") or 0)
-        if pid and pid not in stopped and record["status"] == "RUNNING":
+        if pid and record["status"] == "RUNNING" and not stopped:
             try:
                 for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
                     p.suspend()
                 stopped.add(pid)
             except psutil.NoSuchProcess:
                 pass
+        elif pid and record["status"] == "RUNNING" and pid not in stopped and killed_worker is None:
+            worker = stack.description["services"]["worker-cpu"]
+            os.killpg(worker["pid"], signal.SIGKILL)
+            killed_worker = (worker["pid"], pid)
+            restarted = stack.cli("stack", "up", timeout=240)
+            assert restarted.returncode == 0, restarted.stderr
         time.sleep(0.5)
     final = stack.json("status", job["id"])
     assert final["status"] == "FAILED", final
-    assert final["error"].startswith("gave up after 2 attempt(s): the trainer wrote nothing for 30 s"), final["error"]
-    assert len(stopped) == 2 and not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                                         for p in stopped)
+    assert killed_worker and final["error"].startswith("gave up after 2 attempts: worker cpu@"), final["error"]
+    assert final["error"].endswith("was lost during attempt 2"), final["error"]
+    with open(os.path.join(stack.state_dir, "logs", "worker-cpu.log"), encoding="utf-8", errors="replace") as fh:
+        returned = [line for line in fh if f"'job': '{job['id']}'" in line and "'requeued'" in line]
+    assert len(returned) == 1 and "the trainer wrote nothing for 30 s" in returned[0], returned  # attempt 1
+    pids = stopped | {killed_worker[1]}
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     assert stack.mlflow().get_run(final["mlflow_run_id"]).info.status == "FAILED"
+    worker = next(w for w in stack.json("workers") if w["node"].startswith("cpu@"))
+    assert not any(worker["leases"].values())
 
 
 def test_secrets_appear_in_no_command_line_log_record_or_run(stack):
@@ -522,3 +628,38 @@ def test_the_local_stack_listens_on_loopback_only(stack):
                  if c.status == psutil.CONN_LISTEN]
     assert len(listening) >= 3, listening  # Redis, MLflow, Flower at least
     assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening
+
+
+def test_stack_down_stops_exactly_what_stack_up_started(stack):
+    """Last in this module. `stack down` ends every process `stack up` started (each service and its children:
+    pool processes, MLflow's workers) and nothing else: not a look-alike with the same command line, not a
+    process that got a recorded pid after a reboot (a stale stack.json)."""
+    started = []
+    for service in stack.json("stack", "status"):
+        parent = psutil.Process(service["pid"])
+        started += [parent] + parent.children(recursive=True)
+    assert len(started) >= 6, started  # 5 services, and the workers' pool processes at least
+    look_alike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "services.entrypoints",
+                                   "redis"], start_new_session=True)
+    try:
+        down = stack.cli("stack", "down", timeout=120, check=True)
+        assert all(f"stopped {name}" in down.stdout for name in ("redis", "mlflow", "flower", "worker-cpu")), down.stdout
+        deadline = time.time() + 10  # bound: SIGKILL of each group follows its grace period
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [(p.pid, p.cmdline()[:4]) for p in left]
+        assert look_alike.poll() is None, "stack down killed a process it did not start"
+        assert not any(s["running"] for s in stack.json("stack", "status"))
+        # A stale record naming a pid that now belongs to someone else (its start time differs) is not stopped.
+        path = os.path.join(stack.state_dir, "stack.json")
+        described = stack.description
+        described["services"]["redis"] = {"pid": look_alike.pid, "create_time": 1.0}
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(described, fh)
+        stack.cli("stack", "down", timeout=60, check=True)
+        time.sleep(0.5)
+        assert look_alike.poll() is None, "stack down killed a process by a stale pid"
+    finally:
+        look_alike.kill()
+        look_alike.wait()

@@ -75,7 +75,25 @@ def test_learns_real_faces_with_amp_and_logs_to_mlflow(sample_faces, mlflow_serv
 
 
 def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
+    """Two gloo ranks: what each loader really fed its model (recorded in the loops, not by iterating the sampler
+    again) is disjoint and covers the split; held-out Acc@1 pools both ranks' halves (all-reduce)."""
     out, audit = tmp_path / "ddp", tmp_path / "audit"
+    folders = _split(small_faces)
+    # Lists: the folder split's training images; as held-out set, 8 copies of one held-out photo labelled so
+    # that whatever class the model predicts for it, the two ranks' halves score differently (rank 0 gets
+    # positions 0, 2, 4, 6: classes 0, 0, 1, 2; rank 1 the odd ones: class 3 each). A rank-local Acc@1 then
+    # cannot equal the pooled one.
+    photo = folders.test[0][0]
+    os.makedirs(os.path.join(small_faces, "heldout"))
+    test_lines = []
+    for i, label in enumerate([0, 3, 0, 3, 1, 3, 2, 3]):
+        rel = f"heldout/x{i}{os.path.splitext(photo)[1]}"
+        shutil.copy(photo, os.path.join(small_faces, rel))
+        test_lines.append(f"{rel} {label}")
+    with open(os.path.join(small_faces, "train_list.txt"), "w", encoding="utf-8") as fh:
+        fh.writelines(f"{os.path.relpath(p, small_faces)} {label}\n" for p, label in folders.train)
+    with open(os.path.join(small_faces, "test_list.txt"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(test_lines) + "\n")
     res = run_train("--data", small_faces, "--npus", "2", "--device", "cpu", "--epochs", "2", "--batch-size", "8",
                     "--lr", "0.001", "--output", str(out), "--json-out", str(out / "summary.json"),
                     "--audit-samples", str(audit))
@@ -84,8 +102,9 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert summary["fps_per_device"] == pytest.approx(summary["fps"] / 2, rel=1e-3)
     split = _split(small_faces)
-    train_set = {p for p, _ in split.train}
-    assert len(train_set) == 40  # 4 identities x (12 - 2 held out)
+    assert split.layout == "lists"
+    train_set, test_set = {p for p, _ in split.train}, {p for p, _ in split.test}
+    assert len(train_set) == 40 and len(test_set) == 8  # 4 identities x (12 - 2 held out)
     orders = []
     for epoch in (1, 2):
         r0 = (audit / f"rank0_epoch{epoch}.txt").read_text().split("\n")[:-1]
@@ -95,9 +114,28 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
         assert not set(r0) & set(r1), "ranks read the same images"
         assert set(r0) | set(r1) == train_set, "every training image is read once per epoch"
         orders.append(r0)
+        e0, e1 = (read_json(audit / f"rank{r}_epoch{epoch}_eval.json") for r in (0, 1))
+        assert len(e0["images"]) == len(e1["images"]) == 4 and not set(e0["images"]) & set(e1["images"])
+        assert set(e0["images"]) | set(e1["images"]) == test_set
+        assert e0["correct"] != e1["correct"], "the halves were built to score differently"
+        record = next(e for e in read_events(out / "events.jsonl") if e["event"] == "epoch" and e["epoch"] == epoch)
+        assert record["eval_images"] == 8
+        assert record["acc1"] == pytest.approx((e0["correct"] + e1["correct"]) / 8)
     assert orders[0] != orders[1], "set_epoch reshuffles"
     # Held-out images never reach training (the ModelZoo 8p sampler trained on its own validation set).
-    assert not {p for p, _ in split.test} & train_set
+    assert photo not in train_set and not test_set & train_set
+    # The pooled figure is the whole held-out set's: the final model, scored here in one process, agrees.
+    from facenet_pytorch import InceptionResnetV1
+
+    from facenet.data.loader import FaceImages, collate, to_device
+
+    net = InceptionResnetV1(classify=True, num_classes=4)
+    net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"])
+    batch = collate([FaceImages(split.test, 96)[i] for i in range(8)])
+    with torch.inference_mode():
+        predicted = net.eval()(to_device(batch.images, torch.device("cpu"), False)).argmax(1)
+    assert not batch.bad and sorted(batch.fed) == sorted(test_set)
+    assert summary["acc1"] == pytest.approx((predicted == batch.labels).float().mean().item())
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["writer_rank"] == 0 and ckpt["epoch"] == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])

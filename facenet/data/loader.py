@@ -15,7 +15,7 @@ trainer can count and name it.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import io
 
@@ -79,8 +79,8 @@ class FaceImages(Dataset):
                 continue
             if self.augment:
                 img = self._augment(img)
-            return img, label, bad
-        return None, -1, bad
+            return img, label, bad, path
+        return None, -1, bad, None
 
     def _augment(self, img: torch.Tensor) -> torch.Tensor:
         # Off by default (the ModelZoo recipe has none): flip and a small scale/shift crop.
@@ -93,15 +93,22 @@ class FaceImages(Dataset):
         return TF.resized_crop(img, top, left, crop, crop, [size, size], antialias=True)
 
 
-def collate(batch):
-    """Stack readable samples; return (images uint8 NCHW, labels int64, list of bad paths)."""
-    bad = [p for _, _, paths in batch for p in paths]
-    good = [(img, label) for img, label, _ in batch if img is not None]
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 NCHW, readable samples only
+    labels: torch.Tensor  # int64
+    bad: list[str]  # paths that could not be read
+    fed: list[str]  # the path of each row of `images`: what the model really saw (a bad one's replacement)
+
+
+def collate(batch) -> Batch:
+    """Stack readable samples into a Batch."""
+    bad = [p for _, _, paths, _ in batch for p in paths]
+    good = [(img, label, path) for img, label, _, path in batch if img is not None]
     if not good:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
-    images = torch.stack([img for img, _ in good])
-    labels = torch.tensor([label for _, label in good], dtype=torch.long)
-    return images, labels, bad
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad, [])
+    images = torch.stack([img for img, _, _ in good])
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    return Batch(images, labels, bad, [path for _, _, path in good])
 
 
 class TrainSampler(Sampler[int]):

@@ -209,16 +209,16 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
             seed_everything(spec.seed + 1000 * epoch + info.rank)
             train_loader.sampler.set_epoch(epoch)
-            if spec.audit_samples:
-                _audit_samples(spec.audit_samples, train_loader, data, info.rank, epoch,
-                               None if roots is None else confine.Roots(roots.roots + [spec.output]))
+            audit = Audit(spec.audit_samples, info.rank, epoch,
+                          None if roots is None else confine.Roots(roots.roots + [spec.output]))
             t_epoch = time.time()
             stats = _train_epoch(ddp_model, objective, train_loader, optimizer, amp, device, channels_last, spec,
-                                 epoch, events, say, bad_paths, info)
+                                 epoch, events, say, bad_paths, info, audit)
             train_seconds = time.time() - t_epoch
             acc1, n_eval = None, 0
             if objective.has_classifier:
-                acc1, n_eval = _evaluate(trainable, objective, eval_loader, amp, device, channels_last, bad_paths)
+                acc1, n_eval = _evaluate(trainable, objective, eval_loader, amp, device, channels_last, bad_paths,
+                                         audit)
             verification = {}
             if pairs is not None and ((epoch + 1) % verify_every == 0 or epoch + 1 == spec.epochs):
                 verification = _verify(model, pairs, spec, device, amp, channels_last, info, roots)
@@ -334,7 +334,8 @@ def _log_epoch(tracker: Tracker, record: dict) -> None:
 
 
 def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
-                 epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo) -> dict:
+                 epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo,
+                 audit: Audit) -> dict:
     model.train()
     steps = len(loader)
     clock = EpochClock(spec.warmup_steps, steps)
@@ -345,9 +346,10 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
         device.synchronize()
         clock.start()
     t_log, seen_at_log = time.perf_counter(), 0
-    for step, (images, labels, bad) in enumerate(loader, 1):
+    for step, (images, labels, bad, fed) in enumerate(loader, 1):
         LIVENESS.beat()
         bad_paths.update(bad)
+        audit.fed(fed)
         if labels.numel() == 0:
             raise UserError(f"no readable image in a whole batch (e.g. {bad[0] if bad else '?'}): "
                             "the dataset is mostly unreadable")
@@ -381,6 +383,7 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
             events.emit("step", epoch=epoch + 1, step=step, steps=steps, loss=loss_avg, fps=fps_now, train_acc=acc)
     device.synchronize()
     clock.stop()
+    audit.write_train()
     loss_total, correct_total, seen_total, images, _ = dist.all_reduce(
         [loss_sum.item(), float(correct.item()), float(seen), float(clock.images), 0.0], device.torch_device)
     (window,) = dist.all_reduce([clock.seconds], device.torch_device, op="max")
@@ -390,15 +393,17 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
 
 
 @torch.inference_mode()
-def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set):
+def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set,
+              audit: Audit):
     """Top-1 of the loss's classifier on the held-out split over all ranks. Returns (acc1 or None, images
     evaluated). `model` is the Trainable (not DDP: ranks evaluate different images)."""
     model.eval()
     correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
     total = 0
-    for images, labels, bad in loader:
+    for images, labels, bad, fed in loader:
         LIVENESS.beat()
         bad_paths.update(bad)
+        audit.fed(fed)
         if labels.numel() == 0:
             continue
         x = data_loader.to_device(images, device.torch_device, channels_last)
@@ -406,6 +411,7 @@ def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channe
             predicted = objective.predict(model(x))
         correct += (predicted == labels.to(device.torch_device)).sum()
         total += labels.numel()
+    audit.write_eval(int(correct.item()))
     correct_all, total_all = dist.all_reduce([float(correct.item()), float(total)], device.torch_device)
     model.train()
     return (correct_all / total_all if total_all else None), int(total_all)
@@ -467,14 +473,32 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
     return merged
 
 
-def _audit_samples(folder: str, loader, data: DatasetSplit, rank: int, epoch: int,
-                   roots: confine.Roots | None) -> None:
-    """Write the training images this rank reads this epoch, in the sampler's order (a queued job's folder
-    must lie in the data roots or its output)."""
-    used = list(iter(loader.sampler))
-    text = "".join(data.train[i][0] + "\n" for i in used)
-    confine.write_bytes(os.path.join(folder, f"rank{rank}_epoch{epoch + 1}.txt"), text.encode(), roots,
-                        "--audit-samples")
+class Audit:
+    """--audit-samples DIR: each rank writes the images its loader really fed the model (a bad image's
+    replacement included), not what its sampler would yield: DIR/rank<R>_epoch<E>.txt for training and
+    DIR/rank<R>_epoch<E>_eval.json (images, correct) for the held-out Acc@1. A queued job's folder must lie
+    in the data roots or its output. Does nothing without DIR."""
+
+    def __init__(self, folder: str | None, rank: int, epoch: int, roots: confine.Roots | None):
+        self.folder, self.rank, self.epoch, self.roots = folder, rank, epoch + 1, roots
+        self.paths: list[str] = []
+
+    def fed(self, paths: list[str]) -> None:
+        if self.folder:
+            self.paths += paths
+
+    def _write(self, name: str, text: str) -> None:
+        confine.write_bytes(os.path.join(self.folder, name), text.encode(), self.roots, "--audit-samples")
+        self.paths = []
+
+    def write_train(self) -> None:
+        if self.folder:
+            self._write(f"rank{self.rank}_epoch{self.epoch}.txt", "".join(p + "\n" for p in self.paths))
+
+    def write_eval(self, correct: int) -> None:
+        if self.folder:
+            self._write(f"rank{self.rank}_epoch{self.epoch}_eval.json",
+                        json.dumps({"images": self.paths, "correct": correct}))
 
 
 def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:

@@ -117,7 +117,8 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
     g.add_argument("--no-log-model", dest="log_model", action="store_false",
                    help="do not log the final model as an MLflow model (model.pt is still uploaded under final/)")
     g.add_argument("--audit-samples", metavar="DIR",
-                   help="each process writes DIR/rank<R>_epoch<E>.txt: the training images it reads (sampler audit)")
+                   help="each process writes what its loader fed the model per epoch: DIR/rank<R>_epoch<E>.txt (training "
+                        "images) and DIR/rank<R>_epoch<E>_eval.json (held-out images and how many it got right)")
     g.add_argument("--spec", metavar="FILE", help="read the whole spec from a JSON file (other flags are ignored)")
     g.add_argument("--epochs_per_save", type=int, default=1, help=argparse.SUPPRESS)  # seed: always 1 here
     g.add_argument("--multiprocessing_distributed", action="store_true", help=argparse.SUPPRESS)  # seed: implied by --npus

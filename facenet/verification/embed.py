@@ -42,7 +42,7 @@ def embed_paths(model: torch.nn.Module, paths: list[str], device: torch.device, 
     out = np.zeros((len(paths), 512), dtype=np.float32)
     bad: list[str] = []
     with embedding_mode(model) as net, torch.inference_mode():
-        for images, index, unreadable in loader:
+        for images, index, unreadable, _ in loader:
             bad += unreadable
             if len(index):
                 x = to_device(images, device, channels_last)
