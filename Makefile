@@ -22,9 +22,11 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# BENCH_DIR: where the JSON goes; BENCH_ARGS / BENCH_QUEUE_ARGS: extra flags (see --help of each)
+BENCH_DIR ?= build
 bench: install
-	$(PY) -m facenet.bench --out build/bench.json
-	$(PY) -m services.bench_queue --out build/bench_queue.json
+	$(PY) -m facenet.bench --out $(BENCH_DIR)/bench.json $(BENCH_ARGS)
+	$(PY) -m services.bench_queue --out $(BENCH_DIR)/bench_queue.json $(BENCH_QUEUE_ARGS)
 
 # Each loss on 30 real people (ORL faces), verified on 10 others: ~6 min on 2 cores.
 bench-verify: install

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,13 +27,20 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=20, help="epochs of the job (20: about 2 minutes on 2 cores)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    p.add_argument("--data", help="face crops to train on (default: the cached sample data set, 8 people)")
+    p.add_argument("--image-size", type=int, default=160, help="crop side the trainer uses")
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="both runs skip the MLflow model and checkpoint uploads (~20 s each on 2 cores)")
     p.add_argument("--out", default=os.path.join("build", "bench_queue.json"), help="JSON result file")
     args = p.parse_args(argv)
 
     from facenet.data.samples import build_sample_dataset, cache_dir
     from services.entrypoints import free_port
 
-    data = build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
+    data = os.path.abspath(args.data) if args.data else build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
+    if not os.path.isdir(data):
+        print(f"error: --data {args.data}: no such directory", file=sys.stderr)
+        return 2
     state = tempfile.mkdtemp(prefix="facenet-bench-queue-")
     env = {**os.environ, "FACENET_STATE_DIR": os.path.join(state, "stack"), "FACENET_REDIS_PORT": str(free_port()),
            "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = json.load(open(os.path.join(env["FACENET_STATE_DIR"], "stack.json"), encoding="utf-8"))
         common = ["--data", data, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "0.001",
-                  "--amp", "--experiment", "bench-queue"]
+                  "--amp", "--experiment", "bench-queue", "--image-size", str(args.image_size)]
+        if args.no_artifacts:
+            common += ["--no-log-model", "--log-checkpoints", "none"]
         print(f"direct: facenet-cli train ({args.epochs} epochs) ...", flush=True)
         t0 = time.perf_counter()
         direct = cli("train", *common, "--device", "cpu", "--output", os.path.join(state, "direct"),
@@ -70,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(queued.stdout)
         record = json.loads(cli("status", job["id"], "--json").stdout)
         print(f"  {queue_s:.1f} s", flush=True)
+        with open(os.path.join(state, "direct.json"), encoding="utf-8") as fh:
+            direct_summary = json.load(fh)
     finally:
         cli("stack", "down")
-    with open(os.path.join(state, "direct.json"), encoding="utf-8") as fh:
-        direct_summary = json.load(fh)
+        shutil.rmtree(state, ignore_errors=True)  # two runs' checkpoints and MLflow artifacts: ~1 GB
     result = {
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "job": {"epochs": args.epochs, "batch_size": args.batch_size, "data": data, "device": "cpu", "amp": "bf16"},
+        "job": {"epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size, "data": data,
+                "device": "cpu", "amp": "bf16", "artifacts": not args.no_artifacts},
         "direct_seconds": round(direct_s, 2), "queue_seconds": round(queue_s, 2),
         "ratio": round(queue_s / direct_s, 4), "overhead_percent": round(100 * (queue_s / direct_s - 1), 2),
         "submit_to_trainer_start_seconds": round(record["trainer_started"] - record["created"], 3),

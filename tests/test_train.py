@@ -370,3 +370,30 @@ def test_modelzoo_script_runs_as_the_seed_calls_it(small_faces, tmp_path):
     values = dict(line.strip().split(" = ", 1) for line in open(logs[0], encoding="utf-8"))
     assert {"ActualFPS", "TrainingTime", "TrainAccuracy", "HeldOutAccuracy", "ActualLoss", "E2ETrainingTime"} <= set(values)
     assert float(values["ActualFPS"]) > 0 and values["BatchSize"] == "8" and values["RankSize"] == "1"
+
+
+def test_make_bench_runs_on_a_tiny_setting(small_faces, tmp_path):
+    """`make bench` end to end (both benchmarks, the private stack of the queue benchmark) on 4 people x 12
+    crops and 24 raw photos: the command, its JSON and its ratios, not its speed."""
+    out = tmp_path / "bench"
+    res = subprocess.run(["make", "--no-print-directory", "bench", f"BENCH_DIR={out}",
+                          f"BENCH_ARGS=--epochs 1 --batch-size 8 --data {small_faces} --raw-per-identity 3 "
+                          "--ceiling-steps 3",
+                          f"BENCH_QUEUE_ARGS=--epochs 1 --batch-size 8 --data {small_faces} --image-size 96 "
+                          "--no-artifacts"],
+                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    bench = read_json(out / "bench.json")
+    train, pre = bench["train"], bench["preprocess"]
+    assert train["config"]["epochs"] == 1 and train["config"]["train_images"] == 40
+    for side in ("ours", "reference"):
+        assert train[side]["img_per_s"] > 0 and 0 <= train[side]["acc1"] <= 1
+        assert pre[side]["img_per_s"] > 0
+    assert train["ratio"] == pytest.approx(train["ours"]["img_per_s"] / train["reference"]["img_per_s"])
+    assert train["step_ceiling"]["ratio"] > 0
+    assert pre["ours"]["faces"] > 0 and pre["ratio"] > 0
+    queue = read_json(out / "bench_queue.json")
+    assert queue["job"]["epochs"] == 1 and queue["job"]["data"] == small_faces and queue["job"]["artifacts"] is False
+    assert queue["direct_seconds"] > 0 and queue["queue_seconds"] > 0
+    assert queue["ratio"] == pytest.approx(queue["queue_seconds"] / queue["direct_seconds"], rel=1e-3)
+    assert queue["fps"]["direct"] > 0 and queue["fps"]["queue"] > 0

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the reference loop has no NPU path)")
     p.add_argument("--only", default="train,preprocess", help="comma-separated benchmarks to run")
     p.add_argument("--preprocess-workers", type=int, default=2, help="processes for both preprocessing runs")
+    p.add_argument("--raw-per-identity", type=int, default=120,
+                   help="raw photos per person (8 people) for the preprocessing benchmark")
+    p.add_argument("--ceiling-steps", type=int, default=10, help="steps of the compute-only ceiling loop")
     args = p.parse_args(argv)
     only = {name.strip() for name in args.only.split(",")}
     unknown = only - {"train", "preprocess"}
@@ -44,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         if "preprocess" in only:
             from facenet.bench.preprocess_bench import run_benchmark as run_preprocess_benchmark
 
-            # 960 raw photos (8 people x 120): enough that process start-up does not dominate
-            raw = os.path.join(cache_dir(), "bench-data", "raw-960")
-            make_raw_identities(raw, per_identity=120)
+            # 960 raw photos (8 people x 120) by default: enough that process start-up does not dominate
+            raw = os.path.join(cache_dir(), "bench-data", f"raw-{8 * args.raw_per_identity}")
+            make_raw_identities(raw, per_identity=args.raw_per_identity)
             results["preprocess"] = run_preprocess_benchmark(raw, work, args.preprocess_workers)
         if "train" in only:
             results["train"] = run_benchmark(data, work, args.epochs, args.batch_size, args.lr, workers,
-                                             device=args.device)
+                                             device=args.device, ceiling_steps=args.ceiling_steps)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -136,14 +136,15 @@ def first_epoch_reaching(accs: list[float], target: float) -> int | None:
 
 
 def run_benchmark(data_dir: str, output: str, epochs: int = 8, batch_size: int = 32, lr: float = 0.001,
-                  workers: int = 0, seed: int = 123456, holdout: float = 0.2, device: str = "cpu") -> dict:
+                  workers: int = 0, seed: int = 123456, holdout: float = 0.2, device: str = "cpu",
+                  ceiling_steps: int = 10) -> dict:
     split = load_dataset(data_dir, holdout, seed)
     ref = reference_run(data_dir, epochs, batch_size, lr, workers, seed, holdout, device)
     ours = ours_run(data_dir, epochs, batch_size, lr, workers, seed, holdout, os.path.join(output, "ours-train"),
                     device)
     for r in (ref, ours):
         r["epochs_to_acc1_0.95"] = first_epoch_reaching(r["acc1_per_epoch"], 0.95)
-    ceiling = step_ceiling(batch_size, device)
+    ceiling = step_ceiling(batch_size, device, max(3, ceiling_steps))
     ratio = ours["img_per_s"] / ref["img_per_s"]
     return {
         "benchmark": "train",
