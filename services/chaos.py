@@ -34,7 +34,7 @@ import psutil
 
 from facenet.data.samples import copy_subset
 from services.entrypoints import free_port
-from services.stack import stop_group
+from services.stack import stop_group, wait_ended
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -88,13 +88,6 @@ def sample_root(given: str | None) -> str:
         build_sample_dataset(root, per_identity=40, identities=8, seed=0)
         open(os.path.join(root, ".complete"), "w").close()
     return root
-
-
-def wait_gone(pid: int, timeout: float = 30.0) -> None:
-    try:
-        psutil.Process(pid).wait(timeout=timeout)
-    except psutil.Error:
-        pass
 
 
 class Chaos:
@@ -241,7 +234,7 @@ class Chaos:
             if not pid or not psutil.pid_exists(pid):
                 return False, None, target
             os.kill(pid, signal.SIGKILL)  # the main process; its pool children die with it (pdeathsig)
-            wait_gone(pid)
+            wait_ended(pid, 30.0)
             return True, self.rng.uniform(2, 6), f"{target} pid {pid}"
         if kind == "trainer":
             found = sorted(self.trainers(), key=lambda p: p.pid)
@@ -257,12 +250,12 @@ class Chaos:
         if kind == "redis":
             pid = s["services"]["redis"]["pid"]
             os.kill(pid, signal.SIGKILL)
-            wait_gone(pid)
+            wait_ended(pid, 30.0)
             return True, self.rng.uniform(1, 4), f"redis pid {pid}"
         if kind == "mlflow":
             pid = s["services"]["mlflow"]["pid"]
             os.killpg(pid, signal.SIGKILL)
-            wait_gone(pid)
+            wait_ended(pid, 30.0)
             return True, self.rng.uniform(*self.args.mlflow_outage), f"mlflow pgid {pid}"
         raise ValueError(kind)
 

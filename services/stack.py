@@ -206,20 +206,28 @@ def down(state_dir: str, progress=print, grace: float = 10.0) -> list[str]:
     return stopped
 
 
-def stop_group(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group `pid` leads, SIGKILL what is left after `grace`."""
+def wait_ended(pid: int, timeout: float) -> None:
+    """Return once process `pid` is gone or a zombie, or after `timeout`. A service is not our child, and
+    whoever reaps it (init, a container's pid 1) may take its time: 2 s a process here, which psutil's
+    wait() spends for nothing."""
     import psutil
 
+    deadline = time.monotonic() + timeout
+    try:
+        proc = psutil.Process(pid)
+        while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except psutil.Error:
+        pass
+
+
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group `pid` leads, SIGKILL what is left after `grace`."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
-        psutil.Process(pid).wait(timeout=grace)
-    except psutil.TimeoutExpired:
-        pass
-    except psutil.Error:
-        pass
+    wait_ended(pid, grace)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
