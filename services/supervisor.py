@@ -136,9 +136,9 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     job = reg.get(job_id)
     if attempts > settings.max_attempts:
         why = job.get("message") or "the worker running it died"
+        _end_mlflow_run(settings, job, "FAILED")  # the lost attempt left it RUNNING; the run first, as below
         reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
         reg.release(job_id, token)
-        _end_mlflow_run(settings, job, "FAILED")  # the lost attempt left it RUNNING
         return {"job": job_id, "status": FAILED}
     device_type, devices = worker_devices()
     beat = Heartbeat(reg, job_id, token, node, devices)
