@@ -348,6 +348,20 @@ def test_submit_preprocess_alone_and_a_failing_job(stack):
     assert failed["error"] in logs
 
 
+def _inspect(stack, method: str, timeout: int = 10, args: str = "") -> dict:
+    """`celery inspect METHOD` asked of the live workers (a process of its own, with the stack's environment):
+    {node: answer}."""
+    code = ("import json; from services.celery_app import app; "
+            f"print(json.dumps(app.control.inspect(timeout={timeout}).{method}({args}) or {{}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _shards_done(reg, job_id: str) -> int:
+    return int(reg.r.hget(reg.key(job_id), "shards_done") or 0)
+
+
 def test_killed_preprocessing_worker_loses_no_shard(stack):
     """kill -9 of the preprocessing worker mid-shard: the job still ends with exactly what an undisturbed run of
     the same RAW writes (every crop, byte for byte, both lists and the manifest)."""
@@ -359,7 +373,7 @@ def test_killed_preprocessing_worker_loses_no_shard(stack):
     job = stack.json("submit-preprocess", raw, out, "--shard-size", "2")
     reg = _registry(stack)
     deadline = time.time() + 120
-    while int(reg.r.hget(reg.key(job["id"]), "shards_done") or 0) < 3:
+    while _shards_done(reg, job["id"]) < 3:
         assert time.time() < deadline and reg.get(job["id"])["status"] == "PREPROCESSING", reg.get(job["id"])
         time.sleep(0.05)
     worker = stack.description["services"]["worker-preprocess"]
@@ -393,15 +407,6 @@ def test_killed_preprocessing_worker_loses_no_shard(stack):
             assert a.read() == b.read(), rel
 
 
-def _active_tasks(stack) -> dict:
-    """What every live worker is executing now (celery inspect active), as {node: [task, ...]}."""
-    code = ("import json; from services.celery_app import app; "
-            "print(json.dumps(app.control.inspect(timeout=5).active() or {}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_cancel_during_preprocessing_stops_the_shards(stack):
     """Cancel while shards run: `--wait` exits 1 saying CANCELLED; the shards running at that moment may finish
     theirs, but none starts after: once they are done no shard finishes and no crop appears over a further wait,
@@ -416,9 +421,8 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
                                 "--data", faces, "--shard-size", "2", "--epochs", "1", *TEST_IMAGE_SIZE, "--wait"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env)
     reg = _registry(stack)
-    key = lambda job_id: reg.key(job_id)  # noqa: E731
     deadline, job_id = time.time() + 120, None
-    while job_id is None or not int(reg.r.hget(key(job_id), "shards_done") or 0):
+    while job_id is None or not _shards_done(reg, job_id):
         assert time.time() < deadline and waiting.poll() is None, waiting.stderr.read() if waiting.poll() else ""
         newest = stack.json("jobs")[0] if job_id is None else None
         if newest and newest["created"] >= t0 - 1:
@@ -426,25 +430,25 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
         time.sleep(0.1)
     cancelled = stack.json("cancel", job_id)
     assert cancelled["status"] == "CANCELLED" and "preprocessing" in cancelled["message"]
-    at_cancel = int(reg.r.hget(key(job_id), "shards_done") or 0)
+    at_cancel = _shards_done(reg, job_id)
     # --wait ends with the job, exit status 1 (bound: it polls every 0.5 s)
     stdout, stderr = waiting.communicate(timeout=30)
     assert waiting.returncode == 1 and f"job {job_id} CANCELLED" in stdout, stdout + stderr
     # The shards running at the cancel end (bound: a shard of 2 photos takes ~1 s here; 30 s for a loaded host),
     # and every queued shard message is taken and dropped.
     deadline = time.time() + 30
-    while reg.r.scard(key(job_id) + ":started") or reg.r.llen("preprocess"):
-        assert time.time() < deadline, (reg.r.smembers(key(job_id) + ":started"), reg.r.llen("preprocess"))
+    while reg.r.scard(reg.key(job_id) + ":started") or reg.r.llen("preprocess"):
+        assert time.time() < deadline, (reg.r.smembers(reg.key(job_id) + ":started"), reg.r.llen("preprocess"))
         time.sleep(0.2)
-    settled = int(reg.r.hget(key(job_id), "shards_done") or 0)
+    settled = _shards_done(reg, job_id)
     crops = sum(len(fs) for _, _, fs in os.walk(os.path.join(faces, "train")))
     from facenet.fsutil import cpu_cores
 
     concurrency = int(stack.env.get("FACENET_WORKER_CONCURRENCY") or cpu_cores())  # the preprocessing pool
     assert settled <= at_cancel + concurrency < 48, (at_cancel, settled)  # 96 photos = 48 shards
-    assert not any(job_id in json.dumps(tasks) for tasks in _active_tasks(stack).values())
+    assert not any(job_id in json.dumps(tasks) for tasks in _inspect(stack, "active", timeout=5).values())
     time.sleep(4)  # long enough for several more shards, had anything kept going
-    assert int(reg.r.hget(key(job_id), "shards_done") or 0) == settled
+    assert _shards_done(reg, job_id) == settled
     assert sum(len(fs) for _, _, fs in os.walk(os.path.join(faces, "train"))) == crops
     final = stack.json("status", job_id)
     assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None and final["trainer_started"] is None
@@ -600,11 +604,7 @@ def test_the_live_workers_take_json_only_late_acks_one_at_a_time(stack):
     """What the README promises of the queue, read from the running workers (celery inspect conf), not
     from our source: JSON only, late acks, prefetch 1, reject-on-worker-lost, a visibility timeout longer
     than the longest job."""
-    code = ("import json; from services.celery_app import app; "
-            "print(json.dumps(app.control.inspect(timeout=10).conf(with_defaults=True)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    confs = json.loads(proc.stdout.strip().splitlines()[-1])
+    confs = _inspect(stack, "conf", args="with_defaults=True")
     assert len(confs) >= 2 and any(n.startswith("preprocess@") for n in confs) and any(n.startswith("cpu@") for n in confs)
     for node, conf in confs.items():
         assert conf["accept_content"] == ["json"] and conf["result_accept_content"] == ["json"], node
