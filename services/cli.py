@@ -511,8 +511,8 @@ def cancel(job_id, as_json) -> None:
     from services.jobs import cancel as do_cancel, view
 
     try:
-        _, reg = _settings_and_registry()
-        job = do_cancel(reg, job_id)
+        settings, reg = _settings_and_registry()
+        job = do_cancel(reg, job_id, mlflow_uri=settings.mlflow_uri)
     except UserError as exc:
         _fail(exc)
     if as_json:

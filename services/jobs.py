@@ -145,8 +145,10 @@ def _default_params():
     return Params()
 
 
-def cancel(reg: Registry, job_id: str, wait: float = 60.0) -> dict:
+def cancel(reg: Registry, job_id: str, wait: float = 60.0, mlflow_uri: str | None = None) -> dict:
     """Ask the job to stop; a job no worker holds is cancelled at once. Returns the job as it ends up."""
+    from services import mlflow_runs
+
     job = reg.find(job_id)
     if job["status"] in TERMINAL:
         return job
@@ -154,6 +156,8 @@ def cancel(reg: Registry, job_id: str, wait: float = 60.0) -> dict:
     if job["status"] in (QUEUED, PREPROCESSING) and not reg.alive(job["id"]):
         # No training attempt holds it: mark it now. Its queued messages are dropped when a worker takes
         # them, and shards already running finish their shard (finished crops are reused by a rerun).
+        # A job queued again after a lost attempt has a run already: no worker will end it.
+        mlflow_runs.end_job_run(mlflow_uri, job, "KILLED")
         reg.finish(job["id"], CANCELLED, message=f"cancelled while {job['status'].lower()}")
         return reg.get(job["id"])
     deadline = time.time() + wait

@@ -9,6 +9,7 @@ manifest and the training log, and ends the run KILLED on cancel.
 from __future__ import annotations
 
 import os
+import sys
 
 from facenet.errors import UserError
 from facenet.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_reachable  # noqa: F401 (used by services)
@@ -61,6 +62,17 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     c = client(uri)
     if c.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
         c.set_terminated(run_id, status=status)
+
+
+def end_job_run(uri: str | None, job: dict | None, status: str) -> None:
+    """End job `job`'s run (if it has one and MLflow is configured) with `status`, before the job itself is
+    marked ended: whoever sees the job ended finds its run ended. An MLflow error is said on stderr, not
+    raised: the job's own status is what counts."""
+    if uri and job and job.get("mlflow_run_id"):
+        try:
+            end_run(uri, job["mlflow_run_id"], status)
+        except Exception as exc:
+            print(f"MLflow run not marked {status}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def log_file(uri: str, run_id: str, path: str, artifact_path: str) -> None:

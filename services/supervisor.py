@@ -136,7 +136,7 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     job = reg.get(job_id)
     if attempts > settings.max_attempts:
         why = job.get("message") or "the worker running it died"
-        _end_mlflow_run(settings, job, "FAILED")  # the lost attempt left it RUNNING; the run first, as below
+        mlflow_runs.end_job_run(settings.mlflow_uri, job, "FAILED")  # the lost attempt left it RUNNING
         reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
         reg.release(job_id, token)
         return {"job": job_id, "status": FAILED}
@@ -146,7 +146,7 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     try:
         return _attempt(settings, reg, job, attempts, node, device_type, devices, beat, report)
     except UserError as exc:
-        _end_mlflow_run(settings, reg.get(job_id), "FAILED")  # the run first: a job seen ended has its run ended
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")  # the run first, then the job
         reg.finish(job_id, FAILED, error=str(exc))
         return {"job": job_id, "status": FAILED, "error": str(exc)}
     finally:
@@ -259,12 +259,12 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
 
             requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", holder=beat.token)
             return {"job": job_id, "requeued": why}
-        _end_mlflow_run(settings, reg.get(job_id), "FAILED")
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")
         error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
         _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         return {"job": job_id, "status": FAILED, "error": error}
     if outcome == "cancelled":
-        _end_mlflow_run(settings, reg.get(job_id), "KILLED")
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
         _log_training_log(settings, run_id, log_path)
         _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
                                      trainer_pid=None))
@@ -276,7 +276,7 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         error = follower.error_line() or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
-        _end_mlflow_run(settings, _retrying(lambda: reg.get(job_id)), "FAILED")
+        mlflow_runs.end_job_run(settings.mlflow_uri, _retrying(lambda: reg.get(job_id)), "FAILED")
         _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
         return {"job": job_id, "status": FAILED, "error": error}
     result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
@@ -512,17 +512,8 @@ class _Follower(threading.Thread):
 
 
 def _cancel_before_start(settings: Settings, reg: Registry, job_id: str) -> None:
-    _end_mlflow_run(settings, reg.get(job_id), "KILLED")
+    mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
     reg.finish(job_id, CANCELLED, message="cancelled before it started")
-
-
-def _end_mlflow_run(settings: Settings, job: dict | None, status: str) -> None:
-    if settings.mlflow_uri and job and job.get("mlflow_run_id"):
-        try:
-            mlflow_runs.end_run(settings.mlflow_uri, job["mlflow_run_id"], status)
-        except Exception as exc:  # the job's own status is already recorded; say why MLflow lags
-            reg_note = f"MLflow run not marked {status}: {type(exc).__name__}: {exc}"
-            print(reg_note, file=sys.stderr)
 
 
 def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):

@@ -103,3 +103,19 @@ def test_job_ids_resolve_by_unique_prefix(reg):
 
     with pytest.raises(UserError, match="no job"):
         reg.find("zzzz")
+
+
+def test_cancelling_a_job_queued_again_after_a_lost_attempt_kills_its_run(reg, mlflow_server):
+    """A job requeued after its worker died is QUEUED with an MLflow run and no attempt holding it: `cancel`
+    marks it CANCELLED at once, and must end that run too (no worker will: its message is dropped)."""
+    from services import jobs, mlflow_runs
+
+    job = reg.create("train", {"spec": {"data": "/tmp"}, "device_type": "cpu", "npus": 1})
+    run_id = mlflow_runs.find_or_create_run(mlflow_server.uri, "test-cancel", f"1p-cpu-{job}", {"job_id": job}, job)
+    assert reg.claim(job, "dead-1") == ("ok", 1)
+    reg.update(job, mlflow_run_id=run_id)
+    time.sleep(2.5)  # attempt 1's heartbeat expired (its worker died)
+    assert reg.requeue(job, "worker w1 was lost during attempt 1")
+    assert reg.get(job)["status"] == QUEUED
+    assert jobs.cancel(reg, job, mlflow_uri=mlflow_server.uri)["status"] == CANCELLED
+    assert mlflow_runs.client(mlflow_server.uri).get_run(run_id).info.status == "KILLED"
