@@ -454,6 +454,91 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
     assert final["status"] == "CANCELLED" and final["mlflow_run_id"] is None and final["trainer_started"] is None
 
 
+# Run in a process of its own with the stack's environment: it reads the job id from stdin, sends shard 0's
+# message a second time the moment the first delivery starts (both preprocessing pool slots then crop the same
+# shard at once), then, once the job trains, runs the train task a second time while the attempt is live.
+_DELIVER_TWICE = """
+import json, sys, time
+from services.tasks import registry, send_stage, train
+s, reg = registry()
+job_id = sys.stdin.readline().strip()
+k = reg.key(job_id)
+deadline = time.time() + 120
+while not reg.r.sismember(k + ":started", "shard:0"):
+    assert time.time() < deadline, reg.get(job_id)
+    time.sleep(0.005)
+send_stage(job_id, "shard:0", reg)
+while not reg.r.hget(k, "trainer_pid"):
+    assert time.time() < deadline + 240, reg.get(job_id)
+    time.sleep(0.05)
+print(json.dumps(train.apply(args=[job_id]).get()), flush=True)
+"""
+
+
+def test_a_message_delivered_twice_at_once_gives_one_result(stack):
+    """The same shard message and the same train message delivered a second time while the first delivery
+    runs (a broker redelivering early): the two runs of the shard overlap on the preprocessing pool's two slots
+    and write the same files; the second train delivery meets the live attempt. One result: finalize and
+    training run once, one attempt, one MLflow run; every crop is whole (its bytes hash to what the shard
+    record says), and no temp file is left."""
+    import glob
+    import hashlib
+
+    from facenet.data.samples import make_raw_identities
+    from facenet.fsutil import cpu_cores
+
+    if int(stack.env.get("FACENET_WORKER_CONCURRENCY") or cpu_cores()) < 2:
+        pytest.skip("the preprocessing pool has one slot here: two deliveries cannot run at once")
+    raw = os.path.join(stack.root, "raw-twice")
+    make_raw_identities(raw, per_identity=12, identities=4)  # 48 photos in one shard: seconds of MTCNN
+    faces = os.path.join(stack.root, "faces-twice")
+    helper = subprocess.Popen([sys.executable, "-c", _DELIVER_TWICE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=stack.env)
+    job = stack.json("submit-train", "--preprocess-from", raw, "--data", faces, "--shard-size", "100",
+                     "--epochs", "1", "--batch-size", "16")
+    helper.stdin.write(job["id"] + "\n")
+    helper.stdin.close()
+    final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=300, what="the job")
+    second_train = helper.stdout.read()
+    assert helper.wait(timeout=60) == 0, helper.stderr.read()[-3000:]
+
+    reg = _registry(stack)
+    deliveries = reg.r.hgetall(reg.key(job["id"]) + ":deliveries")
+    assert deliveries == {"plan": "1", "shard:0": "2", "finalize": "1"}, deliveries  # both shard runs started
+    assert json.loads(second_train) == {"job": job["id"], "skipped": "busy"}
+    assert final["attempts"] == 1 and final["dataset"]["images"] == 48
+    assert len([r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]) == 1
+    [record_path] = glob.glob(os.path.join(faces, ".preprocess", "shards", "*", "000000.json"))
+    with open(record_path, encoding="utf-8") as fh:
+        records = [r for r in json.load(fh)["records"] if "out" in r]
+    assert len(records) == final["dataset"]["faces"] > 40
+    for r in records:
+        with open(os.path.join(faces, r["out"]), "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == r["sha256"], r["out"]
+    assert not [f for _, _, fs in os.walk(faces) for f in fs if ".tmp-" in f]
+
+
+def test_a_data_set_that_vanishes_mid_run_fails_the_job_saying_so(stack, sample_root):
+    """Poison job: the data set is deleted while the job trains. The job fails at once (another attempt would
+    find nothing either) with a line that says the data vanished and names a file; its run is FAILED, its
+    device free, and the worker serves on."""
+    import shutil
+
+    from facenet.data.samples import copy_subset
+
+    faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "vanishing"), 4, 12)
+    job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "8", "--log-every", "1")
+    stack.wait_for(job["id"], lambda j: j["progress"].get("step"), what="training to start")
+    shutil.rmtree(faces)
+    final = stack.wait_for(job["id"], lambda j: j["status"] == "FAILED", timeout=120, what="the job to fail")
+    assert final["error"].startswith("error: the data set vanished during training: " + faces), final["error"]
+    assert "Restore or remount the data" in final["error"] and final["attempts"] == 1
+    assert stack.mlflow().get_run(final["mlflow_run_id"]).info.status == "FAILED"
+    assert not _trainer_processes(final["output"])
+    worker = next(w for w in stack.json("workers") if w["node"].startswith("cpu@"))
+    assert not any(worker["leases"].values())
+
+
 def test_messages_that_are_not_json_or_not_ours_are_never_run(stack, tmp_path):
     """Pickle is accepted nowhere: a pickled message whose unpickling would run a command is refused before
     it is decoded; unknown tasks and wrong argument types are logged and dropped; the worker keeps serving."""

@@ -351,8 +351,7 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
         bad_paths.update(bad)
         audit.fed(fed)
         if labels.numel() == 0:
-            raise UserError(f"no readable image in a whole batch (e.g. {bad[0] if bad else '?'}): "
-                            "the dataset is mostly unreadable")
+            raise _unreadable_batch(bad)
         x = data_loader.to_device(images, device.torch_device, channels_last)
         y = labels.to(device.torch_device, non_blocking=True)
         with device.autocast(amp.enabled, amp.dtype):
@@ -393,6 +392,20 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
 
 
 @torch.inference_mode()
+def _unreadable_batch(bad: list[str]) -> UserError:
+    """The error for a batch with no readable image: say whether its files are unreadable or gone (a data
+    set deleted or unmounted mid-run), naming one and the folder to check."""
+    example = bad[0] if bad else "?"
+    if bad and not os.path.exists(example):
+        folder = os.path.dirname(example)
+        while folder and not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        return UserError(f"the data set vanished during training: {example} (and every other image of a whole "
+                         f"batch) no longer exists; {folder} is what is left of its path. Restore or remount "
+                         "the data and submit again")
+    return UserError(f"no readable image in a whole batch (e.g. {example}): the dataset is mostly unreadable")
+
+
 def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set,
               audit: Audit):
     """Top-1 of the loss's classifier on the held-out split over all ranks. Returns (acc1 or None, images
