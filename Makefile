@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test bench bench-verify demo chaos env-file up down logs ps urls cli wheelhouse base-images clean
+.PHONY: install test bench bench-outage bench-verify demo chaos env-file up down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ bench: install
 	$(PY) -m services.bench_queue --out $(BENCH_DIR)/bench_queue.json $(BENCH_QUEUE_ARGS)
 
 # Each loss on 30 real people (ORL faces), verified on 10 others: ~6 min on 2 cores.
+bench-outage: install
+	$(PY) -m services.bench_outage --out $(BENCH_DIR)/bench_outage.json $(BENCH_OUTAGE_ARGS)
+
 bench-verify: install
 	$(PY) -m facenet.bench.verify_bench --out build/bench_verify.json
 
