@@ -172,6 +172,39 @@ class Device:
             return torch.npu.max_memory_allocated(self.torch_device) / 2**20
         return None
 
+    def compile_mode(self, requested: str) -> tuple[str | None, str]:
+        """--compile on this device: (torch.compile mode or None for eager, the line the trainer says).
+
+        auto: reduce-overhead on CUDA (inductor kernels captured as one CUDA graph: the step was bound by
+        kernel launches, not by the GPU); eager on CPU (inductor takes minutes to compile InceptionResnetV1
+        on a few cores, more than a short job gains) and on Ascend (its graph mode is torchair's, below).
+        """
+        if requested == "off":
+            return None, "compile off: eager"
+        if requested == "auto":
+            if self.type == "cuda":
+                return "reduce-overhead", "compile auto: reduce-overhead on cuda (inductor + CUDA graphs)"
+            return None, f"compile auto: eager on {self.type} (--compile default compiles here too)"
+        if requested == "reduce-overhead" and self.type != "cuda":
+            return "default", f"compile reduce-overhead: CUDA graphs need a GPU; compiling as default on {self.type}"
+        return requested, f"compile {requested}"
+
+    def compile(self, fn, mode: str | None):
+        """`fn` compiled in `mode` (None: `fn` itself). Ascend compiles through torchair's NPU backend (graph
+        mode), the seam for it; untested here, where no NPU is available."""
+        if mode is None:
+            return fn
+        if self.type == "npu":
+            try:
+                import torchair
+                from torchair.configs.compiler_config import CompilerConfig
+            except ImportError:
+                raise UserError(f"--compile {mode} on npu needs torchair (shipped with torch_npu); "
+                                "use --compile off") from None
+            return torch.compile(fn, backend=torchair.get_npu_backend(compiler_config=CompilerConfig()),
+                                 dynamic=False)
+        return torch.compile(fn, mode=mode, dynamic=False)
+
     def make_adam(self, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         if self.type == "npu":
             try:  # the seed's NpuFusedAdam: one fused kernel instead of one per tensor

@@ -22,6 +22,8 @@ OPT_LEVELS = ("O0", "O1", "O2")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 CHECKPOINT_LOGGING = ("last", "every", "none")
 LOSSES = ("softmax", "triplet", "arcface")
+# torch.compile's modes, plus off and auto (per device type: see facenet.devices.Device.compile_mode).
+COMPILE_MODES = ("off", "auto", "default", "reduce-overhead", "max-autotune")
 # Tags the service sets on every run; a user's tag must not overwrite them.
 RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
 
@@ -38,7 +40,7 @@ FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "opti
                "augment": bool, "image_size": int, "dropout": float, "log_every": int, "warmup_steps": int,
                "log_checkpoints": str, "audit_samples": str, "loss": str, "triplet_margin": float,
                "arcface_scale": float, "arcface_margin": float, "images_per_identity": int, "verify_every": int,
-               "verify_pairs": str, "log_model": bool}
+               "verify_pairs": str, "log_model": bool, "compile": str}
 OPTIONAL = ("device_list", "workers", "resume", "json_out", "events", "mlflow_uri", "run_id", "run_name",
             "pretrained", "audit_samples", "verify_every", "verify_pairs")
 
@@ -96,6 +98,7 @@ class TrainSpec:
     images_per_identity: int = 4  # triplet: K images of each of P people per batch (P = per-process batch / K)
     verify_every: int | None = None  # None: every epoch when there are pairs; 0: never
     verify_pairs: str | None = None  # None: DATA/test_pairs.txt or DATA/pairs.txt when present
+    compile: str = "auto"  # torch.compile mode of the training step; auto: per device type (devices.py)
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +216,8 @@ class TrainSpec:
                 raise bad("batch_size", self.batch_size,
                           f"--loss triplet takes whole groups of --images-per-identity {k} from at least 2 people "
                           f"per process: each process's batch ({per_process}) must be a multiple of {k}, at least {2 * k}")
+        if self.compile not in COMPILE_MODES:
+            raise bad("compile", self.compile, f"choose one of {', '.join(COMPILE_MODES)}")
         if self.log_checkpoints not in CHECKPOINT_LOGGING:
             raise bad("log_checkpoints", self.log_checkpoints,
                       f"choose one of {', '.join(CHECKPOINT_LOGGING)}")

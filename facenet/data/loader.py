@@ -286,3 +286,39 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (x.float() - 127.5) / 128.0
+
+
+def on_device(loader, device: torch.device, channels_last: bool):
+    """Yield (images standardised on `device`, labels on `device`, bad paths, fed paths) per batch of `loader`.
+
+    On an accelerator with streams (cuda, npu) the next batch's copy and standardisation run on a side stream
+    while the current step computes: the step never waits for the host-to-device copy. On the CPU there is no
+    copy to hide and this is `to_device` inline.
+    """
+    module = getattr(torch, device.type, None)
+    if device.type == "cpu" or module is None or not hasattr(module, "Stream"):
+        for images, labels, bad, fed in loader:
+            yield to_device(images, device, channels_last), labels.to(device), bad, fed
+        return
+    side = module.Stream(device=device)
+    main = module.current_stream(device)
+
+    def stage(batch):
+        images, labels, bad, fed = batch
+        with module.stream(side):
+            x = to_device(images, device, channels_last)
+            y = labels.to(device, non_blocking=True)
+        return x, y, bad, fed
+
+    it = iter(loader)
+    ahead = next(it, None)
+    ahead = stage(ahead) if ahead is not None else None
+    while ahead is not None:
+        main.wait_stream(side)  # this batch's copy is done before the step reads it
+        x, y, bad, fed = ahead
+        x.record_stream(main)  # made on the side stream, used on the main one: keep its memory until then
+        y.record_stream(main)
+        following = next(it, None)
+        ahead = stage(following) if following is not None else None
+        yield x, y, bad, fed
+

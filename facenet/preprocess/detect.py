@@ -36,48 +36,120 @@ def detect_faces(img: np.ndarray, minsize: float, pnet, rnet, onet, thresholds, 
     dtype = next(pnet.parameters()).dtype
     h, w = img.shape[:2]
     table = _integral(img).to(device)
-    empty = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
 
     # First stage: PNet over the image pyramid, from faces of `minsize` pixels up.
+    found = []
+    for scale in _scales(h, w, minsize, factor):
+        reg, probs = pnet(_normalise(_pyramid_level(table, (int(h * scale + 1), int(w * scale + 1))), dtype))
+        found.append(_candidates(reg, probs, scale, thresholds[0]))
+    if not found:
+        return _EMPTY
+    boxes, windows = _inside(_merge_scales(found, device), w, h)
+
+    # Second stage: RNet on 24x24 resamples of every candidate.
+    if len(boxes) == 0:
+        return _EMPTY
+    reg, probs = rnet(_normalise(_box_resample(table, windows, (24, 24)), dtype))
+    boxes, windows = _inside(_refine(boxes, reg, probs, thresholds[1]), w, h)
+
+    # Third stage: ONet on 48x48 resamples; the final NMS divides by the smaller area ("Min").
+    if len(boxes) == 0:
+        return _EMPTY
+    reg, _landmarks, probs = onet(_normalise(_box_resample(table, windows, (48, 48)), dtype))
+    return _final(boxes, reg, probs, thresholds[2])
+
+
+def detect_faces_batch(imgs: list[np.ndarray], minsizes: list[float], pnet, rnet, onet, thresholds,
+                       factor: float = 0.709, pnet_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`detect_faces` of many photos at once: [(boxes, probs)] per photo, the same boxes.
+
+    Each network call serves many photos (on a GPU each photo alone is a few hundred tiny launches): PNet runs
+    on a stack of up to `pnet_batch` photos of the same size (and smallest face) per pyramid scale, RNet and
+    ONet on the candidates of all photos in one call each. The per-photo steps in between (thresholds, NMS)
+    are detect_faces' own.
+    """
+    device = next(pnet.parameters()).device
+    dtype = next(pnet.parameters()).dtype
+    tables = [_integral(img).to(device) for img in imgs]
+    found: list[list[np.ndarray]] = [[] for _ in imgs]
+    groups: dict[tuple, list[int]] = {}
+    for i, img in enumerate(imgs):
+        groups.setdefault((img.shape[0], img.shape[1], minsizes[i]), []).append(i)
+    for (h, w, minsize), members in groups.items():
+        scales = _scales(h, w, minsize, factor)
+        for at in range(0, len(members), pnet_batch):
+            chunk = members[at:at + pnet_batch]
+            stack = torch.stack([tables[i] for i in chunk])
+            for scale in scales:
+                reg, probs = pnet(_normalise(_pyramid_level(stack, (int(h * scale + 1), int(w * scale + 1))), dtype))
+                for b, i in enumerate(chunk):
+                    found[i].append(_candidates(reg[b:b + 1], probs[b:b + 1], scale, thresholds[0]))
+    results: list = [_EMPTY] * len(imgs)
+    stage = {}  # photo -> (boxes, windows) still in play
+    for i, img in enumerate(imgs):
+        if found[i]:
+            stage[i] = _inside(_merge_scales(found[i], device), img.shape[1], img.shape[0])
+    for size, net in (((24, 24), rnet), ((48, 48), onet)):
+        stage = {i: bw for i, bw in stage.items() if len(bw[0])}
+        if not stage:
+            break
+        order = list(stage)
+        windows = torch.cat([stage[i][1] for i in order])
+        counts = [len(stage[i][1]) for i in order]
+        flat = torch.cat([tables[i].view(-1, 3) for i in order])
+        starts = np.cumsum([0] + [tables[i].shape[0] * tables[i].shape[1] for i in order])[:-1]
+        width = torch.tensor(np.repeat([tables[i].shape[1] for i in order], counts), device=device)
+        base = torch.tensor(np.repeat(starts, counts), device=device)
+        out = net(_normalise(_resample_windows(flat, windows, width, base, size), dtype))
+        parts = [torch.split(t, counts) for t in out]
+        for k, i in enumerate(order):
+            boxes = stage[i][0]
+            if net is rnet:
+                stage[i] = _inside(_refine(boxes, parts[0][k], parts[1][k], thresholds[1]),
+                                   imgs[i].shape[1], imgs[i].shape[0])
+            else:
+                results[i] = _final(boxes, parts[0][k], parts[2][k], thresholds[2])
+    return results
+
+
+_EMPTY = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+
+
+def _scales(h: int, w: int, minsize: float, factor: float) -> list[float]:
+    """The pyramid's scales: faces of `minsize` pixels up to the whole shorter side."""
     m = 12.0 / minsize
     scales, minl = [], min(h, w) * m
     while minl >= 12:
         scales.append(m * factor ** len(scales))
         minl *= factor
-    found, scale_ids = [], []
-    for k, scale in enumerate(scales):
-        level = _pyramid_level(table, (int(h * scale + 1), int(w * scale + 1)))
-        reg, probs = pnet(_normalise(level, dtype))
-        found.append(_candidates(reg, probs, scale, thresholds[0]))
-        scale_ids.append(np.full(len(found[-1]), k))
-    if not found:
-        return empty
+    return scales
+
+
+def _merge_scales(found: list[np.ndarray], device) -> torch.Tensor:
+    """One photo's PNet candidates of every scale: NMS within each scale, then across scales; regressed and
+    squared boxes (N, 5) x1 y1 x2 y2 score."""
+    scale_ids = torch.from_numpy(np.concatenate([np.full(len(f), k) for k, f in enumerate(found)])).to(device)
     boxes = torch.from_numpy(np.concatenate(found)).to(device)
-    scale_ids = torch.from_numpy(np.concatenate(scale_ids)).to(device)
     boxes = boxes[batched_nms(boxes[:, :4], boxes[:, 4], scale_ids, 0.5)]  # within each scale
     boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]  # across scales
     regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
                          boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], dim=1)
-    boxes = _square(boxes)
+    return _square(boxes)
 
-    # Second stage: RNet on 24x24 resamples of every candidate.
-    boxes, windows = _inside(boxes, w, h)
-    if len(boxes) == 0:
-        return empty
-    reg, probs = rnet(_normalise(_box_resample(table, windows, (24, 24)), dtype))
-    keep = probs[:, 1] > thresholds[1]
+
+def _refine(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh: float) -> torch.Tensor:
+    """RNet's verdict on one photo's candidates: keep the confident ones, NMS, regress, square."""
+    keep = probs[:, 1] > thresh
     boxes = torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1)
     reg = reg[keep]
     pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
-    boxes = _square(_regress(boxes[pick], reg[pick]))
+    return _square(_regress(boxes[pick], reg[pick]))
 
-    # Third stage: ONet on 48x48 resamples; the final NMS divides by the smaller area ("Min").
-    boxes, windows = _inside(boxes, w, h)
-    if len(boxes) == 0:
-        return empty
-    reg, _landmarks, probs = onet(_normalise(_box_resample(table, windows, (48, 48)), dtype))
-    keep = probs[:, 1] > thresholds[2]
+
+def _final(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh: float):
+    """ONet's verdict on one photo's candidates: (boxes (N, 4), probs (N,)) after the "Min" NMS."""
+    keep = probs[:, 1] > thresh
     boxes = _regress(torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1), reg[keep])
     boxes = boxes.cpu().numpy()
     boxes = boxes[_nms_min(boxes[:, :4], boxes[:, 4], 0.7)]
@@ -105,16 +177,18 @@ def _integral(img: np.ndarray) -> torch.Tensor:
 
 def _pyramid_level(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`interpolate(img, size, mode="area")` of the whole image: (1, 3, out_h, out_w) float32, channels_last.
+    `table` may also be a stack of same-size tables (B, H+1, W+1, 3): then (B, 3, out_h, out_w).
 
     One window grid for the whole image, so rows and columns are read separably (whole-row copies).
     """
-    r0, r1 = _bins(torch.tensor([0]), torch.tensor([table.shape[0] - 1]), size[0])
-    c0, c1 = _bins(torch.tensor([0]), torch.tensor([table.shape[1] - 1]), size[1])
+    d = table.dim() - 3  # 1 for a stack
+    r0, r1 = _bins(torch.tensor([0]), torch.tensor([table.shape[d] - 1]), size[0])
+    c0, c1 = _bins(torch.tensor([0]), torch.tensor([table.shape[d + 1] - 1]), size[1])
     r0, r1, c0, c1 = (t[0].to(table.device) for t in (r0, r1, c0, c1))
-    rows = table.index_select(0, r1) - table.index_select(0, r0)  # (out_h, W + 1, 3)
-    sums = rows.index_select(1, c1) - rows.index_select(1, c0)  # (out_h, out_w, 3)
+    rows = table.index_select(d, r1) - table.index_select(d, r0)  # ([B,] out_h, W + 1, 3)
+    sums = rows.index_select(d + 1, c1) - rows.index_select(d + 1, c0)  # ([B,] out_h, out_w, 3)
     means = sums.to(torch.float32) / (r1 - r0).to(torch.float32)[:, None, None] / (c1 - c0).to(torch.float32)[:, None]
-    return means.permute(2, 0, 1)[None]
+    return means.permute(0, 3, 1, 2) if d else means.permute(2, 0, 1)[None]
 
 
 def _box_resample(table: torch.Tensor, windows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -122,11 +196,18 @@ def _box_resample(table: torch.Tensor, windows: torch.Tensor, size: tuple[int, i
 
     Returns (N, 3, out_h, out_w) float32, channels_last in memory (what the channels_last nets want).
     """
-    width, flat = table.shape[1], table.view(-1, table.shape[2])
+    return _resample_windows(table.view(-1, table.shape[2]), windows, table.shape[1], 0, size)
+
+
+def _resample_windows(flat: torch.Tensor, windows: torch.Tensor, width, base, size: tuple[int, int]) -> torch.Tensor:
+    """`_box_resample` over flattened tables (rows of 3 sums): window i reads the table that starts at row
+    `base[i]` of `flat` and is `width[i]` wide (scalars: one table for all)."""
     r0, r1 = _bins(windows[:, 0], windows[:, 1], size[0])
     c0, c1 = _bins(windows[:, 2], windows[:, 3], size[1])
+    if isinstance(width, torch.Tensor):
+        width, base = width[None, None, :, None, None], base[None, None, :, None, None]
     # All four corners of all windows in one gather (one call is cheaper than four).
-    corners = torch.stack([r1, r0])[:, None, :, :, None] * width + torch.stack([c1, c0])[None, :, :, None, :]
+    corners = base + torch.stack([r1, r0])[:, None, :, :, None] * width + torch.stack([c1, c0])[None, :, :, None, :]
     at = flat.index_select(0, corners.reshape(-1)).view(2, 2, len(windows), size[0], size[1], -1)
     sums = (at[0, 0] - at[0, 1]) - (at[1, 0] - at[1, 1])
     rows = (r1 - r0).to(torch.float32)[:, :, None, None]

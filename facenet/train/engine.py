@@ -154,10 +154,16 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     if start_epoch >= spec.epochs:
         say(f"nothing to do: checkpoint already has {start_epoch} of {spec.epochs} epochs")
 
+    compile_mode, compile_note = device.compile_mode(spec.compile)
+    say(compile_note)
     ddp_model = trainable
     if info.world_size > 1:
         ids = [device.index] if device.index is not None else None
-        ddp_model = DistributedDataParallel(trainable, device_ids=ids)
+        # Gradients live in DDP's buckets (no copy per step); every step uses the same parameters, which lets
+        # DDP plan its reduction once (static_graph) where nothing compiles the step around it.
+        ddp_model = DistributedDataParallel(trainable, device_ids=ids, gradient_as_bucket_view=True,
+                                            static_graph=compile_mode is None)
+    step = Step(ddp_model, objective, device, amp, compile_mode)
 
     tracker, events = None, EventLog(None)
     if info.is_main:
@@ -174,7 +180,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
                                          resume=bool(resume_path))
             if not resume_path:
-                tracker.log_params(_params(spec, data, device, info, amp, workers))
+                tracker.log_params(_params(spec, data, device, info, amp, workers, compile_mode))
             say(f"MLflow run {run_id} at {uri}")
             for done in ([baseline] if baseline else []) + history:  # a kill between the checkpoint and the
                 # send would lose these: send again
@@ -212,7 +218,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             audit = Audit(spec.audit_samples, info.rank, epoch,
                           None if roots is None else confine.Roots(roots.roots + [spec.output]))
             t_epoch = time.time()
-            stats = _train_epoch(ddp_model, objective, train_loader, optimizer, amp, device, channels_last, spec,
+            stats = _train_epoch(step, train_loader, optimizer, amp, device, channels_last, spec,
                                  epoch, events, say, bad_paths, info, audit)
             train_seconds = time.time() - t_epoch
             acc1, n_eval = None, 0
@@ -265,7 +271,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 tracker.close("FAILED", timeout=30, waiting=LIVENESS.beat)
             events.close()
 
-    summary = _summary(spec, history, info, device, amp, t_start, run_id, data, bad_paths)
+    summary = _summary(spec, history, info, device, amp, t_start, run_id, data, bad_paths, compile_mode)
     summary["verify_untrained"] = baseline and {k: baseline[k] for k in ("verify_acc", "val_far_1e-3", "auc", "eer")}
     if info.is_main:
         final = os.path.join(spec.output, "model.pt")
@@ -333,10 +339,28 @@ def _log_epoch(tracker: Tracker, record: dict) -> None:
                         timestamp_ms=record.get("logged_ms"))
 
 
-def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool, spec: TrainSpec,
-                 epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo,
+class Step:
+    """The training step's forward and loss, compiled per --compile (backward is compiled with it: AOTAutograd).
+    Static shapes (the samplers give every step the same batch) mean one compilation, one CUDA graph."""
+
+    def __init__(self, model, objective, device: devices.Device, amp: Amp, mode: str | None):
+        self.model, self.objective, self.device, self.amp, self.mode = model, objective, device, amp, mode
+        self._fn = device.compile(self._forward_loss, mode)
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
+        with self.device.autocast(self.amp.enabled, self.amp.dtype):
+            return self.objective.loss(self.model(x), y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.mode == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        return self._fn(x, y)
+
+
+def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool,
+                 spec: TrainSpec, epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo,
                  audit: Audit) -> dict:
-    model.train()
+    step_fn.model.train()
     steps = len(loader)
     clock = EpochClock(spec.warmup_steps, steps)
     loss_sum = torch.zeros((), device=device.torch_device)
@@ -346,22 +370,18 @@ def _train_epoch(model, objective, loader, optimizer, amp: Amp, device: devices.
         device.synchronize()
         clock.start()
     t_log, seen_at_log = time.perf_counter(), 0
-    for step, (images, labels, bad, fed) in enumerate(loader, 1):
+    for step, (x, y, bad, fed) in enumerate(data_loader.on_device(loader, device.torch_device, channels_last), 1):
         LIVENESS.beat()
         bad_paths.update(bad)
         audit.fed(fed)
-        if labels.numel() == 0:
+        if y.numel() == 0:
             raise _unreadable_batch(bad)
-        x = data_loader.to_device(images, device.torch_device, channels_last)
-        y = labels.to(device.torch_device, non_blocking=True)
-        with device.autocast(amp.enabled, amp.dtype):
-            out = model(x)
-            loss, n_correct = objective.loss(out, y)
+        loss, n_correct = step_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         amp.scaler.scale(loss).backward()
         amp.scaler.step(optimizer)
         amp.scaler.update(amp.static_scale)  # a fixed --loss-scale is re-set after every step
-        n = labels.numel()
+        n = y.numel()
         seen += n
         loss_sum += loss.detach().float() * n
         correct += n_correct
@@ -521,17 +541,18 @@ def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:
 
 
 def _params(spec: TrainSpec, data: DatasetSplit, device: devices.Device, info: dist.DistInfo, amp: Amp,
-            workers: int) -> dict:
+            workers: int, compile_mode: str | None) -> dict:
     params = {k: v for k, v in spec.to_dict().items() if k not in ("tags",)}
     params.update({"device_type": device.type, "world_size": info.world_size, "precision": amp.label,
                    "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test),
                    "dataset_layout": data.layout, "dataset_hash": data.manifest_hash, "loader_workers": workers,
-                   "per_device_batch": spec.batch_size // info.world_size, **devices.versions()})
+                   "per_device_batch": spec.batch_size // info.world_size, "compiled": compile_mode or "eager",
+                   **devices.versions()})
     return params
 
 
 def _summary(spec: TrainSpec, history: list, info: dist.DistInfo, device: devices.Device, amp: Amp,
-             t_start: float, run_id: str | None, data: DatasetSplit, bad_paths: set) -> dict:
+             t_start: float, run_id: str | None, data: DatasetSplit, bad_paths: set, compile_mode: str | None) -> dict:
     images = sum(h["window_images"] for h in history)
     seconds = sum(h["window_seconds"] for h in history)
     fps = images / seconds if seconds > 0 else 0.0
@@ -549,6 +570,7 @@ def _summary(spec: TrainSpec, history: list, info: dist.DistInfo, device: device
         "device": device.type,
         "amp": amp.enabled,
         "precision": amp.label,
+        "compiled": compile_mode or "eager",
         "batch_size": spec.batch_size,
         "num_classes": data.num_classes,
         "bad_images": len(bad_paths),

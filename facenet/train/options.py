@@ -11,7 +11,7 @@ import argparse
 import os
 
 from facenet.errors import UserError
-from facenet.spec import (AMP_DTYPES, CHECKPOINT_LOGGING, DEVICES, LOSSES, OPT_LEVELS, OPTIMIZERS, TrainSpec,
+from facenet.spec import (AMP_DTYPES, CHECKPOINT_LOGGING, COMPILE_MODES, DEVICES, LOSSES, OPT_LEVELS, OPTIMIZERS, TrainSpec,
                           default_pretrained_path)
 
 
@@ -96,6 +96,10 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
     g.add_argument("--device-list", "--device_list", type=_int_list, default=None,
                    help="physical device ids, one per process (default 0..npus-1)")
     g.add_argument("--device", choices=DEVICES, default=d.device, help="auto picks npu, then cuda, then cpu")
+    g.add_argument("--compile", choices=COMPILE_MODES, default=d.compile,
+                   help="torch.compile the training step (forward, loss, backward) in this mode; reduce-overhead "
+                        "also captures it as a CUDA graph (GPU only). auto: reduce-overhead on cuda, off on cpu "
+                        "(compiling takes minutes there) and npu; the trainer says what it picked")
 
     g = p.add_argument_group("run")
     g.add_argument("--output", default=d.output, metavar="DIR", help="checkpoints, events and final model")
