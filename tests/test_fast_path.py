@@ -170,3 +170,43 @@ def test_batched_detection_finds_the_per_photo_boxes(sample_root):
         np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-5)
         found += len(boxes) > 0
     assert found >= len(photos) - 2 and len(batched[-1][0]) == 0
+
+
+def test_a_shard_cropped_in_batches_equals_one_photo_at_a_time(tmp_path, sample_root):
+    """run_shard with the batched detector (what an accelerator's preprocessing uses, photos decoded ahead by
+    threads) writes the crops, byte for byte, and the records that one photo at a time writes."""
+    import os
+    import shutil
+
+    from facenet.preprocess.plan import Params, make_plan
+    from facenet.preprocess.shard import run_shard
+
+    raw = tmp_path / "raw"
+    src = os.path.join(sample_root, "raw")
+    for ident in sorted(os.listdir(src))[:3]:
+        (raw / ident).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(src, ident)))[:4]:
+            shutil.copy(os.path.join(src, ident, name), raw / ident / name)
+    (raw / "blank").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (120, 90)).save(raw / "blank" / "no_face.jpg")  # a reject in the middle of a batch
+    (raw / "blank" / "broken.jpg").write_bytes(b"not a jpeg")
+    results = []
+    for name, batch in (("one", 1), ("batched", 5)):
+        plan = make_plan(str(raw), str(tmp_path / name), Params(shard_size=100))
+        rec = run_shard(plan, 0, "cpu", batch=batch)
+        crops = {}
+        for r in rec["records"]:
+            if "out" in r:
+                with open(os.path.join(plan.out, r["out"]), "rb") as fh:
+                    crops[r["out"]] = fh.read()
+        results.append(([{k: v for k, v in r.items()} for r in rec["records"]], crops))
+    (one, one_crops), (batched, batched_crops) = results
+    assert [r["item"] for r in one] == [r["item"] for r in batched]
+    for a, b in zip(one, batched):
+        assert a.get("reject") == b.get("reject") and a.get("sha256") == b.get("sha256"), (a, b)
+        if "box" in a:
+            assert a["box"] == pytest.approx(b["box"], abs=0.02)
+    assert one_crops == batched_crops and len(one_crops) >= 10
+    assert sum("reject" in r for r in one) >= 2

@@ -22,14 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="data loader workers for both loops (default: the trainer's default for this host)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the reference loop has no NPU path)")
-    p.add_argument("--only", default="train,preprocess", help="comma-separated benchmarks to run")
+    p.add_argument("--only", default="train,preprocess", help="comma-separated benchmarks to run: train, preprocess "
+                   "(the CPU pipeline against the seed's), detect (MTCNN photo by photo and batched on --device), "
+                   "loader (the input path alone)")
     p.add_argument("--preprocess-workers", type=int, default=2, help="processes for both preprocessing runs")
     p.add_argument("--raw-per-identity", type=int, default=120,
                    help="raw photos per person (8 people) for the preprocessing benchmark")
+    p.add_argument("--train-per-identity", type=int, default=40,
+                   help="photos per person (8 people) in the default training data; a GPU at batch 512 wants "
+                        "thousands (2500: 20,000 crops)")
     p.add_argument("--ceiling-steps", type=int, default=10, help="steps of the compute-only ceiling loop")
+    p.add_argument("--compile", default="auto", choices=("off", "auto", "default", "reduce-overhead", "max-autotune"),
+                   help="also train ours compiled in this mode (auto: on cuda only; off: never)")
+    p.add_argument("--detect-batch", type=int, default=32, help="photos per call of the batched MTCNN (detect)")
     args = p.parse_args(argv)
     only = {name.strip() for name in args.only.split(",")}
-    unknown = only - {"train", "preprocess"}
+    unknown = only - {"train", "preprocess", "detect", "loader"}
     if unknown:
         p.error(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))}")
 
@@ -41,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     try:
-        root = os.path.join(cache_dir(), "bench-data", "v2")
-        data = args.data or os.path.join(build_sample_dataset(root), "train")  # identity folders
+        root = os.path.join(cache_dir(), "bench-data", "v2" if args.train_per_identity == 40
+                            else f"v2-{args.train_per_identity}")
+        data = args.data or os.path.join(build_sample_dataset(root, per_identity=args.train_per_identity,
+                                                              workers=max(1, min(16, os.cpu_count() or 1))),
+                                         "train")  # identity folders
         work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench-work")
         if "preprocess" in only:
             from facenet.bench.preprocess_bench import run_benchmark as run_preprocess_benchmark
@@ -53,7 +64,18 @@ def main(argv: list[str] | None = None) -> int:
             results["preprocess"] = run_preprocess_benchmark(raw, work, args.preprocess_workers)
         if "train" in only:
             results["train"] = run_benchmark(data, work, args.epochs, args.batch_size, args.lr, workers,
-                                             device=args.device, ceiling_steps=args.ceiling_steps)
+                                             device=args.device, ceiling_steps=args.ceiling_steps,
+                                             compile_mode=args.compile)
+        if "loader" in only:
+            from facenet.bench.device_bench import loader_alone
+
+            results["loader"] = loader_alone(data, args.batch_size, workers, args.device)
+        if "detect" in only:
+            from facenet.bench.device_bench import detect_bench
+
+            raw = os.path.join(cache_dir(), "bench-data", f"raw-{8 * args.raw_per_identity}")
+            make_raw_identities(raw, per_identity=args.raw_per_identity)
+            results["detect"] = detect_bench(raw, args.device, args.detect_batch)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,8 +95,27 @@ def main(argv: list[str] | None = None) -> int:
               f"img/s = {train['ratio']:.2f}x; held-out Acc@1 ours {train['ours']['acc1']:.3f}, "
               f"reference {train['reference']['acc1']:.3f}; compute-only ceiling "
               f"{train['step_ceiling']['ratio']:.2f}x")
+        rows = [("reference loop (fp32)", train["reference"]), ("ours eager", train["ours"]),
+                ("ours compiled", train["ours_compiled"])]
+        print(f"{'training':<24} {'img/s':>9} {'MFU':>7}")
+        for name, r in rows:
+            if r:
+                print(f"{name:<24} {r.get('img_per_s_steady') or r['img_per_s']:>9.1f} {_pct(r.get('mfu')):>7}")
+        ceiling = train["step_ceiling"]
+        print(f"{'compute-only ceiling':<24} {ceiling['ours']:>9.1f} {_pct(ceiling['mfu']['ours']):>7}")
+    if "loader" in results:
+        print(f"{'loader alone':<24} {results['loader']['img_per_s']:>9.1f}")
+    if "detect" in results:
+        d = results["detect"]
+        for key in ("facenet_pytorch_per_photo", "ours_per_photo", "ours_batched"):
+            print(f"MTCNN {key:<26} {d[key]['photos_per_s']:>9.1f} photos/s  mean IoU vs CPU "
+                  f"{d[key]['mean_iou_vs_cpu']}")
     print(f"written to {args.out}")
     return 0
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 if __name__ == "__main__":

@@ -75,13 +75,13 @@ def _held_out_accuracy(model, loader, device: str) -> float:
 
 
 def ours_run(data_dir: str, epochs: int, batch_size: int, lr: float, workers: int, seed: int, holdout: float,
-             output: str, device: str = "cpu") -> dict:
+             output: str, device: str = "cpu", compile_mode: str = "off") -> dict:
     from facenet.spec import TrainSpec
     from facenet.train.engine import run
 
     spec = TrainSpec(data=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adam", amp=True,
                      workers=workers, seed=seed, holdout=holdout, output=output, pretrained=None,
-                     device=device, log_every=1000)
+                     device=device, log_every=1000, compile=compile_mode)
     spec.validate()
     summary = run(spec)
     with open(os.path.join(output, "events.jsonl"), encoding="utf-8") as fh:
@@ -92,7 +92,7 @@ def ours_run(data_dir: str, epochs: int, batch_size: int, lr: float, workers: in
     images = sum(e["train_images"] for e in epochs_done)
     return {"img_per_s": images / train_seconds, "img_per_s_steady": summary["fps"], "train_seconds": train_seconds,
             "train_images": images, "acc1_per_epoch": [e["acc1"] for e in epochs_done], "acc1": summary["acc1"],
-            "precision": summary["precision"]}
+            "precision": summary["precision"], "compiled": summary["compiled"]}
 
 
 def step_ceiling(batch_size: int, device: str, steps: int = 10) -> dict:
@@ -137,15 +137,31 @@ def first_epoch_reaching(accs: list[float], target: float) -> int | None:
 
 def run_benchmark(data_dir: str, output: str, epochs: int = 8, batch_size: int = 32, lr: float = 0.001,
                   workers: int = 0, seed: int = 123456, holdout: float = 0.2, device: str = "cpu",
-                  ceiling_steps: int = 10) -> dict:
+                  ceiling_steps: int = 10, compile_mode: str = "auto") -> dict:
+    """Reference, ours eager, and ours compiled when `compile_mode` compiles on this device (auto: on cuda),
+    with the compute-only ceiling; every training figure with its MFU where the device's peak is known."""
+    from facenet.bench.device_bench import device_peak, flops_per_training_image, mfu
+    from facenet.devices import Device
+
     split = load_dataset(data_dir, holdout, seed)
     ref = reference_run(data_dir, epochs, batch_size, lr, workers, seed, holdout, device)
     ours = ours_run(data_dir, epochs, batch_size, lr, workers, seed, holdout, os.path.join(output, "ours-train"),
                     device)
-    for r in (ref, ours):
-        r["epochs_to_acc1_0.95"] = first_epoch_reaching(r["acc1_per_epoch"], 0.95)
+    compiled = None
+    if Device(device, 0 if device != "cpu" else None).compile_mode(compile_mode)[0]:
+        compiled = ours_run(data_dir, epochs, batch_size, lr, workers, seed, holdout,
+                            os.path.join(output, "ours-compiled"), device, compile_mode)
+    for r in (ref, ours, compiled):
+        if r:
+            r["epochs_to_acc1_0.95"] = first_epoch_reaching(r["acc1_per_epoch"], 0.95)
     ceiling = step_ceiling(batch_size, device, max(3, ceiling_steps))
     ratio = ours["img_per_s"] / ref["img_per_s"]
+    flops = flops_per_training_image(160, split.num_classes)
+    peak, device_name = device_peak(device)
+    for r in (ref, ours, compiled):
+        if r:
+            r["mfu"] = mfu(r.get("img_per_s_steady") or r["img_per_s"], flops, peak)
+    ceiling["mfu"] = {k: mfu(ceiling[k], flops, peak) for k in ("fp32_nchw", "ours")}
     return {
         "benchmark": "train",
         "what": "img/s = training images / wall seconds of the training passes, same data/batch/lr/workers",
@@ -155,7 +171,11 @@ def run_benchmark(data_dir: str, output: str, epochs: int = 8, batch_size: int =
         "host": _host(),
         "reference": ref,
         "ours": ours,
+        "ours_compiled": compiled,
         "ratio": ratio,
+        "ratio_compiled": compiled["img_per_s"] / ref["img_per_s"] if compiled else None,
+        "flops_per_training_image": flops,
+        "device_peak_flops": {"name": device_name, "bf16_dense": peak},
         "step_ceiling": ceiling,
         "goals": {"ratio >= 3": ratio >= 3, "ours acc1 >= 0.95 after 8 epochs": ours["acc1"] >= 0.95},
     }
