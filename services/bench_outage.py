@@ -23,7 +23,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 
@@ -43,23 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join("build", "bench_outage.json"), help="JSON result file")
     args = p.parse_args(argv)
 
-    from facenet.data.samples import build_sample_dataset, cache_dir
-    from services.entrypoints import free_port
+    from services.bench_queue import private_stack
     from services.stack import stop_group
 
-    data = os.path.abspath(args.data) if args.data else build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
-    if not os.path.isdir(data):
-        print(f"error: --data {args.data}: no such directory", file=sys.stderr)
+    setup = private_stack(args.data, "facenet-bench-outage-")
+    if setup is None:
         return 2
-    state = tempfile.mkdtemp(prefix="facenet-bench-outage-")
-    env = {**os.environ, "FACENET_STATE_DIR": os.path.join(state, "stack"), "FACENET_REDIS_PORT": str(free_port()),
-           "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
-           "FACENET_DATA_ROOTS": os.pathsep.join([state, data])}
-    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
-        env.pop(k, None)
-
-    def cli(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli", *a], env=env, text=True, capture_output=True)
+    data, state, env, cli = setup
 
     def stack() -> dict:
         with open(os.path.join(env["FACENET_STATE_DIR"], "stack.json"), encoding="utf-8") as fh:

@@ -22,6 +22,30 @@ import tempfile
 import time
 
 
+def private_stack(data_arg: str | None, prefix: str):
+    """For a benchmark's own local stack: (the data to train on: --data or the cached sample set, a fresh
+    state folder, the environment of a stack on free ports confined to both, a `facenet-cli` runner in that
+    environment); None (said on stderr) when --data is no folder."""
+    from facenet.data.samples import build_sample_dataset, cache_dir
+    from services.entrypoints import free_port
+
+    data = os.path.abspath(data_arg) if data_arg else build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
+    if not os.path.isdir(data):
+        print(f"error: --data {data_arg}: no such directory", file=sys.stderr)
+        return None
+    state = tempfile.mkdtemp(prefix=prefix)
+    env = {**os.environ, "FACENET_STATE_DIR": os.path.join(state, "stack"), "FACENET_REDIS_PORT": str(free_port()),
+           "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
+           "FACENET_DATA_ROOTS": os.pathsep.join([state, data])}
+    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
+        env.pop(k, None)
+
+    def cli(*a: str, capture: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli", *a], env=env, text=True, capture_output=capture)
+
+    return data, state, env, cli
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.bench_queue", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,22 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join("build", "bench_queue.json"), help="JSON result file")
     args = p.parse_args(argv)
 
-    from facenet.data.samples import build_sample_dataset, cache_dir
-    from services.entrypoints import free_port
-
-    data = os.path.abspath(args.data) if args.data else build_sample_dataset(os.path.join(cache_dir(), "demo-data", "v2"))
-    if not os.path.isdir(data):
-        print(f"error: --data {args.data}: no such directory", file=sys.stderr)
+    setup = private_stack(args.data, "facenet-bench-queue-")
+    if setup is None:
         return 2
-    state = tempfile.mkdtemp(prefix="facenet-bench-queue-")
-    env = {**os.environ, "FACENET_STATE_DIR": os.path.join(state, "stack"), "FACENET_REDIS_PORT": str(free_port()),
-           "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
-           "FACENET_DATA_ROOTS": os.pathsep.join([state, data])}
-    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
-        env.pop(k, None)
-
-    def cli(*a: str, capture: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli", *a], env=env, text=True, capture_output=capture)
+    data, state, env, cli = setup
 
     up = cli("stack", "up")
     if up.returncode != 0:
