@@ -87,15 +87,19 @@ def resolve_device_type(requested: str) -> str:
     return "cpu"
 
 
-def check_device_request(device_type: str, npus: int, device_list: list[int] | None) -> list[int] | None:
-    """Validate N processes against the visible devices; returns the physical ids per local rank."""
-    check_npu_count(device_type, npus)
+def check_device_request(device_type: str, npus: int, device_list: list[int] | None,
+                         nnodes: int = 1) -> list[int] | None:
+    """Validate N processes (over `nnodes` nodes, N / nnodes on this one) against the visible devices; returns
+    the physical ids per local rank."""
+    check_npu_count(device_type, npus, nnodes)
     if device_type == "cpu":
         return None  # N processes stand in for N devices; no ids to pin
     visible = device_count(device_type)
-    ids = list(device_list) if device_list is not None else list(range(npus))
-    if npus > visible:
-        raise UserError(f"--npus {npus}: only {visible} {device_type} device(s) visible on this host")
+    local = npus // nnodes
+    ids = list(device_list) if device_list is not None else list(range(local))
+    if local > visible:
+        what = f"--npus {npus}" if nnodes == 1 else f"--npus {npus} over --nnodes {nnodes} ({local} per node)"
+        raise UserError(f"{what}: only {visible} {device_type} device(s) visible on this host")
     too_high = [i for i in ids if i >= visible]
     if too_high:
         raise UserError(f"--device-list {','.join(map(str, ids))}: device id(s) {too_high} do not exist "

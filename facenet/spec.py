@@ -29,12 +29,12 @@ RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
 
 # Upper bounds: far above any real run, low enough that a typo cannot ask for a million processes or a
 # 60000-pixel input. (name: (lowest, highest))
-BOUNDS = {"epochs": (1, 100_000), "batch_size": (1, 1 << 20), "npus": (1, 4096), "workers": (0, 64),
+BOUNDS = {"epochs": (1, 100_000), "batch_size": (1, 1 << 20), "npus": (1, 4096), "nnodes": (1, 512), "workers": (0, 64),
           "image_size": (32, 1024), "log_every": (1, 1_000_000), "warmup_steps": (0, 1_000_000),
           "seed": (0, 2**32 - 1), "images_per_identity": (2, 1024), "verify_every": (0, 100_000)}
 FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "optimizer": str, "lr_steps": list,
                "lr_gamma": float, "weight_decay": float, "amp": bool, "amp_dtype": str, "opt_level": str,
-               "loss_scale": str, "npus": int, "device_list": list, "device": str, "workers": int, "seed": int,
+               "loss_scale": str, "npus": int, "nnodes": int, "device_list": list, "device": str, "workers": int, "seed": int,
                "resume": str, "output": str, "json_out": str, "events": str, "mlflow_uri": str, "run_id": str,
                "run_name": str, "experiment": str, "tags": dict, "pretrained": str, "holdout": float,
                "augment": bool, "image_size": int, "dropout": float, "log_every": int, "warmup_steps": int,
@@ -67,7 +67,8 @@ class TrainSpec:
     amp_dtype: str = "auto"
     opt_level: str = "O2"
     loss_scale: str = "dynamic"
-    npus: int = 1
+    npus: int = 1  # processes (devices) of the whole job, over all its nodes
+    nnodes: int = 1  # nodes the job spans: npus / nnodes processes on each
     device_list: list[int] | None = None
     device: str = "auto"
     workers: int | None = None  # None: 0 with <= 2 cores per process, else min(8, cores - 1)
@@ -132,6 +133,10 @@ class TrainSpec:
         return cls.from_dict(data)
 
     @property
+    def npus_per_node(self) -> int:
+        return self.npus // self.nnodes
+
+    @property
     def amp_enabled(self) -> bool:
         """Mixed precision runs when --amp is on and the opt level is not O0 (apex's O0 is fp32)."""
         return self.amp and self.opt_level != "O0"
@@ -181,10 +186,14 @@ class TrainSpec:
             raise bad("npus", self.npus, "must be at least 1 (one process per device)")
         if self.device not in DEVICES:
             raise bad("device", self.device, f"unknown device; choose one of {', '.join(DEVICES)}")
+        if self.npus % self.nnodes:
+            raise bad("npus", self.npus, f"must divide evenly over --nnodes {self.nnodes} (the same number of "
+                      "devices on every node)")
         if self.device_list is not None:
-            if len(self.device_list) != self.npus:
+            if len(self.device_list) != self.npus_per_node:
                 raise bad("device_list", ",".join(map(str, self.device_list)),
-                          f"names {len(self.device_list)} device(s) but --npus is {self.npus}")
+                          f"names {len(self.device_list)} device(s) but a node runs {self.npus_per_node} "
+                          f"(--npus {self.npus} over --nnodes {self.nnodes})")
             if len(set(self.device_list)) != len(self.device_list) or min(self.device_list) < 0:
                 raise bad("device_list", ",".join(map(str, self.device_list)),
                           "device ids must be distinct and non-negative")
@@ -227,9 +236,15 @@ class TrainSpec:
 NPU_COUNTS_PER_NODE = (1, 2, 4, 8)
 
 
-def check_npu_count(device_type: str, npus: int) -> None:
-    if device_type == "npu" and npus not in NPU_COUNTS_PER_NODE:
+def check_npu_count(device_type: str, npus: int, nnodes: int = 1) -> None:
+    """HCCL's shapes: 1, 2, 4 or 8 NPUs on one node; over several nodes, all 8 of each."""
+    if device_type != "npu":
+        return
+    if nnodes == 1 and npus not in NPU_COUNTS_PER_NODE:
         raise InputError(f"--npus {npus}: an Ascend node trains on 1, 2, 4 or 8 NPUs per job (HCCL)")
+    if nnodes > 1 and npus != 8 * nnodes:
+        raise InputError(f"--npus {npus} over --nnodes {nnodes}: a job over several Ascend nodes uses all 8 NPUs "
+                         f"of each (--npus {8 * nnodes})")
 
 
 def _check_type(name: str, value: Any) -> None:

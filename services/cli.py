@@ -388,6 +388,8 @@ def submit_train(args: tuple[str, ...]) -> None:
         _fail(InputError("--data is required (the dataset root; with --preprocess-from, where the crops go)"))
     values = {k: v for k, v in vars(ns).items() if k in {f.name for f in __import__("dataclasses").fields(TrainSpec)}}
     values["tags"] = dict(values.get("tags") or [])
+    if ns.npus_per_node is not None:
+        values["npus"] = ns.npus_per_node * ns.nnodes
     if values.get("pretrained") in ("none", ""):
         values["pretrained"] = None
     device_type = ns.device_type or (ns.device if ns.device != "auto" else "auto")
@@ -644,8 +646,10 @@ _state_dir_option = click.option("--state-dir", default=None, show_default="$FAC
 @_state_dir_option
 @click.option("--cpu-devices", default=None, show_default="0",
               help="CPU 'devices' the CPU worker owns (e.g. 0-1: two 1-process jobs at once, or one 2-process job)")
+@click.option("--device-workers", type=int, default=None, show_default="1",
+              help="CPU device workers to run, each a 'node' owning --cpu-devices (2: two nodes on this host)")
 @click.option("--json", "as_json", is_flag=True, help="print the services as JSON")
-def stack_up(state_dir, cpu_devices, as_json) -> None:
+def stack_up(state_dir, cpu_devices, device_workers, as_json) -> None:
     """Start what is not running yet (idempotent); print where everything is."""
     from facenet.errors import UserError
     from services import stack as local
@@ -653,7 +657,8 @@ def stack_up(state_dir, cpu_devices, as_json) -> None:
 
     state_dir = state_dir or default_state_dir()
     try:
-        s = local.up(state_dir, cpu_devices, progress=(lambda m: None) if as_json else click.echo)
+        s = local.up(state_dir, cpu_devices, progress=(lambda m: None) if as_json else click.echo,
+                     device_workers=device_workers)
     except UserError as exc:
         _fail(exc)
     if as_json:

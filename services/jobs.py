@@ -9,7 +9,7 @@ from typing import Callable
 
 from facenet.confine import shown
 from facenet.errors import InputError, UserError
-from facenet.spec import RESERVED_TAGS, TrainSpec, check_npu_count
+from facenet.spec import NPU_COUNTS_PER_NODE, RESERVED_TAGS, TrainSpec, check_npu_count
 from services.config import DEVICE_TYPES, Settings, check_path_allowed
 from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, TERMINAL, Registry, connect, unreachable
 
@@ -30,9 +30,10 @@ def capacities(reg: Registry) -> list[dict]:
     return [w for w in reg.workers() if w.get("device_type")]
 
 
-def pick_device_type(reg: Registry, requested: str, npus: int) -> str:
+def pick_device_type(reg: Registry, requested: str, npus: int, nnodes: int = 1) -> str:
     """`requested`, or for 'auto' the best registered type (npu, then cuda, then cpu); refuses a request
-    no registered worker can ever serve, listing what is registered."""
+    no registered workers can ever serve (npus / nnodes devices on each of nnodes workers), listing what is
+    registered."""
     workers = capacities(reg)
     listing = ", ".join(f"{w['node']}: {len(w['devices'])} {w['device_type']}" for w in workers) or "none registered"
     if requested == "auto":
@@ -40,16 +41,36 @@ def pick_device_type(reg: Registry, requested: str, npus: int) -> str:
         if not present:
             raise UserError(f"no device worker is registered (workers: {listing}); start one "
                             "(`facenet-cli stack up`, or `make up`)")
-        fitting = [t for t in present if any(len(w["devices"]) >= npus for w in workers if w["device_type"] == t)]
+        fitting = [t for t in present if sum(len(w["devices"]) >= npus // nnodes for w in workers
+                                             if w["device_type"] == t) >= nnodes]
         requested = (fitting or present)[0]
     if requested not in DEVICE_TYPES:
         raise InputError(f"--device-type {requested}: choose one of auto, {', '.join(DEVICE_TYPES)}")
-    check_npu_count(requested, npus)
-    most = max((len(w["devices"]) for w in workers if w["device_type"] == requested), default=0)
-    if npus > most:
-        raise UserError(f"--npus {npus}: no registered {requested} worker has {npus} device(s) "
-                        f"(capacities: {listing})")
+    check_npu_count(requested, npus, nnodes)
+    per_node = npus // nnodes
+    able = sum(len(w["devices"]) >= per_node for w in workers if w["device_type"] == requested)
+    if able < nnodes:
+        if nnodes == 1:
+            raise UserError(f"--npus {npus}: no registered {requested} worker has {npus} device(s) "
+                            f"(capacities: {listing})")
+        raise UserError(f"--npus {npus} over --nnodes {nnodes}: {able} registered {requested} worker(s) have "
+                        f"{per_node} device(s), {nnodes} are needed (capacities: {listing})")
     return requested
+
+
+def nodes_needed(reg: Registry, device_type: str, npus: int) -> int:
+    """How many workers a job of `npus` devices spans when no one worker has that many: npus / the most any
+    worker of the type (auto: of the first type with enough such workers) has, when that divides; else 1
+    (and pick_device_type says why it cannot run)."""
+    workers = capacities(reg)
+    if any(len(w["devices"]) >= npus for w in workers if device_type in ("auto", w["device_type"])):
+        return 1
+    for t in (DEVICE_TYPES if device_type == "auto" else (device_type,)):
+        sizes = [len(w["devices"]) for w in workers if w["device_type"] == t]
+        most = max(sizes, default=0)
+        if most and npus % most == 0 and sum(n >= most for n in sizes) >= npus // most:
+            return npus // most
+    return 1
 
 
 def _check_local_path(path: str, settings: Settings, what: str) -> str:
@@ -79,7 +100,8 @@ def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str
     spec.validate()
     if params is not None:
         params.validate()
-    check_npu_count(device_type, spec.npus)
+    if spec.nnodes > 1 or spec.npus <= max(NPU_COUNTS_PER_NODE):  # more: nodes are counted at submit
+        check_npu_count(device_type, spec.npus, spec.nnodes)
     check_job_spec(spec, settings)
     if preprocess_from:
         return (check_path_allowed(spec.data, settings.data_roots, "--data"),
@@ -97,7 +119,9 @@ def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type
                  preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
     """Validate, create the job record and queue its first task; returns the job."""
     data, raw = check_train_submission(settings, spec, device_type, preprocess_from, params)
-    device_type = pick_device_type(reg, device_type, spec.npus)
+    if spec.nnodes == 1:  # --npus 16 on workers of 8 devices: a gang of 2
+        spec.nnodes = nodes_needed(reg, device_type, spec.npus)
+    device_type = pick_device_type(reg, device_type, spec.npus, spec.nnodes)
     from services import mlflow_runs
 
     mlflow_runs.check_reachable(settings.mlflow_uri)
@@ -184,7 +208,7 @@ def view(job: dict) -> dict:
                      **{k: v for k, v in progress.items() if k not in PROGRESS_KEYS}},
         "mlflow_run_id": job.get("mlflow_run_id"), "checkpoint": job.get("checkpoint"), "output": job.get("output"),
         "message": job.get("message"), "error": job.get("error"), "result": job.get("result"),
-        "dataset": job.get("dataset"),
+        "dataset": job.get("dataset"), "nodes": job.get("nodes"),
     }
 
 

@@ -45,7 +45,7 @@ QUEUED, PREPROCESSING, RUNNING = "QUEUED", "PREPROCESSING", "RUNNING"
 SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (PREPROCESSING, RUNNING)
-JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset")
+JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset", "nodes")
 
 # Write a job's fields; a write that sets a status is refused once the job has ended (a late result must
 # not turn a cancelled job into a succeeded one). Ending a job takes it off the active set and starts
@@ -128,6 +128,40 @@ end
 return got
 """
 
+# A gang: `want` devices on each of `nodes` workers, the first worker (the leader's own) among them, all at
+# once or none at all, so a job waiting for a gang holds nothing another job could be waiting for (two gang
+# jobs cannot deadlock). KEYS: every candidate worker's lease keys, worker after worker; ARGV: holder, ttl,
+# want, nodes, then the number of keys of each worker. Returns, per chosen worker, its index then the
+# positions of its leased keys, flattened with -1 after each worker; {} when the gang does not fit now.
+_GANG_LEASE = """
+local holder, ttl, want, nodes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local chosen, at = {}, 0
+for w = 5, #ARGV do
+  local n, free = tonumber(ARGV[w]), {}
+  for i = 1, n do
+    local h = redis.call('GET', KEYS[at + i])
+    if not h or h == holder then table.insert(free, at + i) end
+  end
+  if #free >= want and #chosen < nodes then
+    table.insert(chosen, {w - 5, free})
+  elseif w == 5 then
+    return {}
+  end
+  at = at + n
+end
+if #chosen < nodes then return {} end
+local out = {}
+for _, c in ipairs(chosen) do
+  table.insert(out, c[1])
+  for j = 1, want do
+    redis.call('SET', KEYS[c[2][j]], holder, 'EX', ttl)
+    table.insert(out, c[2][j])
+  end
+  table.insert(out, -1)
+end
+return out
+"""
+
 # Renew this attempt's heartbeat; one that expired while Redis was away (a restart longer than the TTL)
 # is taken back, with the job marked claimed and running again, unless another attempt holds it now or the
 # job ended. 1: renewed or taken back; 0: lost. KEYS: hb key, job hash; ARGV: token, ttl.
@@ -196,6 +230,7 @@ class Registry:
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
         self._lease = client.register_script(_LEASE)
+        self._gang_lease = client.register_script(_GANG_LEASE)
         self._renew = client.register_script(_RENEW)
         self._beat = client.register_script(_BEAT)
         self._hold = client.register_script(_HOLD)
@@ -390,6 +425,27 @@ class Registry:
         """N devices of `node` for `job_id`, all or none ([] when not enough are free)."""
         got = self._lease(keys=self.lease_keys(node, devices), args=[n, job_id, self.ttl])
         return [devices[i] for i in got]
+
+    def gang_lease(self, workers: list[tuple[str, list[int]]], want: int, nodes: int,
+                   holder: str) -> list[tuple[str, list[int]]]:
+        """`want` devices on each of `nodes` of `workers` ((node, device ids); the first is the leader's own and
+        always in the gang), all at once or none: [(node, leased ids)] in gang order, or [] when it does not
+        fit now (nothing is held then)."""
+        keys = [k for node, devices in workers for k in self.lease_keys(node, devices)]
+        flat = self._gang_lease(keys=keys, args=[holder, self.ttl, want, nodes, *[len(d) for _, d in workers]])
+        gang, offsets = [], [0]
+        for _, devices in workers:
+            offsets.append(offsets[-1] + len(devices))
+        current: list = []
+        for value in flat:
+            if value == -1:
+                w = current[0]
+                node, devices = workers[w]
+                gang.append((node, [devices[k - 1 - offsets[w]] for k in current[1:]]))
+                current = []
+            else:
+                current.append(int(value))
+        return gang
 
     def renew_leases(self, node: str, devices: list[int], holder: str, drop: bool = False) -> int:
         """Renew (taking back lapsed ones nobody took) or drop `holder`'s leases; how many it holds(held)."""

@@ -23,6 +23,12 @@ from services.config import STACK_FILE, default_data_roots, read_stack_file
 from services.entrypoints import free_port
 
 ORDER = ("redis", "mlflow", "flower", "worker-preprocess", "worker-cpu")
+
+
+def service_order(stack: dict) -> tuple[str, ...]:
+    """The stack's services in start order: ORDER, then the extra CPU device workers `--device-workers N`
+    asked for (worker-cpu2 ... worker-cpuN: more "nodes", each owning the same CPU device ids)."""
+    return ORDER + tuple(f"worker-cpu{i}" for i in range(2, int(stack.get("device_workers") or 1) + 1))
 DEFAULT_PORTS = {"redis": 6380, "mlflow": 5000, "flower": 5555}
 SECRETS_FILE = "secrets.env"
 
@@ -83,7 +89,8 @@ def _alive(entry: dict | None) -> bool:
         return False
 
 
-def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: float = 120) -> dict:
+def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: float = 120,
+       device_workers: int | None = None) -> dict:
     """Start whatever is not running; returns the stack description (also in STATE/stack.json)."""
     import psutil
 
@@ -106,6 +113,10 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     }
     cpu_devices = cpu_devices or previous.get("cpu_devices") or os.environ.get("FACENET_CPU_DEVICES") or "0"
     stack["cpu_devices"] = cpu_devices
+    device_workers = device_workers or previous.get("device_workers") or 1
+    if not 1 <= device_workers <= 16:
+        raise UserError(f"--device-workers {device_workers}: must be 1 to 16")
+    stack["device_workers"] = device_workers
     common = {
         "FACENET_STATE_DIR": state_dir, "FACENET_REDIS_URL": redis_url, "FACENET_MLFLOW_URI": stack["mlflow_uri"],
         "FACENET_RUNS_DIR": stack["runs_dir"], "FACENET_DATA_ROOTS": os.pathsep.join(data_roots),
@@ -121,7 +132,12 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
                    "FACENET_FLOWER_DB": os.path.join(state_dir, "flower", "flower.db"),
                    "FLOWER_BASIC_AUTH": f"{sec['FLOWER_USER']}:{sec['FLOWER_PASSWORD']}"},
         "worker-preprocess": {"FACENET_WORKER_NAME": "preprocess@%h"},
-        "worker-cpu": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices, "FACENET_WORKER_NAME": "cpu@%h"},
+        # One host: a gang's rendezvous (services.gang) is on loopback, like every other service here.
+        "worker-cpu": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices, "FACENET_WORKER_NAME": "cpu@%h",
+                       "FACENET_NODE_ADDRESS": "127.0.0.1"},
+        **{f"worker-cpu{i}": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices,
+                              "FACENET_WORKER_NAME": f"cpu{i}@%h", "FACENET_NODE_ADDRESS": "127.0.0.1"}
+           for i in range(2, device_workers + 1)},
     }
     for d in ("mlflow", "flower", "redis"):
         os.makedirs(os.path.join(state_dir, d), exist_ok=True)
@@ -129,12 +145,12 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     def save() -> None:
         _write_private(os.path.join(state_dir, STACK_FILE), json.dumps(stack, indent=2))
 
-    for name in ORDER:
+    for name in service_order(stack):
         entry = stack["services"].get(name)
         if _alive(entry):
             continue
         log_path = os.path.join(state_dir, "logs", f"{name}.log")
-        entry_name = "worker-device" if name == "worker-cpu" else name
+        entry_name = "worker-device" if name.startswith("worker-cpu") else name
         env = {**os.environ, **common, **per_service[name]}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", entry_name], env=env, cwd=state_dir,
@@ -192,7 +208,7 @@ def down(state_dir: str, progress=print, grace: float = 10.0) -> list[str]:
     if not stack:
         return []
     stopped = []
-    for name in reversed(ORDER):
+    for name in reversed(service_order(stack)):
         entry = stack["services"].get(name)
         if not _alive(entry):
             continue
@@ -238,7 +254,7 @@ def status(state_dir: str) -> list[dict]:
     """Each service with name, running, pid, url (and log)."""
     stack = read_stack_file(os.path.abspath(state_dir)) or {"services": {}}
     out = []
-    for name in ORDER:
+    for name in service_order(stack):
         entry = stack["services"].get(name) or {}
         running = _alive(entry)
         out.append({"name": name, "running": running, "pid": entry.get("pid") if running else None,

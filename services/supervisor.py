@@ -90,6 +90,7 @@ class Heartbeat(threading.Thread):
         # heartbeat must not drop (or renew) the leases attempt B of the same job holds.
         self.holder = f"{job_id}:{token}"
         self.leased: list[int] = []
+        self.gang: list[tuple[str, list[int]]] = []  # a job over several nodes: (node, devices), this one first
         self.lost = threading.Event()
         # Stop at once, no grace: the lease could not be renewed in time, or another attempt holds it now.
         self.stop_now = False
@@ -103,12 +104,18 @@ class Heartbeat(threading.Thread):
                 if not self.reg.heartbeat(self.job_id, self.token):
                     self.why = "another attempt took the job over"
                     self.lost.set()
-                if self.leased and self.reg.renew_leases(self.node, self.leased, self.holder) < len(self.leased):
+                held = [(self.node, self.leased)] if self.leased else []
+                held += self.gang[1:]
+                if any(self.reg.renew_leases(node, devs, self.holder) < len(devs) for node, devs in held):
                     self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
                     self.stop_now = True  # the other holder may be training there already
                     self.lost.set()
                 else:
                     self.renewed_at = time.monotonic()
+                if self.gang:
+                    from services import gang
+
+                    gang.renew_assignments(self.reg, self.holder, self.gang)
             except Exception:  # Redis briefly away: the next beat retries
                 pass
             # A lease not renewed for most of its TTL may expire and pass to another job: stop the trainer
@@ -152,6 +159,12 @@ def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
     finally:
         beat.stop()
         reap_attempt(beat.holder)  # nothing of this attempt may run on a device it gives back
+        if beat.gang[1:]:
+            from services import gang
+
+            _retrying(lambda: gang.withdraw(reg, job_id, beat.holder, beat.gang))  # the other nodes' trainers first
+            for other, devs in beat.gang[1:]:
+                _retrying(lambda: reg.renew_leases(other, devs, beat.holder, drop=True))
         if beat.leased:
             _retrying(lambda: reg.renew_leases(node, beat.leased, beat.holder, drop=True))
         _retrying(lambda: reg.release(job_id, token))
@@ -161,7 +174,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
              devices: list[int], beat: Heartbeat, report: Callable[[dict], None]) -> dict:
     job_id = job["id"]
     spec = TrainSpec.from_dict(job["spec"])
-    if spec.npus > len(devices):
+    per_node = spec.npus_per_node
+    if per_node > len(devices):
         raise UserError(f"--npus {spec.npus}: worker {node} has {len(devices)} {device_type} device(s)")
     spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
     if not os.path.isdir(spec.data):
@@ -170,21 +184,32 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     check_job_paths(spec, settings.data_roots, output)
 
     # Wait for devices without giving up the message: the job keeps its place, cancel still works.
+    # A job over several nodes waits for its whole gang at once (gang.py): it holds nothing while it waits.
+    from services import gang as gangs
+
     while True:
-        got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
-        if got:
-            beat.leased = got
+        if spec.nnodes == 1:
+            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
+            team = [(node, got)] if got else []
+        else:
+            team = _retrying(lambda: reg.gang_lease(gangs.candidates(reg, node, devices, device_type, per_node),
+                                                    per_node, spec.nnodes, beat.holder))
+        if team:
+            got, beat.leased, beat.gang = team[0][1], team[0][1], team if spec.nnodes > 1 else []
             break
         if _retrying(lambda: reg.cancel_requested(job_id)):
             _cancel_before_start(settings, reg, job_id)
             return {"job": job_id, "status": CANCELLED}
-        _retrying(lambda: reg.update(job_id, message=f"waiting for {spec.npus} free {device_type} device(s) on {node}"))
+        wanted = (f"{spec.npus} free {device_type} device(s) on {node}" if spec.nnodes == 1 else
+                  f"{spec.nnodes} {device_type} workers with {per_node} free device(s) each, {node} among them")
+        _retrying(lambda: reg.update(job_id, message=f"waiting for {wanted}"))
         time.sleep(1.0)
 
     os.makedirs(output, exist_ok=True)
     resumed = attempts > 1
     reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
                host=socket.gethostname(), devices=got, output=output,
+               nodes=[n for n, _ in beat.gang] if beat.gang else [node],
                message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
     run_id = job.get("mlflow_run_id")
     if settings.mlflow_uri and not run_id:
@@ -209,6 +234,11 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     spec.experiment = job.get("experiment") or settings.experiment
     spec.tags = {**spec.tags, "job_id": job_id, "attempts": str(attempts)}
     spec_path = os.path.join(output, "spec.json")
+    endpoint = None
+    if beat.gang:
+        endpoint = gangs.advertised_endpoint()
+        gangs.assign(reg, job_id, beat.holder, beat.gang, endpoint, TrainSpec.from_dict(spec.to_dict()), output,
+                     device_type)
     with open(spec_path, "w", encoding="utf-8") as fh:
         fh.write(spec.to_json())
     if os.path.exists(spec.json_out):
@@ -219,6 +249,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
                 "FACENET_MLFLOW_CONNECT_SECONDS": str(MLFLOW_WAIT_SECONDS),
                 "FACENET_TRAINER_HEARTBEAT": os.path.join(output, "heartbeat"),
                 LEASE_ENV: f"{node}:{','.join(map(str, got))}"})
+    if endpoint:
+        env.update({"FACENET_NODE_RANK": "0", "FACENET_RDZV_ENDPOINT": endpoint})
     if device_type == "cpu":
         # Each CPU "device" is a share of the cores; N processes must not each take all of them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
@@ -244,8 +276,9 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash: not the
         # job's own input (that exits 2 with an `error:` line and fails at once). Resume from the checkpoint.
         outcome = "killed" if rc < 0 else "crashed"
-    if outcome in ("stalled", "overtime", "killed", "crashed"):
-        why = {"stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
+    if outcome in ("stalled", "overtime", "killed", "crashed", "node lost"):
+        why = {"node lost": getattr(follower, "node_lost", "a node of the job was lost"),
+               "stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
                           "FACENET_TRAINER_STALL_SECONDS)",
                "overtime": f"the job ran past FACENET_MAX_JOB_SECONDS ({settings.max_job_seconds} s)",
                "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)",
@@ -293,6 +326,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
     import redis
 
     last_progress = None
+    started_at = time.time()
     deadline = time.time() + settings.max_job_seconds
     while True:
         try:
@@ -306,6 +340,14 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
         if beat.lost.is_set():
             _stop_group(proc, grace=0 if beat.stop_now else KILL_GRACE_SECONDS)
             return "lost"
+        if beat.gang:
+            from services import gang
+
+            gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at))
+            if gone:
+                follower.node_lost = f"worker {', '.join(gone)} of the job's nodes was lost"
+                _stop_group(proc, grace=0)
+                return "node lost"
         if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
             _stop_group(proc)
             return "stalled"

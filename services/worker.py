@@ -52,6 +52,10 @@ def _start_housekeeping(sender=None, **_):
     stop = threading.Event()
     _STATE["stop"] = stop
     threading.Thread(target=_housekeeping, args=(info, stop), daemon=True, name="facenet-housekeeping").start()
+    if "device_type" in info:  # this worker's part in jobs over several nodes (services.gang)
+        from services.gang import Agent
+
+        Agent(node, stop).start()
 
 
 @worker_shutdown.connect

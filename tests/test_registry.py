@@ -119,3 +119,29 @@ def test_cancelling_a_job_queued_again_after_a_lost_attempt_kills_its_run(reg, m
     assert reg.get(job)["status"] == QUEUED
     assert jobs.cancel(reg, job, mlflow_uri=mlflow_server.uri)["status"] == CANCELLED
     assert mlflow_runs.client(mlflow_server.uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_gang_takes_devices_on_several_workers_all_at_once_or_none(reg):
+    """Jobs over several nodes lease a gang: K devices on each of N workers, the leader's own among them, in
+    one step. A gang that does not fit holds nothing, so two gang jobs never each hold half of what both want
+    (no deadlock), and a device is never leased twice."""
+    w1, w2, w3 = ("cpu@one", [0]), ("cpu@two", [0]), ("cpu@three", [0, 1])
+    # Job A's leader runs on one, job B's on two; each wants both 1-device workers.
+    a = reg.gang_lease([w1, w2], 1, 2, "A:t1")
+    assert a == [("cpu@one", [0]), ("cpu@two", [0])]
+    assert reg.gang_lease([w2, w1], 1, 2, "B:t1") == []  # B waits, holding nothing
+    assert reg.leases("cpu@one", [0]) == {0: "A:t1"} and reg.leases("cpu@two", [0]) == {0: "A:t1"}
+    for node, devices in a:
+        assert reg.renew_leases(node, devices, "A:t1", drop=True) == 1
+    assert reg.gang_lease([w2, w1], 1, 2, "B:t1") == [("cpu@two", [0]), ("cpu@one", [0])]  # leader first
+    for node, devices in (w1, w2):
+        reg.renew_leases(node, devices, "B:t1", drop=True)
+    # A single-node job holds worker two's device: a gang of two 1-device workers does not fit, and the
+    # leader's device stays free (no partial lease). With a third worker of 2 free devices it fits there.
+    assert reg.lease("cpu@two", [0], 1, "single:t") == [0]
+    assert reg.gang_lease([w1, w2], 1, 2, "A:t2") == []
+    assert reg.leases("cpu@one", [0]) == {0: None}
+    assert reg.gang_lease([w1, w2, w3], 1, 2, "A:t2") == [("cpu@one", [0]), ("cpu@three", [0])]
+    # The leader's own worker must be in the gang: no gang without it, even if others would fit.
+    assert reg.gang_lease([w2, w3], 1, 1, "C:t") == []
+    assert reg.gang_lease([w3, w1], 2, 1, "C:t") == []  # three has one device left, one is A's

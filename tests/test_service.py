@@ -23,6 +23,8 @@ from conftest import TEST_IMAGE_SIZE
 from services.entrypoints import free_port
 
 pytestmark = pytest.mark.timeout(600)
+# Gang jobs run two trainers on two loaded cores: no final MLflow model export or checkpoint upload (~20 s each).
+CHEAP_RUN = ("--no-log-model", "--log-checkpoints", "none")
 
 
 class Stack:
@@ -715,20 +717,117 @@ def test_the_local_stack_listens_on_loopback_only(stack):
     assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening
 
 
+def test_a_job_over_two_nodes_runs_as_a_gang(stack, sample_root):
+    """`stack up --device-workers 2` adds a second CPU device worker (a second "node", each owning device 0).
+    `submit-train --npus 2` then needs both: the job leases one device on each at once and runs as torchrun
+    --nnodes 2 (node 0 where the task ran, node 1 started by the other worker's agent). One MLflow run, both
+    nodes' output in the job's log, `status --json` names the nodes in rank order; every lease is given back."""
+    from facenet.data.samples import copy_subset
+
+    more = stack.cli("stack", "up", "--device-workers", "2", timeout=240, check=True)
+    assert "started worker-cpu2" in more.stdout and "started redis" not in more.stdout, more.stdout
+    workers = {w["node"].split("@")[0]: w for w in stack.json("workers")}
+    assert {"cpu", "cpu2", "preprocess"} == set(workers) and workers["cpu2"]["devices"] == workers["cpu"]["devices"]
+    faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "gang"), 4, 12)
+    job = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "1", "--batch-size", "8",
+                     "--log-every", "1", *CHEAP_RUN)
+    final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=400, what="the gang job")
+    assert final["attempts"] == 1 and final["result"]["world_size"] == 2 and final["result"]["acc1"] is not None
+    assert sorted(final["nodes"]) == sorted(w["node"] for w in workers.values() if w["node"].startswith("cpu"))
+    assert len(final["nodes"]) == 2 and final["nodes"][0] == final["worker"]
+    log = stack.cli("logs", job["id"], check=True).stdout
+    assert "as node 0 of 2" in log and "[node 1] launching 1 processes (cpu) as node 1 of 2" in log, log[-3000:]
+    assert os.path.exists(os.path.join(final["output"], "train.node1.log"))
+    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    _no_leases_left(stack)
+
+
+def _no_leases_left(stack) -> None:
+    """Every worker's devices free again (bound: node 0 gives the gang's leases back once the other nodes'
+    trainers have exited, which they do with the job: 30 s on a loaded host)."""
+    deadline = time.time() + 30
+    while True:
+        held = [w for w in stack.json("workers") if any((w.get("leases") or {}).values())]
+        if not held or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not held, held
+
+
+def test_a_gang_survives_losing_a_node_and_two_gangs_take_turns(stack, sample_root):
+    """After the test above (two 1-device workers). Two 2-node jobs submitted at once: each worker's task may
+    lead one, but a gang leases both devices at once or nothing, so one job trains while the other waits
+    holding nothing, then the other runs (no deadlock; no device leased to both: sampled all along). During the
+    first, the follower node's whole worker is killed (kill -9): the leader's ranks do not hang (a peer's
+    death ends the collective), the job is queued again, waits for the restarted worker and resumes from its
+    checkpoint in the same MLflow run."""
+    from facenet.data.samples import copy_subset
+
+    faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "gangs"), 4, 10)
+    first = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "3", "--batch-size", "8",
+                       *CHEAP_RUN)
+    second = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "1", "--batch-size", "8",
+                        *CHEAP_RUN)
+    reg = _registry(stack)
+    nodes = [w["node"] for w in stack.json("workers") if w["node"].startswith("cpu")]
+    holders_seen, killed, deadline = [], None, time.time() + 500
+    while time.time() < deadline:
+        jobs = {j: reg.get(j) for j in (first["id"], second["id"])}
+        if all(j["status"] in ("SUCCEEDED", "FAILED", "CANCELLED") for j in jobs.values()):
+            break
+        keys = [k for node in nodes for k in reg.lease_keys(node, [0])]
+        held = dict(zip(nodes, reg.r.mget(keys)))  # one read of both: a snapshot, not two moments
+        holders = {h.split(":")[0] for h in held.values() if h}
+        assert len(holders) <= 1, held  # one gang at a time: never a device each
+        if len(holders) == 1:
+            assert all(held.values()), held  # a gang holds both devices or none
+        holders_seen.append(frozenset(holders))
+        j = jobs[first["id"]]
+        running = j if j["status"] == "RUNNING" and 1 <= ((j.get("progress") or {}).get("checkpoint_epoch") or 0) < 2 \
+            else None
+        if killed is None and running and running.get("nodes") and len(running["nodes"]) == 2:
+            follower = running["nodes"][1]
+            name = "worker-cpu2" if follower.startswith("cpu2@") else "worker-cpu"
+            pid = stack.description["services"][name]["pid"]
+            os.killpg(pid, signal.SIGKILL)
+            killed = (running["id"], follower, time.time())
+            time.sleep(3)
+            assert stack.cli("stack", "up", timeout=240).returncode == 0
+        time.sleep(0.3)
+    ends = {j: stack.json("status", j) for j in (first["id"], second["id"])}
+    assert all(e["status"] == "SUCCEEDED" for e in ends.values()), ends
+    assert killed, "no gang job ran with a checkpoint to kill it at"
+    hit = ends[killed[0]]
+    assert hit["attempts"] == 2, hit
+    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == killed[0]]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    steps = sorted({m.step for m in stack.mlflow().get_metric_history(hit["mlflow_run_id"], "acc1")})
+    assert steps == [1, 2, 3], steps
+    assert {first["id"], second["id"]} <= {j for h in holders_seen for j in h}  # each gang held both devices
+    _no_leases_left(stack)
+
+
 def test_stack_down_stops_exactly_what_stack_up_started(stack):
     """Last in this module. `stack down` ends every process `stack up` started (each service and its children:
     pool processes, MLflow's workers) and nothing else: not a look-alike with the same command line, not a
-    process that got a recorded pid after a reboot (a stale stack.json)."""
+    process that got a recorded pid after a reboot (a stale stack.json). First `stack up --device-workers 2`
+    adds a second CPU device worker (a second "node"), which `down` stops with the rest."""
+    more = stack.cli("stack", "up", "--device-workers", "2", timeout=240, check=True)  # started earlier, or now
+    assert "started redis" not in more.stdout, more.stdout
+    assert [(x["name"], x["running"]) for x in stack.json("stack", "status")][-2:] == \
+        [("worker-cpu", True), ("worker-cpu2", True)]
     started = []
     for service in stack.json("stack", "status"):
         parent = psutil.Process(service["pid"])
         started += [parent] + parent.children(recursive=True)
-    assert len(started) >= 6, started  # 5 services, and the workers' pool processes at least
+    assert len(started) >= 7, started  # 6 services, and the workers' pool processes at least
     look_alike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "services.entrypoints",
                                    "redis"], start_new_session=True)
     try:
         down = stack.cli("stack", "down", timeout=120, check=True)
-        assert all(f"stopped {name}" in down.stdout for name in ("redis", "mlflow", "flower", "worker-cpu")), down.stdout
+        assert all(f"stopped {name}" in down.stdout
+                   for name in ("redis", "mlflow", "flower", "worker-cpu", "worker-cpu2")), down.stdout
         deadline = time.time() + 10  # bound: SIGKILL of each group follows its grace period
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.time() < deadline:
             time.sleep(0.2)

@@ -141,6 +141,30 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "events.jsonl", "model.pt", "spec.json", "summary.json"]
 
+    # The same job over two "nodes": two launchers of one process each (--nnodes 2, what each worker of a gang
+    # runs), meeting at node 0's endpoint on loopback. Global rank r runs on node r and is fed exactly what
+    # rank r was fed above; the numbers are the single-node run's.
+    from services.entrypoints import free_port
+
+    nodes, audit2 = tmp_path / "two-nodes", tmp_path / "audit-two-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    launchers = [subprocess.Popen(train_cmd("--data", small_faces, "--npus", "2", "--nnodes", "2", "--device", "cpu",
+                                            "--epochs", "2", "--batch-size", "8", "--lr", "0.001", "--output",
+                                            str(nodes), "--json-out", str(nodes / "summary.json"),
+                                            "--audit-samples", str(audit2)),
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(os.environ, FACENET_NODE_RANK=str(rank), FACENET_RDZV_ENDPOINT=endpoint,
+                                           OMP_NUM_THREADS="1"))
+                 for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    assert "as node 0 of 2" in logs[0] and "as node 1 of 2" in logs[1]
+    two = read_json(nodes / "summary.json")
+    assert two["world_size"] == 2 and two["acc1"] == summary["acc1"]
+    assert two["loss"] == pytest.approx(summary["loss"], rel=1e-4)
+    for name in sorted(os.listdir(audit)):
+        assert (audit2 / name).read_text() == (audit / name).read_text(), name
+
 
 def _split(root):
     from facenet.data.dataset import load_dataset

@@ -9,6 +9,9 @@ import torch
 import torch.distributed as dist
 
 
+COLLECTIVE_TIMEOUT_ENV = "FACENET_COLLECTIVE_TIMEOUT"  # seconds a collective may wait for its peers
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -29,8 +32,13 @@ def from_env() -> DistInfo:
 
 def init(info: DistInfo, backend: str, device: torch.device | None) -> None:
     if info.world_size > 1 and not dist.is_initialized():
+        from datetime import timedelta
+
         kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        # A rank whose peer died (another node's worker killed) must not wait in a collective forever: it fails
+        # after this, its launcher exits, and the supervisor stops the gang and queues the job again.
+        timeout = timedelta(seconds=int(os.environ.get(COLLECTIVE_TIMEOUT_ENV, "600")))
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
 
 
 def shutdown() -> None:

@@ -92,7 +92,7 @@ def run(spec: TrainSpec) -> dict:
     t_start = time.time()
     info = dist.from_env()
     device_type = devices.resolve_device_type(spec.device)
-    device_ids = devices.check_device_request(device_type, spec.npus, spec.device_list)
+    device_ids = devices.check_device_request(device_type, spec.npus, spec.device_list, spec.nnodes)
     if info.world_size != spec.npus:
         raise UserError(f"--npus {spec.npus} but {info.world_size} process(es) were started")
     device = devices.setup_device(device_type, info.local_rank, device_ids)

@@ -27,6 +27,9 @@ NPROC_ENV = "FACENET_NPROC"
 # a container stopped - the trainer and every rank in its process group stop too, instead of living on
 # as orphans that hold devices while the job is resumed elsewhere.
 WATCH_PID_ENV = "FACENET_WATCH_PID"
+# A job over several nodes: this node's rank and node 0's rendezvous endpoint (HOST:PORT).
+NODE_RANK_ENV = "FACENET_NODE_RANK"
+RDZV_ENDPOINT_ENV = "FACENET_RDZV_ENDPOINT"
 
 
 def watch_supervisor() -> None:
@@ -69,7 +72,7 @@ def watch_supervisor() -> None:
 def preflight(spec: TrainSpec) -> str:
     """Everything checkable before processes start; returns the resolved device type."""
     device_type = devices.resolve_device_type(spec.device)
-    devices.check_device_request(device_type, spec.npus, spec.device_list)
+    devices.check_device_request(device_type, spec.npus, spec.device_list, spec.nnodes)
     roots = confine.Roots.from_env()
     load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size, roots)
     resolve_pretrained(spec.pretrained, roots)
@@ -77,18 +80,48 @@ def preflight(spec: TrainSpec) -> str:
     return device_type
 
 
+def node_place(spec: TrainSpec) -> tuple[int, str | None]:
+    """(this node's rank, node 0's host:port) of a job over several nodes, from FACENET_NODE_RANK and
+    FACENET_RDZV_ENDPOINT (set by the queue's workers; by hand, like the reference recipes' --rank and --addr);
+    (0, None) on one node."""
+    if spec.nnodes == 1:
+        return 0, None
+    raw_rank, endpoint = os.environ.get(NODE_RANK_ENV, ""), os.environ.get(RDZV_ENDPOINT_ENV, "")
+    host, _, port = endpoint.rpartition(":")
+    if not raw_rank.isdigit() or int(raw_rank) >= spec.nnodes or not host or not port.isdigit():
+        raise UserError(f"--nnodes {spec.nnodes}: every node needs {NODE_RANK_ENV} (0..{spec.nnodes - 1}; "
+                        f"got {raw_rank or 'nothing'}) and {RDZV_ENDPOINT_ENV} (node 0's HOST:PORT, the same on "
+                        f"every node; got {endpoint or 'nothing'})")
+    return int(raw_rank), endpoint
+
+
 def launch_distributed(spec: TrainSpec, device_type: str) -> int:
+    """torchrun with npus / nnodes processes here. Over several nodes, torchrun's static rendezvous on node 0's
+    endpoint (a c10d TCPStore there): node ranks are the ones given, so global rank 0 (checkpoints, MLflow)
+    is always on node 0."""
+    node_rank, endpoint = node_place(spec)
     os.makedirs(spec.output, exist_ok=True)
-    spec_path = os.path.join(os.path.abspath(spec.output), "spec.json")
-    with open(spec_path, "w", encoding="utf-8") as fh:
-        fh.write(spec.to_json())
+    # One file per node: on a shared output folder two launchers must not rewrite a file the other's ranks read.
+    spec_path = os.path.join(os.path.abspath(spec.output), "spec.json" if spec.nnodes == 1 else f"spec.node{node_rank}.json")
+    from facenet.fsutil import atomic_write
+
+    with atomic_write(spec_path) as fh:
+        fh.write(spec.to_json().encode())
     env = dict(os.environ)
+    local = spec.npus_per_node
     if device_type == "cpu" and "OMP_NUM_THREADS" not in env:
         # N CPU processes share the cores; without this each spawns a thread per core and they thrash.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.npus))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.npus}",
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+    if endpoint is None:
+        where = ["--standalone"]
+    else:
+        host, _, port = endpoint.rpartition(":")
+        where = [f"--nnodes={spec.nnodes}", f"--node-rank={node_rank}", f"--master-addr={host}",
+                 f"--master-port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={local}",
            "-m", "facenet.train", "--spec", spec_path]
-    print(f"launching {spec.npus} processes ({device_type}): {' '.join(cmd[2:])}", flush=True)
+    print(f"launching {local} processes ({device_type})"
+          f"{f' as node {node_rank} of {spec.nnodes}' if endpoint else ''}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
@@ -105,7 +138,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -
         spec = spec_from_args(argv, prog)
         # One process (or a torchrun child) runs the same checks inside run(), so only the launcher of
         # N processes preflights: it must catch mistakes before N ranks each report them.
-        if spec.npus > 1 and "RANK" not in os.environ:
+        if (spec.npus > 1 or spec.nnodes > 1) and "RANK" not in os.environ:
             return launch_distributed(spec, preflight(spec))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

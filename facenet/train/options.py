@@ -93,6 +93,12 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
     g = p.add_argument_group("devices")
     g.add_argument("--npus", "--device_num", "--device-num", type=int, default=d.npus,
                    help="processes/devices; >1 runs torch.distributed (hccl/nccl/gloo)")
+    g.add_argument("--nnodes", "--nodes", type=int, default=d.nnodes,
+                   help="nodes the job spans, --npus / nnodes processes on each; every node runs the same command "
+                        "with FACENET_NODE_RANK (0..nnodes-1) and FACENET_RDZV_ENDPOINT (node 0's HOST:PORT), "
+                        "which the queue's workers set themselves")
+    g.add_argument("--npus-per-node", type=int, default=None, metavar="K",
+                   help="devices per node: the same as --npus K x --nnodes")
     g.add_argument("--device-list", "--device_list", type=_int_list, default=None,
                    help="physical device ids, one per process (default 0..npus-1)")
     g.add_argument("--device", choices=DEVICES, default=d.device, help="auto picks npu, then cuda, then cpu")
@@ -143,6 +149,12 @@ def spec_from_args(argv: list[str] | None = None, prog: str = "python -m facenet
     values = vars(args)
     for seed_only in ("spec", "epochs_per_save", "multiprocessing_distributed"):
         values.pop(seed_only)
+    per_node = values.pop("npus_per_node")
+    if per_node is not None:
+        if "--npus" in (argv or []) and values["npus"] != per_node * values["nnodes"]:
+            raise UserError(f"--npus {values['npus']} disagrees with --npus-per-node {per_node} x --nnodes "
+                            f"{values['nnodes']}; give one of them")
+        values["npus"] = per_node * values["nnodes"]
     values["tags"] = dict(values["tags"])
     if values["pretrained"] in ("none", ""):
         values["pretrained"] = None
