@@ -411,7 +411,6 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
             "images": int(seen_total)}
 
 
-@torch.inference_mode()
 def _unreadable_batch(bad: list[str]) -> UserError:
     """The error for a batch with no readable image: say whether its files are unreadable or gone (a data
     set deleted or unmounted mid-run), naming one and the folder to check."""
@@ -426,6 +425,7 @@ def _unreadable_batch(bad: list[str]) -> UserError:
     return UserError(f"no readable image in a whole batch (e.g. {example}): the dataset is mostly unreadable")
 
 
+@torch.inference_mode()
 def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set,
               audit: Audit):
     """Top-1 of the loss's classifier on the held-out split over all ranks. Returns (acc1 or None, images
