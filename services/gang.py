@@ -13,6 +13,11 @@ Every device worker runs an agent thread in its main process (not a Celery task:
 busy with another job, which would deadlock a gang). The agent starts the node's own `python -m
 facenet.train` (torchrun --nnodes N --node-rank R at the leader's endpoint), beats for it, copies its output
 to OUTPUT/train.node<R>.log and the job's log, and kills it when its assignment goes or changes hands.
+
+Flower shows each other node's part as a task of its own, `facenet.train_node` (args: job, rank; parent: the
+job's train task) on that node's worker: received and started when its trainer starts, then SUCCESS, FAILURE
+(its trainer failed, or the leader found the node lost) or REVOKED (the leader withdrew it: the job ended,
+was cancelled, or another node was lost).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 from services.registry import PREFIX, Registry
 
@@ -55,8 +61,13 @@ def advertised_endpoint() -> str:
     return f"{host}:{free_port()}"
 
 
+def node_task_id(holder: str, rank: int) -> str:
+    """The id Flower knows node `rank`'s part of attempt `holder` by (the same from the agent and the leader)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"facenet:{holder}#node{rank}"))
+
+
 def assign(reg: Registry, job_id: str, holder: str, gang, endpoint: str, spec, output: str,
-           device_type: str) -> None:
+           device_type: str, task_id: str | None = None) -> None:
     """Write each follower's spec (its own devices) and assignment."""
     from facenet.fsutil import atomic_write
 
@@ -67,7 +78,8 @@ def assign(reg: Registry, job_id: str, holder: str, gang, endpoint: str, spec, o
             fh.write(spec.to_json().encode())
         reg.r.set(assignment_key(node), json.dumps({
             "job": job_id, "holder": holder, "rank": rank, "nnodes": len(gang), "endpoint": endpoint,
-            "spec": spec_path, "output": output, "devices": devices, "device_type": device_type}), ex=reg.ttl)
+            "spec": spec_path, "output": output, "devices": devices, "device_type": device_type,
+            "task": task_id}), ex=reg.ttl)
 
 
 def renew_assignments(reg: Registry, holder: str, gang) -> None:
@@ -77,8 +89,9 @@ def renew_assignments(reg: Registry, holder: str, gang) -> None:
             reg.r.expire(assignment_key(node), reg.ttl)
 
 
-def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float) -> list[str]:
-    """Followers whose agent no longer beats for this attempt (their worker died), after a start-up grace."""
+def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float) -> list[tuple[int, str]]:
+    """(rank, node) of the followers whose agent no longer beats for this attempt (their worker died), after a
+    start-up grace."""
     if time.time() - started_at < 3 * reg.ttl:
         return []
     lost = []
@@ -86,13 +99,14 @@ def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float)
         raw = reg.r.get(node_key(job_id, rank))
         state = json.loads(raw) if raw else None
         if not state or state.get("holder") != holder:
-            lost.append(node)
+            lost.append((rank, node))
     return lost
 
 
 def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.0) -> None:
     """Take back the followers' assignments and wait (bounded) until their trainers are gone: only then may
-    their devices be leased to anyone else."""
+    their devices be leased to anyone else. A part whose agent did not say it ended (its worker died) is
+    reported failed to Flower on that worker's behalf."""
     for node, _ in gang[1:]:
         raw = reg.r.get(assignment_key(node))
         if raw and json.loads(raw).get("holder") == holder:
@@ -101,8 +115,17 @@ def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.
     while time.time() < deadline:
         states = [reg.r.get(node_key(job_id, rank)) for rank in range(1, len(gang))]
         if not any(s and json.loads(s).get("holder") == holder and json.loads(s).get("alive") for s in states):
-            return
+            break
         time.sleep(0.3)
+    from services.worker import send_task_events
+
+    for rank, (node, _) in enumerate(gang[1:], 1):
+        raw = reg.r.get(node_key(job_id, rank))
+        state = json.loads(raw) if raw else {}
+        if state.get("holder") != holder or state.get("alive"):
+            send_task_events(node, ("task-failed", {
+                "uuid": node_task_id(holder, rank), "traceback": "",
+                "exception": f"WorkerLostError('worker {node} (node {rank} of job {job_id}) was lost')"}))
 
 
 class Agent(threading.Thread):
@@ -114,19 +137,20 @@ class Agent(threading.Thread):
         self.current: dict | None = None  # the assignment being run
         self.proc: subprocess.Popen | None = None
         self.done_for: str | None = None  # the holder whose part already ran to its end
+        self.started_at = 0.0
 
     def run(self) -> None:
         from services.config import load_settings
         from services.registry import connect
 
         s = load_settings()
-        reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
+        self.reg = reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
         while not self.stop.wait(0.5):
             try:
                 self._tick(reg, s)
             except Exception as exc:  # Redis restarting: the next tick retries
                 print(f"facenet gang agent: {type(exc).__name__}: {exc}", flush=True)
-        self._stop_trainer()
+        self._stop_trainer("its worker stopped")
 
     def _tick(self, reg: Registry, settings) -> None:
         raw = reg.r.get(assignment_key(self.node))
@@ -134,65 +158,65 @@ class Agent(threading.Thread):
         if self.current and (not wanted or wanted["holder"] != self.current["holder"]):
             self._stop_trainer()  # the leader withdrew it, died, or a newer attempt took over
         if wanted and not self.current and wanted["holder"] != self.done_for:
-            self._start(wanted, settings)
+            self._start(wanted, settings, reg)
         if self.current:
             rc = self.proc.poll()
             a = self.current
+            # The last word (alive false) outlives the leader's wrap-up: it tells withdraw() the part ended.
             reg.r.set(node_key(a["job"], a["rank"]), json.dumps(
                 {"holder": a["holder"], "pid": self.proc.pid, "alive": rc is None, "rc": rc, "node": self.node}),
-                ex=reg.ttl)
+                ex=reg.ttl if rc is None else 3600)
             if rc is not None:
+                self._report(("task-succeeded", {"result": repr({"job": a["job"], "rank": a["rank"], "rc": 0}),
+                                                 "runtime": time.time() - self.started_at}) if rc == 0 else
+                             ("task-failed", {"exception": f"node {a['rank']}'s trainer exited with code {rc}",
+                                              "traceback": ""}))
                 self.done_for, self.current, self.proc = a["holder"], None, None
 
-    def _start(self, a: dict, settings) -> None:
-        from services.supervisor import ATTEMPT_ENV, LEASE_ENV, WATCH_PID_ENV, trainer_env
+    def _start(self, a: dict, settings, reg: Registry) -> None:
+        from services.supervisor import attempt_env, pump_output, start_trainer
 
-        env = trainer_env(os.environ, settings.data_roots)
-        env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()),
-                    ATTEMPT_ENV: f"{a['holder']}#node{a['rank']}", "FACENET_NODE_RANK": str(a["rank"]),
-                    "FACENET_RDZV_ENDPOINT": a["endpoint"], LEASE_ENV: f"{self.node}:{','.join(map(str, a['devices']))}",
-                    "FACENET_TRAINER_HEARTBEAT": os.path.join(a["output"], f"heartbeat.node{a['rank']}")})
-        if a["device_type"] == "cpu":
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, len(a["devices"]))))
+        env = attempt_env(settings, f"{a['holder']}#node{a['rank']}", self.node, a["devices"],
+                          os.path.join(a["output"], f"heartbeat.node{a['rank']}"), a["rank"], a["endpoint"])
         log = open(os.path.join(a["output"], f"train.node{a['rank']}.log"), "a", encoding="utf-8", buffering=1)
-        self.proc = subprocess.Popen([sys.executable, "-m", "facenet.train", "--spec", a["spec"]],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=a["output"], text=True, bufsize=1, start_new_session=True)
-        self.current = a
-        threading.Thread(target=_copy_output, args=(self.proc, log, a), daemon=True,
-                         name=f"gang-log-{a['job']}").start()
+        self.proc = start_trainer(a["spec"], env, a["output"])
+        self.current, self.started_at = a, time.time()
+
+        def copy() -> None:
+            try:
+                pump_output(self.proc, log, reg, a["job"], prefix=f"[node {a['rank']}] ")
+            finally:
+                log.close()
+
+        threading.Thread(target=copy, daemon=True, name=f"gang-log-{a['job']}").start()
+        self._report(("task-received", {"name": "facenet.train_node", "args": repr([a["job"], a["rank"]]),
+                                        "kwargs": "{}", "retries": 0, "eta": None, "parent_id": a.get("task"),
+                                        "root_id": a.get("task")}),
+                     ("task-started", {"pid": self.proc.pid}))
         print(f"facenet gang agent: node {a['rank']} of job {a['job']} started (pid {self.proc.pid})", flush=True)
 
-    def _stop_trainer(self) -> None:
+    def _report(self, *events: tuple[str, dict]) -> None:
+        from services.worker import send_task_events
+
+        task = node_task_id(self.current["holder"], self.current["rank"])
+        send_task_events(self.node, *((kind, {"uuid": task, **fields}) for kind, fields in events))
+
+    def _stop_trainer(self, why: str | None = None) -> None:
+        """Kill the node's trainer (and whatever of its attempt outlived it): withdrawn by the leader (Flower:
+        REVOKED), or `why` (FAILURE)."""
         from services.supervisor import _stop_group, reap_attempt
 
-        if self.proc is not None and self.current is not None:
+        a = self.current
+        if self.proc is not None and a is not None:
             if self.proc.poll() is None:
                 _stop_group(self.proc, grace=0)
-            reap_attempt(f"{self.current['holder']}#node{self.current['rank']}")
-        self.current, self.proc = None, None
-
-
-def _copy_output(proc: subprocess.Popen, log, a: dict) -> None:
-    """The node's output into OUTPUT/train.node<R>.log and, prefixed, the job's log (what `logs -f` shows)."""
-    from services.config import load_settings
-    from services.registry import connect
-
-    s = load_settings()
-    reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
-    pending, last = [], time.time()
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        log.write(line + "\n")
-        pending.append(f"[node {a['rank']}] {line}")
-        if time.time() - last > 0.5 or len(pending) > 200:
-            try:
-                reg.append_log(a["job"], pending)
+                self._report(("task-failed", {"exception": f"node {a['rank']}: {why}", "traceback": ""})
+                             if why else ("task-revoked", {"terminated": True, "signum": 9, "expired": False}))
+            reap_attempt(f"{a['holder']}#node{a['rank']}")
+            try:  # said ended: withdraw() need not speak for this node
+                self.reg.r.set(node_key(a["job"], a["rank"]), json.dumps(
+                    {"holder": a["holder"], "pid": self.proc.pid, "alive": False, "rc": self.proc.returncode,
+                     "node": self.node}), ex=3600)
             except Exception:
                 pass
-            pending, last = [], time.time()
-    try:
-        reg.append_log(a["job"], pending)
-    except Exception:
-        pass
-    log.close()
+        self.current, self.proc = None, None

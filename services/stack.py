@@ -121,6 +121,10 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
         "FACENET_STATE_DIR": state_dir, "FACENET_REDIS_URL": redis_url, "FACENET_MLFLOW_URI": stack["mlflow_uri"],
         "FACENET_RUNS_DIR": stack["runs_dir"], "FACENET_DATA_ROOTS": os.pathsep.join(data_roots),
     }
+    # Each device worker is a "node" of this host: its CPU devices get their share of the host's cores.
+    from services.config import parse_devices
+
+    threads = str(max(1, (os.cpu_count() or 1) // (device_workers * len(parse_devices(cpu_devices)))))
     per_service = {
         "redis": {"FACENET_REDIS_HOST": "127.0.0.1", "FACENET_REDIS_PORT": str(ports["redis"]),
                   "FACENET_REDIS_PASSWORD": sec["FACENET_REDIS_PASSWORD"],
@@ -133,11 +137,10 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
                    "FLOWER_BASIC_AUTH": f"{sec['FLOWER_USER']}:{sec['FLOWER_PASSWORD']}"},
         "worker-preprocess": {"FACENET_WORKER_NAME": "preprocess@%h"},
         # One host: a gang's rendezvous (services.gang) is on loopback, like every other service here.
-        "worker-cpu": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices, "FACENET_WORKER_NAME": "cpu@%h",
-                       "FACENET_NODE_ADDRESS": "127.0.0.1"},
-        **{f"worker-cpu{i}": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices,
-                              "FACENET_WORKER_NAME": f"cpu{i}@%h", "FACENET_NODE_ADDRESS": "127.0.0.1"}
-           for i in range(2, device_workers + 1)},
+        **{f"worker-cpu{n}": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices,
+                              "FACENET_WORKER_NAME": f"cpu{n}@%h", "FACENET_NODE_ADDRESS": "127.0.0.1",
+                              "FACENET_CPU_THREADS": threads}
+           for n in [""] + [str(i) for i in range(2, device_workers + 1)]},
     }
     for d in ("mlflow", "flower", "redis"):
         os.makedirs(os.path.join(state_dir, d), exist_ok=True)

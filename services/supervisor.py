@@ -58,6 +58,59 @@ def trainer_env(environ, data_roots: list[str]) -> dict:
     return env
 
 
+def attempt_env(settings: Settings, holder: str, node: str, devices: list[int], heartbeat: str,
+                rank: int | None = None, endpoint: str | None = None) -> dict:
+    """The environment of one attempt's trainer on this worker (node 0's, or another node's part of a gang):
+    trainer_env, and what ties the trainer to the attempt: the worker's pid it watches, the attempt and the
+    devices it holds (readable from outside), its liveness file and, in a gang, its node rank and node 0's
+    rendezvous endpoint."""
+    env = trainer_env(os.environ, settings.data_roots)
+    env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()), ATTEMPT_ENV: holder,
+                "FACENET_MLFLOW_CONNECT_SECONDS": str(MLFLOW_WAIT_SECONDS), "FACENET_TRAINER_HEARTBEAT": heartbeat,
+                LEASE_ENV: f"{node}:{','.join(map(str, devices))}"})
+    if endpoint:
+        env.update({"FACENET_NODE_RANK": str(rank), "FACENET_RDZV_ENDPOINT": endpoint})
+    device_type, owned = worker_devices()
+    if device_type == "cpu":
+        # Each CPU "device" is a share of the cores; N processes must not each take all of them. Several
+        # workers on one host (local "nodes") are given their share: FACENET_CPU_THREADS.
+        env["OMP_NUM_THREADS"] = os.environ.get("FACENET_CPU_THREADS") or \
+            str(max(1, (os.cpu_count() or 1) // max(1, len(owned))))
+    return env
+
+
+def start_trainer(spec_path: str, env: dict, cwd: str) -> subprocess.Popen:
+    """`python -m facenet.train --spec SPEC` in a process group of its own (torchrun and every rank in it), its
+    output one pipe of lines."""
+    return subprocess.Popen([sys.executable, "-m", "facenet.train", "--spec", spec_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, text=True,
+                            bufsize=1, start_new_session=True)
+
+
+def pump_output(proc: subprocess.Popen, log, reg: Registry, job_id: str, prefix: str = "",
+                on_line: Callable[[str], None] = lambda line: None) -> None:
+    """Copy a trainer's output lines to its log file, and in batches (prefixed) to the job's log in Redis, which
+    `logs -f` shows, until the trainer closes it. The file keeps every line; Redis holds a convenience copy."""
+    pending: list[str] = []
+    last_push = time.time()
+
+    def push() -> None:
+        try:
+            reg.append_log(job_id, pending)
+        except Exception:  # Redis away: the file has the lines
+            pass
+
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        on_line(line)
+        log.write(line + "\n")
+        pending.append(prefix + line)
+        if time.time() - last_push > 0.5 or len(pending) > 200:
+            push()
+            pending, last_push = [], time.time()
+    push()
+
+
 def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> None:
     """The spec's own paths besides --data: --pretrained and --verify-pairs must lie in the data roots (refused
     before anything says whether they exist), --audit-samples in them or, relative, in the job's output folder."""
@@ -238,27 +291,17 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     if beat.gang:
         endpoint = gangs.advertised_endpoint()
         gangs.assign(reg, job_id, beat.holder, beat.gang, endpoint, TrainSpec.from_dict(spec.to_dict()), output,
-                     device_type)
+                     device_type, job.get("task_id"))
     with open(spec_path, "w", encoding="utf-8") as fh:
         fh.write(spec.to_json())
     if os.path.exists(spec.json_out):
         os.remove(spec.json_out)  # a summary left by an earlier attempt must not pass for this one's
 
-    env = trainer_env(os.environ, settings.data_roots)
-    env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()), ATTEMPT_ENV: beat.holder,
-                "FACENET_MLFLOW_CONNECT_SECONDS": str(MLFLOW_WAIT_SECONDS),
-                "FACENET_TRAINER_HEARTBEAT": os.path.join(output, "heartbeat"),
-                LEASE_ENV: f"{node}:{','.join(map(str, got))}"})
-    if endpoint:
-        env.update({"FACENET_NODE_RANK": "0", "FACENET_RDZV_ENDPOINT": endpoint})
-    if device_type == "cpu":
-        # Each CPU "device" is a share of the cores; N processes must not each take all of them.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
-    cmd = [sys.executable, "-m", "facenet.train", "--spec", spec_path]
+    env = attempt_env(settings, beat.holder, node, got, os.path.join(output, "heartbeat"),
+                      rank=0 if endpoint else None, endpoint=endpoint)
     log_path = os.path.join(output, "train.log")
     log = open(log_path, "a", encoding="utf-8", buffering=1)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, cwd=output, text=True, bufsize=1, start_new_session=True)
+    proc = start_trainer(spec_path, env, output)
     reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
     follower = _Follower(reg, job_id, spec.events, proc, log)
     follower.start()
@@ -345,7 +388,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
 
             gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at))
             if gone:
-                follower.node_lost = f"worker {', '.join(gone)} of the job's nodes was lost"
+                follower.node_lost = f"worker {', '.join(node for _, node in gone)} of the job's nodes was lost"
                 _stop_group(proc, grace=0)
                 return "node lost"
         if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
@@ -472,24 +515,11 @@ class _Follower(threading.Thread):
         self.last_activity = time.time()  # the last output line or event: a hung trainer writes neither
 
     def run(self) -> None:
-        pending: list[str] = []
-        last_push = time.time()
-        for line in self.proc.stdout:
-            self.last_activity = time.time()
-            line = line.rstrip("\n")
-            self.log.write(line + "\n")
-            pending.append(line)
-            self._tail = (self._tail + [line])[-50:]
-            if time.time() - last_push > 0.5 or len(pending) > 200:
-                self._push(pending)
-                pending, last_push = [], time.time()
-        self._push(pending)
+        pump_output(self.proc, self.log, self.reg, self.job_id, on_line=self._saw)
 
-    def _push(self, lines: list[str]) -> None:
-        try:
-            self.reg.append_log(self.job_id, lines)
-        except Exception:  # the log file keeps every line; Redis holds a convenience copy
-            pass
+    def _saw(self, line: str) -> None:
+        self.last_activity = time.time()
+        self._tail = (self._tail + [line])[-50:]
 
     def alive_at(self) -> float:
         """When the trainer last showed life: an output line, an event, or a beat of its loops."""

@@ -717,60 +717,31 @@ def test_the_local_stack_listens_on_loopback_only(stack):
     assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening
 
 
-def test_a_job_over_two_nodes_runs_as_a_gang(stack, sample_root):
-    """`stack up --device-workers 2` adds a second CPU device worker (a second "node", each owning device 0).
-    `submit-train --npus 2` then needs both: the job leases one device on each at once and runs as torchrun
-    --nnodes 2 (node 0 where the task ran, node 1 started by the other worker's agent). One MLflow run, both
-    nodes' output in the job's log, `status --json` names the nodes in rank order; every lease is given back."""
+def test_jobs_over_two_nodes_run_as_gangs_take_turns_survive_a_lost_node_and_cancel(stack, sample_root):
+    """`stack up --device-workers 2` adds a second CPU device worker (a second "node", each owning device 0), so
+    `submit-train --npus 2` needs both: a job leases one device on each at once and runs as torchrun --nnodes 2
+    (node 0 where its task ran, node 1 started by the other worker's agent).
+
+    Two such jobs submitted at once: each worker's task may lead one, but a gang leases both devices at once or
+    nothing, so one job trains while the other waits holding nothing, then the other runs (no deadlock; no
+    device leased to both: sampled all along). During the first, the follower node's whole worker is killed
+    (kill -9): the leader's ranks do not hang (a peer's death ends the collective), the job is queued again,
+    waits for the restarted worker and resumes from its checkpoint in the same MLflow run. The other job shows
+    both nodes' output in its log, `status --json` names its nodes in rank order, and Flower shows node 1's part
+    as a task of its own. Then a third job is cancelled mid-training: every node's trainer stops."""
     from facenet.data.samples import copy_subset
 
     more = stack.cli("stack", "up", "--device-workers", "2", timeout=240, check=True)
     assert "started worker-cpu2" in more.stdout and "started redis" not in more.stdout, more.stdout
     workers = {w["node"].split("@")[0]: w for w in stack.json("workers")}
     assert {"cpu", "cpu2", "preprocess"} == set(workers) and workers["cpu2"]["devices"] == workers["cpu"]["devices"]
-    faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "gang"), 4, 12)
-    job = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "1", "--batch-size", "8",
-                     "--log-every", "1", *CHEAP_RUN)
-    final = stack.wait_for(job["id"], lambda j: j["status"] == "SUCCEEDED", timeout=400, what="the gang job")
-    assert final["attempts"] == 1 and final["result"]["world_size"] == 2 and final["result"]["acc1"] is not None
-    assert sorted(final["nodes"]) == sorted(w["node"] for w in workers.values() if w["node"].startswith("cpu"))
-    assert len(final["nodes"]) == 2 and final["nodes"][0] == final["worker"]
-    log = stack.cli("logs", job["id"], check=True).stdout
-    assert "as node 0 of 2" in log and "[node 1] launching 1 processes (cpu) as node 1 of 2" in log, log[-3000:]
-    assert os.path.exists(os.path.join(final["output"], "train.node1.log"))
-    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == job["id"]]
-    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
-    _no_leases_left(stack)
-
-
-def _no_leases_left(stack) -> None:
-    """Every worker's devices free again (bound: node 0 gives the gang's leases back once the other nodes'
-    trainers have exited, which they do with the job: 30 s on a loaded host)."""
-    deadline = time.time() + 30
-    while True:
-        held = [w for w in stack.json("workers") if any((w.get("leases") or {}).values())]
-        if not held or time.time() > deadline:
-            break
-        time.sleep(0.5)
-    assert not held, held
-
-
-def test_a_gang_survives_losing_a_node_and_two_gangs_take_turns(stack, sample_root):
-    """After the test above (two 1-device workers). Two 2-node jobs submitted at once: each worker's task may
-    lead one, but a gang leases both devices at once or nothing, so one job trains while the other waits
-    holding nothing, then the other runs (no deadlock; no device leased to both: sampled all along). During the
-    first, the follower node's whole worker is killed (kill -9): the leader's ranks do not hang (a peer's
-    death ends the collective), the job is queued again, waits for the restarted worker and resumes from its
-    checkpoint in the same MLflow run."""
-    from facenet.data.samples import copy_subset
-
+    nodes = [w["node"] for w in workers.values() if w["node"].startswith("cpu")]
     faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "gangs"), 4, 10)
     first = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "3", "--batch-size", "8",
                        *CHEAP_RUN)
     second = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "1", "--batch-size", "8",
-                        *CHEAP_RUN)
+                        "--log-every", "1", *CHEAP_RUN)
     reg = _registry(stack)
-    nodes = [w["node"] for w in stack.json("workers") if w["node"].startswith("cpu")]
     holders_seen, killed, deadline = [], None, time.time() + 500
     while time.time() < deadline:
         jobs = {j: reg.get(j) for j in (first["id"], second["id"])}
@@ -805,7 +776,80 @@ def test_a_gang_survives_losing_a_node_and_two_gangs_take_turns(stack, sample_ro
     steps = sorted({m.step for m in stack.mlflow().get_metric_history(hit["mlflow_run_id"], "acc1")})
     assert steps == [1, 2, 3], steps
     assert {first["id"], second["id"]} <= {j for h in holders_seen for j in h}  # each gang held both devices
+
+    calm = ends[second["id"]]  # never disturbed while it trained (its waiting attempt may have been on the killed
+    assert calm["attempts"] <= 2 and calm["result"]["world_size"] == 2 and calm["result"]["acc1"] is not None  # worker)
+    assert sorted(calm["nodes"]) == sorted(nodes) and calm["nodes"][0] == calm["worker"]
+    log = stack.cli("logs", second["id"], check=True).stdout
+    assert "as node 0 of 2" in log and "[node 1] launching 1 processes (cpu) as node 1 of 2" in log, log[-3000:]
+    assert os.path.exists(os.path.join(calm["output"], "train.node1.log"))
+    runs = [r for r in stack.json("runs") if r["tags"].get("job_id") == second["id"]]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    # Flower: node 1's part of each attempt is a task on the follower's worker, child of the job's train task.
+    parts = _node_tasks(stack, {first["id"]: 2, second["id"]: 1})
+    calm_part = parts[second["id"]][0]
+    assert calm_part["state"] == "SUCCESS" and calm_part["worker"] == calm["nodes"][1], calm_part
+    assert calm_part["parent_id"] == reg.get(second["id"])["task_id"], calm_part
+    # The lost node's part ended too (not STARTED forever): failed, said by the leader for the dead worker, or
+    # revoked, when the restarted worker had picked the dying attempt's part up again before it was withdrawn.
+    lost = [t for t in parts[first["id"]] if t["state"] != "SUCCESS"]
+    assert len(lost) == 1 and lost[0]["worker"] == killed[1], parts[first["id"]]
+    assert lost[0]["state"] == "REVOKED" or "was lost" in lost[0]["exception"], lost
     _no_leases_left(stack)
+
+    # Cancel stops every node: no process of the job is left on either, both devices come free.
+    third = stack.json("submit-train", "--data", faces, "--npus", "2", "--epochs", "30", "--batch-size", "8",
+                       "--log-every", "1", *CHEAP_RUN)
+    stack.wait_for(third["id"], lambda j: j["status"] == "RUNNING" and (j.get("progress") or {}).get("step"),
+                   timeout=240, what="the third gang job to train")  # a step: both nodes are in the collective
+    ranks = {p.environ().get("FACENET_ATTEMPT", "").partition("#")[2] for p in _job_processes(third["id"])}
+    assert {"", "node1"} <= ranks, ranks  # node 0's trainer and node 1's
+    assert stack.json("cancel", third["id"])["status"] == "CANCELLED"
+    deadline = time.time() + 40  # bound: node 0 at once, node 1 once its assignment is withdrawn (30 s at most)
+    while _job_processes(third["id"]) and time.time() < deadline:
+        time.sleep(0.3)
+    assert not _job_processes(third["id"]), [(p.pid, p.cmdline()[:4]) for p in _job_processes(third["id"])]
+    assert stack.mlflow().get_run(reg.get(third["id"])["mlflow_run_id"]).info.status == "KILLED"
+    assert _node_tasks(stack, {third["id"]: 1})[third["id"]][0]["state"] == "REVOKED"
+    _no_leases_left(stack)
+
+
+def _job_processes(job_id: str) -> list[psutil.Process]:
+    """Live processes of any attempt of the job, on any node (FACENET_ATTEMPT = <job>:<token>[#node<R>])."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FACENET_ATTEMPT", "").startswith(job_id + ":") and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _node_tasks(stack, wanted: dict[str, int]) -> dict[str, list[dict]]:
+    """Flower's facenet.train_node tasks of each job, once each has as many as wanted, all ended (bound 30 s)."""
+    deadline = time.time() + 30
+    while True:
+        tasks = _flower(stack, "/api/tasks?limit=500&taskname=facenet.train_node")
+        parts = {job: [t for t in tasks.values() if job in str(t.get("args"))] for job in wanted}
+        done = all(len(parts[j]) == n and all(t["state"] in ("SUCCESS", "FAILURE", "REVOKED") for t in parts[j])
+                   for j, n in wanted.items())
+        if done or time.time() > deadline:
+            assert done, tasks
+            return parts
+        time.sleep(1)
+
+
+def _no_leases_left(stack) -> None:
+    """Every worker's devices free again (bound: node 0 gives the gang's leases back once the other nodes'
+    trainers have exited, which they do with the job: 30 s on a loaded host)."""
+    deadline = time.time() + 30
+    while True:
+        held = [w for w in stack.json("workers") if any((w.get("leases") or {}).values())]
+        if not held or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not held, held
 
 
 def test_stack_down_stops_exactly_what_stack_up_started(stack):
