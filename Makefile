@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test bench bench-outage bench-verify demo chaos env-file up down logs ps urls cli wheelhouse base-images clean
+.PHONY: install test bench bench-outage bench-nodes bench-verify demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ bench: install
 # Each loss on 30 real people (ORL faces), verified on 10 others: ~6 min on 2 cores.
 bench-outage: install
 	$(PY) -m services.bench_outage --out $(BENCH_DIR)/bench_outage.json $(BENCH_OUTAGE_ARGS)
+
+# One job on 1 node and on 2 (two local CPU device workers), same global batch: scaling and time to all ranks.
+bench-nodes: install
+	$(PY) -m services.bench_nodes --out $(BENCH_DIR)/bench_nodes.json $(BENCH_NODES_ARGS)
 
 bench-verify: install
 	$(PY) -m facenet.bench.verify_bench --out build/bench_verify.json
@@ -58,10 +62,18 @@ setting = $(shell $(HOST_PYTHON) -m services.compose get $(1) $(ENV_FILE))
 PROFILE ?= $(shell $(HOST_PYTHON) -m services.compose profile)
 NPUS ?= $(call setting,NPUS)
 NPU_OVERRIDE := build/compose.npu.yml
+# NODES=2: a second CPU device worker on this host (two "nodes" for jobs over several nodes, profile nodes).
+# CLUSTER=1: one stack over several hosts (docker-compose.cluster.yml: HEAD_ADDRESS, NODE_ADDRESS, SHARED_DIR);
+# `make join` on each other host starts its device worker only (README: Several nodes).
+NODES ?= 1
+CLUSTER ?=
+ifeq ($(filter 1 2,$(NODES)),)
+$(error NODES=$(NODES): 1, or 2 for a second CPU node on this host; more hosts: CLUSTER=1 and make join)
+endif
 # Ascend pins first, then .env, then the environment (PUBLIC_HOST resolved from BIND_ADDRESS here).
 COMPOSE_CMD = PUBLIC_HOST=$(call setting,PUBLIC_HOST) $(COMPOSE) --env-file images/ascend/pins.env \
-	--env-file $(ENV_FILE) -f docker-compose.yml \
-	$(if $(filter npu,$(PROFILE)),-f $(NPU_OVERRIDE)) --profile $(PROFILE)
+	--env-file $(ENV_FILE) -f docker-compose.yml $(if $(CLUSTER),-f docker-compose.cluster.yml) \
+	$(if $(filter npu,$(PROFILE)),-f $(NPU_OVERRIDE)) --profile $(PROFILE) $(if $(filter 2,$(NODES)),--profile nodes)
 
 # .env first: compose refuses to start without the secrets it holds.
 env-file:
@@ -72,6 +84,12 @@ up: env-file
 	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(NPUS) NPUs)"
 	$(COMPOSE_CMD) up -d --build --wait
 	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
+
+# Another host joins the head's stack: its device worker only, with the head's .env (the same secrets).
+join: CLUSTER := 1
+join: env-file
+	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
+	$(COMPOSE_CMD) up -d --build --wait --no-deps worker-$(PROFILE)
 
 down: env-file
 	$(COMPOSE_CMD) down

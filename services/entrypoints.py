@@ -207,7 +207,8 @@ def service_command(name: str) -> tuple[list[str], dict]:
 
             raise UserError(f"FACENET_DEVICE_TYPE={device_type!r}: choose one of {', '.join(DEVICE_TYPES)}")
         devices = parse_devices(_env("FACENET_DEVICES", "0"))
-        node = os.environ.get("FACENET_WORKER_NAME") or f"{device_type}@%h"
+        # The worker's (the node's) name: FACENET_NODE_NAME on a host of a cluster, else the host's name.
+        node = os.environ.get("FACENET_WORKER_NAME") or f"{device_type}@{os.environ.get('FACENET_NODE_NAME') or '%h'}"
         # One pool slot per device: an 8-device worker runs one 8p job or up to eight 1p jobs.
         return celery + ["worker", "-Q", train_queue(device_type), "-c", str(len(devices)), "-n", node, "-E",
                          "-l", "INFO", "--without-gossip", "--without-mingle"], {}

@@ -140,6 +140,7 @@ def test_profiles_pick_the_device_workers():
     assert profile_services("npu") == ALWAYS | {"worker-npu"}
     assert profile_services("gpu") == ALWAYS | {"worker-gpu"}
     assert profile_services("cpu") == ALWAYS | {"worker-cpu"}
+    assert profile_services("nodes") == ALWAYS | {"worker-cpu2"}  # with cpu: `make up NODES=2`
 
 
 def test_every_service_runs_a_local_stack_entrypoint_with_healthcheck_restart_and_dependencies():
@@ -166,7 +167,7 @@ def test_every_service_runs_a_local_stack_entrypoint_with_healthcheck_restart_an
     local = {"worker-device" if n == "worker-cpu" else n for n in local_stack.ORDER}
     assert local <= used and used == set(SERVICES)
     assert compose["services"]["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for worker in ("worker-preprocess", "worker-npu", "worker-gpu", "worker-cpu"):
+    for worker in ("worker-preprocess", "worker-npu", "worker-gpu", "worker-cpu", "worker-cpu2"):
         svc = compose["services"][worker]
         assert set(svc["depends_on"]) == {"redis", "mlflow"}
         assert "${RAW_DIR:-./raw}:/raw:ro" in svc["volumes"], worker
@@ -321,8 +322,10 @@ def _compose_config(tmp_path, profile: str, *files: str, **env: str) -> dict:
             env_file, "-f", COMPOSE]
     for f in files:
         args += ["-f", f]
-    proc = subprocess.run(args + ["--profile", profile, "config", "--format", "json"], cwd=REPO, capture_output=True,
-                          text=True, env=clean_env(**env))
+    for name in profile.split(","):
+        args += ["--profile", name]
+    proc = subprocess.run(args + ["config", "--format", "json"], cwd=REPO, capture_output=True, text=True,
+                          env=clean_env(**env))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -353,6 +356,41 @@ def test_compose_renders_the_cpu_profile_with_overrides_from_the_environment(tmp
         assert cfg["services"][name]["build"]["secrets"][0]["source"] == "pip_ca"
     assert cfg["services"]["postgres"]["image"] == "mirror.example/postgres:16"
     assert cfg["secrets"]["pip_ca"]["file"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_compose_renders_a_second_local_node_and_a_host_of_a_cluster(tmp_path):
+    """`make up NODES=2`: worker-cpu2, a second CPU device worker with a name of its own, both sharing the cores
+    (CPU_THREADS_PER_NODE). CLUSTER=1 (docker-compose.cluster.yml): Redis and MLflow published on the head's
+    cluster address, device workers on the host's network reaching them there and advertising this host's
+    address, the data, crops and runs on the shared file system; without the three settings compose refuses."""
+    cfg = _compose_config(tmp_path, "cpu,nodes", CPU_THREADS_PER_NODE="1")
+    assert set(cfg["services"]) == ALWAYS | {"worker-cpu", "worker-cpu2"}
+    one, two = (cfg["services"][w]["environment"] for w in ("worker-cpu", "worker-cpu2"))
+    assert two["FACENET_NODE_NAME"] == "node2" and "FACENET_NODE_NAME" not in one
+    assert one["FACENET_CPU_THREADS"] == two["FACENET_CPU_THREADS"] == "1"
+    assert one["FACENET_REDIS_URL"] == two["FACENET_REDIS_URL"] and two["FACENET_MLFLOW_URI"] == "http://mlflow:5000"
+
+    cluster = os.path.join(REPO, "docker-compose.cluster.yml")
+    where = {"HEAD_ADDRESS": "10.0.0.1", "NODE_ADDRESS": "10.0.0.2", "SHARED_DIR": "/mnt/shared"}
+    cfg = _compose_config(tmp_path, "npu", cluster, npu_override(8, tmp_path), **where)
+    secrets = dict(line.split("=", 1) for line in open(tmp_path / ".env", encoding="utf-8").read().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    npu = cfg["services"]["worker-npu"]
+    assert npu["network_mode"] == "host"
+    assert npu["environment"]["FACENET_REDIS_URL"] == f"redis://:{secrets['REDIS_PASSWORD']}@10.0.0.1:6379/0"
+    assert npu["environment"]["FACENET_MLFLOW_URI"] == "http://10.0.0.1:5000"
+    assert npu["environment"]["FACENET_NODE_ADDRESS"] == "10.0.0.2" and npu["environment"]["FACENET_DEVICES"] == "0-7"
+    assert [(p["host_ip"], p["published"]) for p in cfg["services"]["redis"]["ports"]] == [("10.0.0.1", "6379")]
+    assert ("10.0.0.1", "5000") in [(p["host_ip"], p["published"]) for p in cfg["services"]["mlflow"]["ports"]]
+    assert "10.0.0.1:*" in cfg["services"]["mlflow"]["environment"]["FACENET_MLFLOW_ALLOWED_HOSTS"].split(",")
+    for name in ("data", "prep", "runs"):
+        assert cfg["volumes"][name]["driver_opts"] == {"type": "none", "o": "bind", "device": f"/mnt/shared/{name}"}
+    for missing in where:
+        env_file = str(tmp_path / ".env")
+        proc = subprocess.run(["docker", "compose", "--env-file", env_file, "-f", COMPOSE, "-f", cluster, "--profile",
+                               "cpu", "config"], cwd=REPO, capture_output=True, text=True,
+                              env=clean_env(**{k: v for k, v in where.items() if k != missing}))
+        assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
 
 
 def test_compose_renders_the_gpu_profile(tmp_path):

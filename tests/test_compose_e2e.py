@@ -29,7 +29,8 @@ from services.entrypoints import free_port
 from tests.conftest import REPO, TEST_IMAGE_SIZE
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
-SERVICES = {"redis", "postgres", "mlflow", "flower", "worker-preprocess", "worker-cpu"}
+# NODES=2: a second CPU device worker, so the job below runs over two "nodes" (containers) as a gang.
+SERVICES = {"redis", "postgres", "mlflow", "flower", "worker-preprocess", "worker-cpu", "worker-cpu2"}
 HEALTHY_WITHIN = 900  # seconds for `make up` from scratch: image builds (a 6 GB torch image here) + health
 
 
@@ -67,7 +68,7 @@ class ComposeStack:
         self.project = f"facenet-e2e-{os.getpid()}"
         self.env = {**os.environ, "ENV_FILE": self.env_file, "COMPOSE_PROJECT_NAME": self.project,
                     "MLFLOW_PORT": str(self.mlflow_port), "FLOWER_PORT": str(self.flower_port),
-                    "RAW_DIR": self.raw, "PROFILE": "cpu"}
+                    "RAW_DIR": self.raw, "PROFILE": "cpu", "NODES": "2", "CPU_THREADS_PER_NODE": "1"}
         self.env.pop("MAKEFLAGS", None)
         self.env.pop("MFLAGS", None)
         self.timings: dict[str, float] = {}
@@ -221,10 +222,13 @@ def test_make_up_brings_every_service_up_healthy_on_the_chosen_ports(stack):
 
 def test_a_job_runs_through_make_cli_and_reaches_mlflow_on_the_published_port(stack):
     t0 = time.time()
-    job = stack.cli_json("submit-train --preprocess-from /raw --data /prep/faces --npus 1 --device-type cpu "
+    job = stack.cli_json("submit-train --preprocess-from /raw --data /prep/faces --npus 2 --device-type cpu "
                          "--epochs 2 --amp --batch-size 16 --wait", timeout=900)
     stack.timings["first_job_s"] = round(time.time() - t0, 1)
     assert job["status"] == "SUCCEEDED", job
+    # Two device workers of one device each: the job ran over both containers as torchrun --nnodes 2.
+    assert job["result"]["world_size"] == 2 and len(job["nodes"]) == 2 and "cpu@node2" in job["nodes"], job
+    assert "[node 1] " in stack.cli(f"logs {job['id']}").stdout
     run_id = job["mlflow_run_id"]
     published = f"http://127.0.0.1:{stack.mlflow_port}/#/experiments/"
     assert job["mlflow_url"].startswith(published) and job["mlflow_url"].endswith(f"/runs/{run_id}"), job
