@@ -468,6 +468,10 @@ def status(job_id, as_json) -> None:
     except UserError as exc:
         _fail(exc)
     job["mlflow_url"] = _run_url(settings, job["mlflow_run_id"])
+    if len(job["nodes"] or []) > 1:  # a gang: what each other node's agent last said of its trainer
+        from services.gang import node_states
+
+        job["node_states"] = node_states(reg, job["id"], job["nodes"])
     if as_json:
         _echo_json(job)
         return
@@ -481,6 +485,8 @@ def status(job_id, as_json) -> None:
                    f"acc1 {_fmt(p['acc1'], 4)}")
         click.echo(f"  MLflow run {job['mlflow_url'] or job['mlflow_run_id'] or '-'}; "
                    f"checkpoint {job['checkpoint'] or '-'}")
+        for n in job.get("node_states") or []:
+            click.echo(f"  node {n['rank']}: {n['node']}" + (f", trainer {n['trainer']}" if n["rank"] else ""))
     if job["error"]:
         click.echo(f"  error: {job['error']}")
 

@@ -103,6 +103,18 @@ def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float)
     return lost
 
 
+def node_states(reg: Registry, job_id: str, nodes: list[str]) -> list[dict]:
+    """What `status` shows of a gang's nodes, rank order: node 0 is the job's own record; every other node what
+    its agent last said (`trainer`: running, exited N, or unknown when no agent speaks for it)."""
+    states = [{"rank": 0, "node": nodes[0], "trainer": "node 0 (the job's status)"}]
+    for rank, node in enumerate(nodes[1:], 1):
+        raw = reg.r.get(node_key(job_id, rank))
+        said = json.loads(raw) if raw else {}
+        trainer = ("running" if said.get("alive") else f"exited {said.get('rc')}") if said else "unknown"
+        states.append({"rank": rank, "node": node, "trainer": trainer, "pid": said.get("pid")})
+    return states
+
+
 def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.0) -> None:
     """Take back the followers' assignments and wait (bounded) until their trainers are gone: only then may
     their devices be leased to anyone else. A part whose agent did not say it ended (its worker died) is
@@ -167,11 +179,15 @@ class Agent(threading.Thread):
                 {"holder": a["holder"], "pid": self.proc.pid, "alive": rc is None, "rc": rc, "node": self.node}),
                 ex=reg.ttl if rc is None else 3600)
             if rc is not None:
-                self._report(("task-succeeded", {"result": repr({"job": a["job"], "rank": a["rank"], "rc": 0}),
-                                                 "runtime": time.time() - self.started_at}) if rc == 0 else
-                             ("task-failed", {"exception": f"node {a['rank']}'s trainer exited with code {rc}",
-                                              "traceback": ""}))
+                self._exited(rc)
                 self.done_for, self.current, self.proc = a["holder"], None, None
+
+    def _exited(self, rc: int) -> None:
+        a = self.current
+        self._report(("task-succeeded", {"result": repr({"job": a["job"], "rank": a["rank"], "rc": 0}),
+                                         "runtime": time.time() - self.started_at}) if rc == 0 else
+                     ("task-failed", {"exception": f"node {a['rank']}'s trainer exited with code {rc}",
+                                      "traceback": ""}))
 
     def _start(self, a: dict, settings, reg: Registry) -> None:
         from services.supervisor import attempt_env, pump_output, start_trainer
@@ -212,6 +228,8 @@ class Agent(threading.Thread):
                 _stop_group(self.proc, grace=0)
                 self._report(("task-failed", {"exception": f"node {a['rank']}: {why}", "traceback": ""})
                              if why else ("task-revoked", {"terminated": True, "signum": 9, "expired": False}))
+            else:  # it had ended on its own since the last tick
+                self._exited(self.proc.returncode)
             reap_attempt(f"{a['holder']}#node{a['rank']}")
             try:  # said ended: withdraw() need not speak for this node
                 self.reg.r.set(node_key(a["job"], a["rank"]), json.dumps(

@@ -121,7 +121,7 @@ class ComposeStack:
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         cmd = ["docker", "compose", "--env-file", os.path.join(REPO, "images", "ascend", "pins.env"),
-               "--env-file", self.env_file, "-f", os.path.join(REPO, "docker-compose.yml"), "--profile", "cpu", *args]
+               "--env-file", self.env_file, "-f", os.path.join(REPO, "docker-compose.yml"), "--profile", "cpu", "--profile", "nodes", *args]
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -280,7 +280,9 @@ def test_redis_refuses_a_client_without_the_password(stack):
 
 
 def test_a_queued_job_survives_a_redis_restart(stack):
-    # The worker's one device is busy with a long job, so the next one waits in Redis' queue.
+    # One worker only (the second node stopped): its one device is busy with a long job, so the next one waits
+    # in Redis' queue, not in a worker's pool slot.
+    stack.compose("stop", "worker-cpu2")
     running = stack.cli_json("submit-train --data /prep/faces --npus 1 --device-type cpu --epochs 200 --batch-size 16")
     deadline = time.time() + 300
     while stack.cli_json(f"status {running['id']}")["status"] != "RUNNING":
@@ -300,6 +302,7 @@ def test_a_queued_job_survives_a_redis_restart(stack):
     stack.timings["queued_job_after_redis_restart_s"] = round(time.time() - t0, 1)
     assert final["status"] == "SUCCEEDED" and final["attempts"] == 1, final
     stack.second_job = final
+    stack.compose("up", "-d", "--wait", "worker-cpu2")
 
 
 def test_down_and_up_keep_jobs_and_runs(stack):

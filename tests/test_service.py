@@ -804,6 +804,10 @@ def test_jobs_over_two_nodes_run_as_gangs_take_turns_survive_a_lost_node_and_can
                    timeout=240, what="the third gang job to train")  # a step: both nodes are in the collective
     ranks = {p.environ().get("FACENET_ATTEMPT", "").partition("#")[2] for p in _job_processes(third["id"])}
     assert {"", "node1"} <= ranks, ranks  # node 0's trainer and node 1's
+    shown = stack.json("status", third["id"])["node_states"]
+    assert [(n["rank"], n["node"]) for n in shown] == list(enumerate(reg.get(third["id"])["nodes"]))
+    assert shown[1]["trainer"] == "running" and psutil.pid_exists(shown[1]["pid"]), shown
+    assert "node 1: " in stack.cli("status", third["id"], check=True).stdout
     assert stack.json("cancel", third["id"])["status"] == "CANCELLED"
     deadline = time.time() + 40  # bound: node 0 at once, node 1 once its assignment is withdrawn (30 s at most)
     while _job_processes(third["id"]) and time.time() < deadline:
