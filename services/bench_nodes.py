@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-from services.bench_queue import private_stack
+from services.bench_queue import private_stack, write_result
 
 
 def _run(cli, common: list[str], npus: int) -> dict:
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": round(two["fps"] / one["fps"], 4),
         "allreduce_bytes_per_step": params * 4,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join("build", "bench_outage.json"), help="JSON result file")
     args = p.parse_args(argv)
 
-    from services.bench_queue import private_stack
+    from services.bench_queue import private_stack, write_result
     from services.stack import stop_group
 
     setup = private_stack(args.data, "facenet-bench-outage-")
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "lost_records": out_run["summary"].get("mlflow_lost_records"),
                                 "trainer_said_it_retried": out_run["retried"]},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_epoch_fps"}, indent=2))
+    write_result(args.out, result, {k: v for k, v in result.items() if k != "per_epoch_fps"})
     ok = result["mlflow_after_return"]["all_epochs"] and status == "FINISHED" and during
     return 0 if ok else 1
 

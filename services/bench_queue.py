@@ -46,6 +46,14 @@ def private_stack(data_arg: str | None, prefix: str):
     return data, state, env, cli
 
 
+def write_result(path: str, result: dict, shown: dict | None = None) -> None:
+    """A benchmark's JSON to `path` (its folder made), and `shown` (default: all of it) on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result if shown is None else shown, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.bench_queue", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "fps": {"direct": direct_summary["fps"], "queue": (record.get("result") or {}).get("fps")},
         "goal": {"overhead_percent_max": 10, "submit_to_trainer_start_seconds_max": 3},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 
