@@ -87,7 +87,8 @@ up: env-file
 
 # Another host joins the head's stack: its device worker only, with the head's .env (the same secrets).
 join: CLUSTER := 1
-join: env-file
+join:
+	@test -f $(ENV_FILE) || { echo "error: $(ENV_FILE): copy the head host's .env here first (the stack's secrets)" >&2; exit 2; }
 	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
 	$(COMPOSE_CMD) up -d --build --wait --no-deps worker-$(PROFILE)
 

@@ -391,6 +391,11 @@ def test_compose_renders_a_second_local_node_and_a_host_of_a_cluster(tmp_path):
                                "cpu", "config"], cwd=REPO, capture_output=True, text=True,
                               env=clean_env(**{k: v for k, v in where.items() if k != missing}))
         assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
+    # `make join` on a host without the head's .env refuses, instead of generating other secrets.
+    join = subprocess.run(["make", "--no-print-directory", "join", f"ENV_FILE={tmp_path / 'absent.env'}"], cwd=REPO,
+                          capture_output=True, text=True, env=clean_env(**where))
+    assert join.returncode != 0 and "copy the head host's .env here first" in join.stderr, join.stderr
+    assert not (tmp_path / "absent.env").exists()
 
 
 def test_compose_renders_the_gpu_profile(tmp_path):
