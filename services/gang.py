@@ -89,6 +89,12 @@ def renew_assignments(reg: Registry, holder: str, gang) -> None:
             reg.r.expire(assignment_key(node), reg.ttl)
 
 
+def node_said(reg: Registry, job_id: str, rank: int) -> dict:
+    """What node `rank`'s agent last wrote of its part of the job ({} when nothing): holder, pid, alive, rc."""
+    raw = reg.r.get(node_key(job_id, rank))
+    return json.loads(raw) if raw else {}
+
+
 def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float) -> list[tuple[int, str]]:
     """(rank, node) of the followers whose agent no longer beats for this attempt (their worker died), after a
     start-up grace."""
@@ -96,9 +102,7 @@ def lost_nodes(reg: Registry, job_id: str, holder: str, gang, started_at: float)
         return []
     lost = []
     for rank, (node, _) in enumerate(gang[1:], 1):
-        raw = reg.r.get(node_key(job_id, rank))
-        state = json.loads(raw) if raw else None
-        if not state or state.get("holder") != holder:
+        if node_said(reg, job_id, rank).get("holder") != holder:
             lost.append((rank, node))
     return lost
 
@@ -108,8 +112,7 @@ def node_states(reg: Registry, job_id: str, nodes: list[str]) -> list[dict]:
     its agent last said (`trainer`: running, exited N, or unknown when no agent speaks for it)."""
     states = [{"rank": 0, "node": nodes[0], "trainer": "node 0 (the job's status)"}]
     for rank, node in enumerate(nodes[1:], 1):
-        raw = reg.r.get(node_key(job_id, rank))
-        said = json.loads(raw) if raw else {}
+        said = node_said(reg, job_id, rank)
         trainer = ("running" if said.get("alive") else f"exited {said.get('rc')}") if said else "unknown"
         states.append({"rank": rank, "node": node, "trainer": trainer, "pid": said.get("pid")})
     return states
@@ -124,16 +127,17 @@ def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.
         if raw and json.loads(raw).get("holder") == holder:
             reg.r.delete(assignment_key(node))
     deadline = time.time() + timeout
+    def running(state: dict) -> bool:
+        return state.get("holder") == holder and bool(state.get("alive"))
+
     while time.time() < deadline:
-        states = [reg.r.get(node_key(job_id, rank)) for rank in range(1, len(gang))]
-        if not any(s and json.loads(s).get("holder") == holder and json.loads(s).get("alive") for s in states):
+        if not any(running(node_said(reg, job_id, rank)) for rank in range(1, len(gang))):
             break
         time.sleep(0.3)
     from services.worker import send_task_events
 
     for rank, (node, _) in enumerate(gang[1:], 1):
-        raw = reg.r.get(node_key(job_id, rank))
-        state = json.loads(raw) if raw else {}
+        state = node_said(reg, job_id, rank)
         if state.get("holder") != holder or state.get("alive"):
             send_task_events(node, ("task-failed", {
                 "uuid": node_task_id(holder, rank), "traceback": "",
@@ -150,37 +154,42 @@ class Agent(threading.Thread):
         self.proc: subprocess.Popen | None = None
         self.done_for: str | None = None  # the holder whose part already ran to its end
         self.started_at = 0.0
+        self.reg: Registry | None = None
 
     def run(self) -> None:
         from services.config import load_settings
         from services.registry import connect
 
         s = load_settings()
-        self.reg = reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
+        self.reg = Registry(connect(s.redis_url), s.heartbeat_ttl)
         while not self.stop.wait(0.5):
             try:
-                self._tick(reg, s)
+                self._tick(s)
             except Exception as exc:  # Redis restarting: the next tick retries
                 print(f"facenet gang agent: {type(exc).__name__}: {exc}", flush=True)
         self._stop_trainer("its worker stopped")
 
-    def _tick(self, reg: Registry, settings) -> None:
-        raw = reg.r.get(assignment_key(self.node))
+    def _tick(self, settings) -> None:
+        raw = self.reg.r.get(assignment_key(self.node))
         wanted = json.loads(raw) if raw else None
         if self.current and (not wanted or wanted["holder"] != self.current["holder"]):
             self._stop_trainer()  # the leader withdrew it, died, or a newer attempt took over
         if wanted and not self.current and wanted["holder"] != self.done_for:
-            self._start(wanted, settings, reg)
+            self._start(wanted, settings)
         if self.current:
             rc = self.proc.poll()
-            a = self.current
-            # The last word (alive false) outlives the leader's wrap-up: it tells withdraw() the part ended.
-            reg.r.set(node_key(a["job"], a["rank"]), json.dumps(
-                {"holder": a["holder"], "pid": self.proc.pid, "alive": rc is None, "rc": rc, "node": self.node}),
-                ex=reg.ttl if rc is None else 3600)
+            self._say(rc, ended=rc is not None)
             if rc is not None:
                 self._exited(rc)
-                self.done_for, self.current, self.proc = a["holder"], None, None
+                self.done_for, self.current, self.proc = self.current["holder"], None, None
+
+    def _say(self, rc: int | None, ended: bool) -> None:
+        """Write this node's record of its part (node_said): alive while the trainer runs, beat by beat; the last
+        word (alive false, its exit code) outlives the leader's wrap-up: it tells withdraw() the part ended."""
+        a = self.current
+        self.reg.r.set(node_key(a["job"], a["rank"]), json.dumps(
+            {"holder": a["holder"], "pid": self.proc.pid, "alive": not ended, "rc": rc, "node": self.node}),
+            ex=3600 if ended else self.reg.ttl)
 
     def _exited(self, rc: int) -> None:
         a = self.current
@@ -189,7 +198,7 @@ class Agent(threading.Thread):
                      ("task-failed", {"exception": f"node {a['rank']}'s trainer exited with code {rc}",
                                       "traceback": ""}))
 
-    def _start(self, a: dict, settings, reg: Registry) -> None:
+    def _start(self, a: dict, settings) -> None:
         from services.supervisor import attempt_env, pump_output, start_trainer
 
         env = attempt_env(settings, f"{a['holder']}#node{a['rank']}", self.node, a["devices"],
@@ -200,7 +209,7 @@ class Agent(threading.Thread):
 
         def copy() -> None:
             try:
-                pump_output(self.proc, log, reg, a["job"], prefix=f"[node {a['rank']}] ")
+                pump_output(self.proc, log, self.reg, a["job"], prefix=f"[node {a['rank']}] ")
             finally:
                 log.close()
 
@@ -232,9 +241,7 @@ class Agent(threading.Thread):
                 self._exited(self.proc.returncode)
             reap_attempt(f"{a['holder']}#node{a['rank']}")
             try:  # said ended: withdraw() need not speak for this node
-                self.reg.r.set(node_key(a["job"], a["rank"]), json.dumps(
-                    {"holder": a["holder"], "pid": self.proc.pid, "alive": False, "rc": self.proc.returncode,
-                     "node": self.node}), ex=3600)
-            except Exception:
+                self._say(self.proc.returncode, ended=True)
+            except Exception:  # Redis away: withdraw() says it for this node
                 pass
         self.current, self.proc = None, None

@@ -121,7 +121,8 @@ class ComposeStack:
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         cmd = ["docker", "compose", "--env-file", os.path.join(REPO, "images", "ascend", "pins.env"),
-               "--env-file", self.env_file, "-f", os.path.join(REPO, "docker-compose.yml"), "--profile", "cpu", "--profile", "nodes", *args]
+               "--env-file", self.env_file, "-f", os.path.join(REPO, "docker-compose.yml"), "--profile", "cpu",
+               "--profile", "nodes", *args]
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
