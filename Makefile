@@ -81,7 +81,7 @@ env-file:
 
 up: env-file
 	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
-	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(NPUS) NPUs)"
+	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(if $(NPUS),$(NPUS),every) NPU(s) of this host)"
 	$(COMPOSE_CMD) up -d --build --wait
 	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
 

@@ -90,8 +90,9 @@ class Tracker:
         self._thread.start()
         self._system = None
 
-    def start_system_metrics(self, interval: float = 10.0, resume: bool = False) -> None:
-        """MLflow's own system metrics for this run (CPU, memory, disk, network; NVIDIA GPUs with pynvml).
+    def start_system_metrics(self, interval: float = 10.0, resume: bool = False, chips: list | None = None) -> None:
+        """MLflow's own system metrics for this run (CPU, memory, disk, network; NVIDIA GPUs with pynvml), and
+        `chips`' monitors beside them on the same cadence (Ascend chips: facenet.npu_smi's).
 
         Its own thread and client; a failure to start is reported, never fatal."""
         try:
@@ -99,6 +100,11 @@ class Tracker:
 
             self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=resume,
                                                 tracking_uri=self.uri)
+            for make in chips or []:
+                try:
+                    self._system.monitors.append(make())
+                except Exception as exc:  # npu-smi missing: the other metrics still go
+                    self.report.last_error = f"chip metrics not started: {_one_line(exc)}"
             self._system.start()
         except Exception as exc:  # psutil missing, an old MLflow: training goes on without them
             self.report.last_error = f"system metrics not started: {_one_line(exc)}"

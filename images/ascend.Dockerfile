@@ -13,13 +13,16 @@ ARG ASCEND_TORCHVISION
 ARG TORCH_NPU
 # The host's HwHiAiUser group owns /dev/davinci*: the container user joins a group with that GID.
 ARG ASCEND_GID=1000
-# The CPU index keeps x86_64 hosts off the CUDA build of torch (aarch64 wheels are CPU builds anyway).
+# The CPU index: PyPI's torch 2.12 is a CUDA build on x86_64 and on aarch64 alike (3 GB of CUDA libraries an
+# Ascend host never uses); torch_npu's README installs torch from this index (Ascend/pytorch
+# v26.1.0-pytorch2.12.0:README.md, "pip3 install torch ... --index-url https://download.pytorch.org/whl/cpu").
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
 ARG PIP_TRUSTED_HOST=""
 ARG WHEELHOUSE=0
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FACENET_ASCEND_PINS_DIR=/app/images/ascend
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY images/pip-install.sh /usr/local/bin/pip-install
@@ -40,6 +43,8 @@ RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wh
 COPY facenet ./facenet
 COPY services ./services
 COPY scripts ./scripts
+# doctor checks the installed torch/torch_npu/CANN against the pins and TorchNPU's table (FACENET_ASCEND_PINS_DIR).
+COPY images/ascend/compat.json images/ascend/pins.env ./images/ascend/
 COPY images/ascend/entrypoint.sh /usr/local/bin/ascend-entrypoint.sh
 RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     pip-install --no-deps . \

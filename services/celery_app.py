@@ -7,6 +7,8 @@ not import torch.
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 from kombu import Queue
 
@@ -45,6 +47,11 @@ def make_app() -> Celery:
         worker_hijack_root_logger=False, worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    from services.doctor import UNFIT_ENV
+
+    unfit = os.environ.get(UNFIT_ENV)
+    if unfit:  # Flower shows it in the worker's Config tab (`inspect conf`)
+        app.conf.facenet_unfit = unfit
     return app
 
 

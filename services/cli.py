@@ -190,6 +190,39 @@ def embed(model_ref, folder, out, flip, device, batch_size, mlflow_uri, as_json)
         click.echo(f"left out {len(summary['unreadable'])} unreadable image(s), e.g. {summary['unreadable'][0]}")
 
 
+@cli.command()
+@click.option("--device", type=click.Choice(["auto", "npu", "cuda", "cpu"]), default="auto", show_default=True,
+              help="the device type to check (auto: what training would pick)")
+@click.option("--npus", type=click.IntRange(1, 64), default=None,
+              help="processes for the step and the all-reduce  [default: every visible device; 2 on a CPU]")
+@click.option("--probe-seconds", type=click.FloatRange(0, 600), default=30.0, show_default=True,
+              help="length of the throughput probe (0 skips it)")
+@click.option("--probe-batch", type=click.IntRange(1, 4096), default=None,
+              help="batch of the throughput probe  [default: the recipe's 512 per device; 32 on a CPU]")
+@click.option("--image-size", type=click.IntRange(32, 1024), default=160, show_default=True)
+@click.option("--no-services", is_flag=True, help="leave out the Redis and MLflow checks")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (what to send us from a new host)")
+def doctor(device, npus, probe_seconds, probe_batch, image_size, no_services, as_json) -> None:
+    """Can this host train? Versions against TorchNPU's table, the chips and their health, one real AMP training
+    step on every chip, an all-reduce over them with its bus bandwidth, NMS on the device, a throughput probe
+    beside the seed's figure, Redis and MLflow. One PASS/WARN/FAIL/SKIP line per check, the fix under a FAIL;
+    exit status 0 when the host can train, 1 when it cannot."""
+    from facenet import doctor as checks
+    from services.config import load_settings
+    from services.doctor import service_checks
+
+    opts = checks.Options(device=device, npus=npus, probe_seconds=probe_seconds, probe_batch=probe_batch,
+                          image_size=image_size)
+    extra = [] if no_services else service_checks(load_settings())
+    say = (lambda c: None) if as_json else (lambda c: click.echo(c.line()))
+    report = checks.run(opts, extra, say)
+    if as_json:
+        _echo_json(report)
+    else:
+        click.echo(checks.format_report(report))
+    sys.exit(0 if report["ok"] else 1)
+
+
 # ---- the queue -----------------------------------------------------------------------------------
 
 def _settings_and_registry():
@@ -472,6 +505,9 @@ def status(job_id, as_json) -> None:
         from services.gang import node_states
 
         job["node_states"] = node_states(reg, job["id"], job["nodes"])
+    if job["status"] == "QUEUED":  # what keeps it waiting: workers of its type that failed their doctor check
+        job["unfit_workers"] = {w["node"]: w["unfit"] for w in reg.workers()
+                                if w.get("unfit") and w.get("unfit_type") == job.get("device_type")}
     if as_json:
         _echo_json(job)
         return
@@ -487,6 +523,8 @@ def status(job_id, as_json) -> None:
                    f"checkpoint {job['checkpoint'] or '-'}")
         for n in job.get("node_states") or []:
             click.echo(f"  node {n['rank']}: {n['node']}" + (f", trainer {n['trainer']}" if n["rank"] else ""))
+    for node, why in (job.get("unfit_workers") or {}).items():
+        click.echo(f"  not on {node}: it failed its doctor check and takes no jobs ({why})")
     if job["error"]:
         click.echo(f"  error: {job['error']}")
 
@@ -579,6 +617,8 @@ def workers(as_json) -> None:
         if w.get("devices") is not None:
             busy = sum(1 for j in w["leases"].values() if j)
             w["devices_"] = f"{len(w['devices'])} {w['device_type']} ({busy} leased)"
+        if w.get("unfit"):
+            w["devices_"] = f"none: failed doctor ({w['unfit']})"
     _table(rows, [("node", "WORKER"), ("queues_", "QUEUES"), ("concurrency", "SLOTS"), ("devices_", "DEVICES"),
                   ("pid", "PID")])
 

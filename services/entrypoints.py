@@ -217,6 +217,25 @@ def service_command(name: str) -> tuple[list[str], dict]:
     raise UserError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
 
 
+def check_before_taking_jobs(cmd: list[str], env: dict) -> tuple[list[str], dict]:
+    """A device worker with FACENET_WORKER_DOCTOR=1 runs `facenet-cli doctor` on its devices first. One that fails
+    still starts (so status and Flower can say why) but consumes no train queue: it listens on unfit.<type>, which
+    nothing sends to, and registers without capacity, naming what failed (FACENET_UNFIT)."""
+    from services.celery_app import train_queue
+    from services.doctor import UNFIT_ENV, worker_self_check
+    from services.supervisor import worker_devices
+
+    device_type, devices = worker_devices()
+    reason = worker_self_check(device_type, devices)
+    if reason is None:
+        return cmd, env
+    print(f"facenet worker: doctor failed, taking no jobs: {reason}", flush=True)
+    cmd = list(cmd)
+    cmd[cmd.index("-Q") + 1] = f"unfit.{device_type}"
+    assert train_queue(device_type) not in cmd
+    return cmd, {**env, UNFIT_ENV: reason}
+
+
 def healthcheck(name: str) -> bool:
     """Is service `name` (running in this container / with this environment) ready? For compose healthchecks."""
     import socket
@@ -262,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if argv[0] == "worker-device":
+        cmd, env = check_before_taking_jobs(cmd, env)
     os.environ.update(env)
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)

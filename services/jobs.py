@@ -9,7 +9,7 @@ from typing import Callable
 
 from facenet.confine import shown
 from facenet.errors import InputError, UserError
-from facenet.spec import NPU_COUNTS_PER_NODE, RESERVED_TAGS, TrainSpec, check_npu_count
+from facenet.spec import NPU_MAX_PER_NODE, RESERVED_TAGS, TrainSpec, check_npu_count
 from services.config import DEVICE_TYPES, Settings, check_path_allowed
 from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, TERMINAL, Registry, connect, unreachable
 
@@ -35,7 +35,9 @@ def pick_device_type(reg: Registry, requested: str, npus: int, nnodes: int = 1) 
     no registered workers can ever serve (npus / nnodes devices on each of nnodes workers), listing what is
     registered."""
     workers = capacities(reg)
-    listing = ", ".join(f"{w['node']}: {len(w['devices'])} {w['device_type']}" for w in workers) or "none registered"
+    listing = ", ".join([f"{w['node']}: {len(w['devices'])} {w['device_type']}" for w in workers] +
+                        [f"{w['node']}: no devices, it failed its doctor check ({w['unfit']})"
+                         for w in reg.workers() if w.get("unfit")]) or "none registered"
     if requested == "auto":
         present = [t for t in DEVICE_TYPES if any(w["device_type"] == t for w in workers)]
         if not present:
@@ -100,7 +102,7 @@ def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str
     spec.validate()
     if params is not None:
         params.validate()
-    if spec.nnodes > 1 or spec.npus <= max(NPU_COUNTS_PER_NODE):  # more: nodes are counted at submit
+    if spec.nnodes > 1 or spec.npus <= NPU_MAX_PER_NODE:  # more: nodes are counted at submit
         check_npu_count(device_type, spec.npus, spec.nnodes)
     check_job_spec(spec, settings)
     if preprocess_from:

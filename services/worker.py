@@ -44,7 +44,13 @@ def _start_housekeeping(sender=None, **_):
         queues = queues.split(",")
     info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),
             "concurrency": int(options.get("concurrency") or 1), "started": time.time()}
-    if any(q.startswith("train.") for q in queues):
+    from services.doctor import UNFIT_ENV
+
+    unfit = os.environ.get(UNFIT_ENV)  # its doctor failed (entrypoints.check_before_taking_jobs)
+    if unfit:
+        # Registered without capacity (no job, no gang part comes here), saying what failed and for which type.
+        info.update(unfit=unfit, unfit_type=os.environ.get("FACENET_DEVICE_TYPE", "cpu"))
+    elif any(q.startswith("train.") for q in queues):
         from services.supervisor import worker_devices
 
         device_type, devices = worker_devices()

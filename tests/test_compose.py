@@ -19,7 +19,7 @@ COMPOSE = os.path.join(REPO, "docker-compose.yml")
 DOCKERFILES = sorted(f for f in os.listdir(os.path.join(REPO, "images")) if f.endswith(".Dockerfile"))
 ALWAYS = {"redis", "postgres", "mlflow", "flower", "worker-preprocess"}
 NPU_MOUNTS = ["/usr/local/Ascend/driver:/usr/local/Ascend/driver:ro", "/usr/local/dcmi:/usr/local/dcmi:ro",
-              "/usr/local/bin/npu-smi:/usr/local/bin/npu-smi:ro", "/etc/ascend_install.info:/etc/ascend_install.info:ro"]
+              "/etc/ascend_install.info:/etc/ascend_install.info:ro"]
 NPU_MANAGEMENT = ["/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"]
 
 
@@ -34,19 +34,35 @@ def load(path: str = COMPOSE) -> dict:
         return yaml.safe_load(fh)
 
 
-def npu_override(n: int, tmp_path) -> str:
-    out = subprocess.run([sys.executable, "-m", "services.compose", "npu-override", str(n)], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    path = tmp_path / f"compose.npu{n}.yml"
-    path.write_text(out)
+def fake_host(tmp_path, chips, npu_smi: str = "/usr/local/sbin/npu-smi") -> dict:
+    """A host's /dev as `make up` reads it: /dev/davinciN for each chip id and the management node (a folder of
+    this test's, handed over by FACENET_HOST_DEV), and where that host keeps npu-smi (NPU_SMI)."""
+    dev = tmp_path / f"dev-{'-'.join(map(str, chips)) or 'none'}"
+    dev.mkdir(exist_ok=True)
+    for name in [f"davinci{i}" for i in chips] + ["davinci_manager", "devmm_svm", "hisi_hdc"]:
+        (dev / name).touch()
+    return {"FACENET_HOST_DEV": str(dev), "NPU_SMI": npu_smi}
+
+
+def npu_override_run(wanted: str, host: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.compose", "npu-override", *([wanted] if wanted else [])],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, **host})
+
+
+def npu_override(n: int, tmp_path, host: dict | None = None, wanted: str | None = None) -> str:
+    """The override `make up NPUS=wanted` writes on `host` (default: an 8-chip host asked for n chips)."""
+    proc = npu_override_run(str(n) if wanted is None else wanted, host or fake_host(tmp_path, range(8)))
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / f"compose.npu{n}-{len(list(tmp_path.iterdir()))}.yml"
+    path.write_text(proc.stdout)
     return str(path)
 
 
-def merged_npu_worker(n: int, tmp_path) -> dict:
-    """worker-npu as compose merges base + override: device lists join, mappings override key by key."""
+def merged_npu_worker(n: int, tmp_path, host: dict | None = None, wanted: str | None = None) -> dict:
+    """worker-npu as compose merges base + override: lists join, mappings override key by key."""
     base = load()["services"]["worker-npu"]
-    over = load(npu_override(n, tmp_path))["services"]["worker-npu"]
-    return {**base, "devices": base["devices"] + over["devices"],
+    over = load(npu_override(n, tmp_path, host, wanted))["services"]["worker-npu"]
+    return {**base, "devices": base["devices"] + over["devices"], "volumes": base["volumes"] + over.get("volumes", []),
             "environment": {**base["environment"], **over["environment"]}}
 
 
@@ -203,7 +219,7 @@ def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp
             assert "--app-name" in cmd and cmd[cmd.index("--app-name") + 1] == "basic-auth"
             assert extra["MLFLOW_AUTH_ADMIN_PASSWORD"] == "m"
         if name == "worker-npu":  # the override's FACENET_DEVICES: 6 chips, one job slot each
-            assert env["FACENET_DEVICES"] == "0-5" and env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5"
+            assert env["FACENET_DEVICES"] == "0-5" and "ASCEND_RT_VISIBLE_DEVICES" not in env
             assert cmd[cmd.index("-Q") + 1] == "train.npu" and cmd[cmd.index("-c") + 1] == "6"
         if name in ("worker-gpu", "worker-cpu"):  # the compose file's own default: device 0
             assert cmd[cmd.index("-c") + 1] == "1", (name, cmd)
@@ -244,7 +260,7 @@ def test_npu_worker_gets_every_device_and_mount_for_n_chips(n, tmp_path):
     chips = [d.split(":")[0] for d in w["devices"] if re.match(r"/dev/davinci\d", d)]
     assert chips == [f"/dev/davinci{i}" for i in range(n)]
     assert [d.split(":")[0] for d in w["devices"] if not re.match(r"/dev/davinci\d", d)] == NPU_MANAGEMENT
-    for mount in NPU_MOUNTS:
+    for mount in NPU_MOUNTS + ["/usr/local/sbin/npu-smi:/usr/local/bin/npu-smi:ro"]:
         assert mount in w["volumes"]
     assert "ipc" not in w and w["shm_size"]  # not the host's IPC namespace: the container's own /dev/shm
     assert w["environment"]["FACENET_DEVICE_TYPE"] == "npu"
@@ -282,11 +298,34 @@ def test_make_up_helpers_write_private_secrets_once_and_detect_the_profile(tmp_p
     assert run("env", str(env_file)).returncode == 0 and env_file.read_text() == first  # secrets are kept
     expected = "npu" if os.path.exists("/dev/davinci0") else None
     assert run("profile").stdout.strip() in ({expected} if expected else {"gpu", "cpu"})
-    bad = run("npu-override", "0")
+    bad = npu_override_run("0", fake_host(tmp_path, range(8)))
     assert bad.returncode != 0 and "NPUS=0" in bad.stderr
     assert "MLflow  http://127.0.0.1:5000" in run("urls", str(env_file)).stdout
     # Image settings go in commented out, so a later release's defaults still apply until a site sets one.
     assert "#PYTHON_IMAGE=python:3.11.11-slim-bookworm" in first and "#WHEELHOUSE=0" in first
+
+
+def test_npu_override_follows_the_chips_the_host_has(tmp_path):
+    """NPUS unset: every chip of the host (a 4-chip host gets 4, not 8 device nodes that do not exist); NPUS=N:
+    the first N, refused beyond what the host has; chips numbered from 4 keep their host paths and are 0..N-1
+    inside; npu-smi is mounted from where this host keeps it, and left out (with a warning) where it has none."""
+    four = merged_npu_worker(4, tmp_path, fake_host(tmp_path, range(4)), wanted="")
+    assert [d.split(":")[0] for d in four["devices"] if re.match(r"/dev/davinci\d", d)] == \
+        [f"/dev/davinci{i}" for i in range(4)]
+    assert four["environment"]["FACENET_DEVICES"] == "0-3"
+    upper = merged_npu_worker(4, tmp_path, fake_host(tmp_path, range(4, 8), npu_smi="/opt/x/npu-smi"), wanted="auto")
+    assert [d for d in upper["devices"] if re.match(r"/dev/davinci\d", d)] == \
+        [f"/dev/davinci{i}:/dev/davinci{i}" for i in range(4, 8)]
+    assert upper["environment"]["FACENET_DEVICES"] == "0-3" and "/opt/x/npu-smi:/usr/local/bin/npu-smi:ro" in upper["volumes"]
+    two = merged_npu_worker(2, tmp_path, fake_host(tmp_path, range(8)))
+    assert len([d for d in two["devices"] if re.match(r"/dev/davinci\d", d)]) == 2
+    too_many = npu_override_run("6", fake_host(tmp_path, range(4)))
+    assert too_many.returncode != 0 and "NPUS=6: this host has 4 chip(s)" in too_many.stderr
+    none = npu_override_run("", fake_host(tmp_path, []))
+    assert none.returncode != 0 and "no /dev/davinciN chip" in none.stderr
+    no_tool = npu_override_run("", {**fake_host(tmp_path, range(2)), "NPU_SMI": "", "PATH": "/nonexistent"})
+    if not any(os.access(p, os.X_OK) for p in ("/usr/local/sbin/npu-smi", "/usr/local/bin/npu-smi")):
+        assert no_tool.returncode == 0 and "npu-smi not found" in no_tool.stderr and "volumes" not in no_tool.stdout
 
 
 def test_settings_come_from_the_environment_then_env_file_then_defaults(tmp_path):
@@ -380,6 +419,8 @@ def test_compose_renders_a_second_local_node_and_a_host_of_a_cluster(tmp_path):
     assert npu["environment"]["FACENET_REDIS_URL"] == f"redis://:{secrets['REDIS_PASSWORD']}@10.0.0.1:6379/0"
     assert npu["environment"]["FACENET_MLFLOW_URI"] == "http://10.0.0.1:5000"
     assert npu["environment"]["FACENET_NODE_ADDRESS"] == "10.0.0.2" and npu["environment"]["FACENET_DEVICES"] == "0-7"
+    assert npu["environment"]["HCCL_IF_IP"] == "10.0.0.2"  # HCCL's NIC: the advertised one, not the first by name
+    assert npu["environment"]["FACENET_WORKER_DOCTOR"] == "1"  # checks its chips before it takes jobs
     assert [(p["host_ip"], p["published"]) for p in cfg["services"]["redis"]["ports"]] == [("10.0.0.1", "6379")]
     assert ("10.0.0.1", "5000") in [(p["host_ip"], p["published"]) for p in cfg["services"]["mlflow"]["ports"]]
     assert "10.0.0.1:*" in cfg["services"]["mlflow"]["environment"]["FACENET_MLFLOW_ALLOWED_HOSTS"].split(",")
@@ -417,7 +458,9 @@ def test_compose_renders_the_npu_profile_for_n_chips(n, tmp_path):
     chips = sorted(d["source"] for d in npu["devices"] if re.fullmatch(r"/dev/davinci\d+", d["source"]))
     assert chips == sorted(f"/dev/davinci{i}" for i in range(n))
     assert npu["environment"]["FACENET_DEVICES"] == f"0-{n - 1}"
-    assert npu["environment"]["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(n))
+    assert "ASCEND_RT_VISIBLE_DEVICES" not in npu["environment"]  # the container sees only its chips, from 0
+    assert any(v["source"] == "/usr/local/sbin/npu-smi" and v["target"] == "/usr/local/bin/npu-smi"
+               for v in npu["volumes"])
     args = npu["build"]["args"]
     for key, value in ascend_pins().items():  # the pins reach the build from images/ascend/pins.env
         assert args[key] == value, key

@@ -35,14 +35,3 @@ def test_torch_npu_without_cann_is_one_clear_line(tmp_path, small_faces):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "warning: torch_npu is installed but cannot load" in res.stderr
     assert "device cpu x 1" in res.stdout
-
-
-def test_device_types_map_to_backends():
-    from facenet.devices import Device
-
-    assert [Device(t).dist_backend for t in ("npu", "cuda", "cpu")] == ["hccl", "nccl", "gloo"]
-    import torch
-
-    assert Device("cpu").autocast_dtype() == torch.bfloat16
-    assert Device("npu", 0).autocast_dtype() == torch.float16
-    assert Device("cpu").channels_last and not Device("npu", 0).channels_last

@@ -96,37 +96,22 @@ def ours_run(data_dir: str, epochs: int, batch_size: int, lr: float, workers: in
 
 
 def step_ceiling(batch_size: int, device: str, steps: int = 10) -> dict:
-    """The loop with everything else removed (nanoGPT's bench.py): img/s of forward+backward+Adam
-    on a synthetic batch, fp32 NCHW (the reference's math) vs ours (autocast dtype, channels_last).
-    The ratio of these two bounds what any loader or bookkeeping work can add."""
+    """The loop with everything else removed (nanoGPT's bench.py): img/s of the trainer's own step
+    (facenet.train.probe: forward, loss, backward, Adam) on a synthetic batch, fp32 NCHW (the reference's
+    math) vs ours (autocast dtype, channels_last). The ratio of these two bounds what any loader or
+    bookkeeping work can add."""
     from facenet.devices import Device
-    from facenet.model import build_model
+    from facenet.spec import TrainSpec
+    from facenet.train import probe
 
     dev = Device(device, 0 if device != "cpu" else None)
     out = {}
     for name, amp, channels_last in (("fp32_nchw", False, False), ("ours", True, dev.channels_last)):
-        torch.manual_seed(0)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_model(8, None).to(dev.torch_device, memory_format=fmt).train()
-        opt = dev.make_adam(model.parameters(), 1e-3, 0.0)
-        x = torch.randn(batch_size, 3, 160, 160, device=dev.torch_device).contiguous(memory_format=fmt)
-        y = torch.randint(0, 8, (batch_size,), device=dev.torch_device)
-        dtype = dev.autocast_dtype()
-        scaler = torch.amp.GradScaler(dev.type, enabled=amp and dtype == torch.float16)
-        times = []
-        for _ in range(steps):
-            dev.synchronize()
-            t0 = time.perf_counter()
-            with dev.autocast(amp, dtype):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            dev.synchronize()
-            times.append(time.perf_counter() - t0)
-        steady = sorted(times[steps // 3:])
-        out[name] = batch_size / steady[len(steady) // 2]
+        spec = TrainSpec(data="synthetic", amp=amp, lr=1e-3,
+                         batch_size=batch_size)
+        p = probe.build(dev, batch_size, spec, channels_last=channels_last)
+        times = p.timed(steps=steps, warmup=0)
+        out[name] = probe.median_rate(batch_size, times[steps // 3:])
     out["ratio"] = out["ours"] / out["fp32_nchw"]
     return out
 

@@ -295,8 +295,10 @@ def on_device(loader, device: torch.device, channels_last: bool):
     while the current step computes: the step never waits for the host-to-device copy. On the CPU there is no
     copy to hide and this is `to_device` inline.
     """
-    module = getattr(torch, device.type, None)
-    if device.type == "cpu" or module is None or not hasattr(module, "Stream"):
+    from facenet.devices import Device
+
+    module = Device(device.type).module
+    if not Device(device.type).row.side_stream or module is None:
         for images, labels, bad, fed in loader:
             yield to_device(images, device, channels_last), labels.to(device), bad, fed
         return

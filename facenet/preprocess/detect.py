@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, nms
+from torchvision import ops
+
+from facenet.devices import nms_device
 
 
 def detect_faces(img: np.ndarray, minsize: float, pnet, rnet, onet, thresholds, factor: float = 0.709):
@@ -130,12 +132,25 @@ def _merge_scales(found: list[np.ndarray], device) -> torch.Tensor:
     squared boxes (N, 5) x1 y1 x2 y2 score."""
     scale_ids = torch.from_numpy(np.concatenate([np.full(len(f), k) for k, f in enumerate(found)])).to(device)
     boxes = torch.from_numpy(np.concatenate(found)).to(device)
-    boxes = boxes[batched_nms(boxes[:, :4], boxes[:, 4], scale_ids, 0.5)]  # within each scale
+    boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.5, scale_ids)]  # within each scale
     boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]  # across scales
     regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
                          boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], dim=1)
     return _square(boxes)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's NMS (within each of `groups` when given) where the device row says it runs: on the boxes'
+    device, or on the CPU for a device with no NMS kernel (npu, see facenet.devices.ROWS); the kept indices come
+    back on the boxes' device."""
+    where = nms_device(boxes.device.type)
+    if where is not None:
+        keep = nms(boxes.to(where), scores.to(where), iou, None if groups is None else groups.to(where))
+        return keep.to(boxes.device)
+    if groups is None:
+        return ops.nms(boxes, scores, iou)
+    return ops.batched_nms(boxes, scores, groups, iou)
 
 
 def _refine(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh: float) -> torch.Tensor:

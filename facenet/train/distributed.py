@@ -34,11 +34,18 @@ def init(info: DistInfo, backend: str, device: torch.device | None) -> None:
     if info.world_size > 1 and not dist.is_initialized():
         from datetime import timedelta
 
-        kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
+        from facenet.devices import row
+
+        kwargs = {"device_id": device} if device is not None and row(device.type).backend_device_id else {}
         # A rank whose peer died (another node's worker killed) must not wait in a collective forever: it fails
         # after this, its launcher exits, and the supervisor stops the gang and queues the job again.
-        timeout = timedelta(seconds=int(os.environ.get(COLLECTIVE_TIMEOUT_ENV, "600")))
+        timeout = timedelta(seconds=collective_timeout())
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+
+def collective_timeout() -> int:
+    """Seconds a collective may wait for its peers (FACENET_COLLECTIVE_TIMEOUT, default 600)."""
+    return int(os.environ.get(COLLECTIVE_TIMEOUT_ENV, "600"))
 
 
 def shutdown() -> None:
@@ -50,8 +57,9 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
     """Sum (or max) a few scalars over all ranks; identity for world size 1."""
     if not dist.is_initialized():
         return list(values)
-    # HCCL has no float64 all-reduce; float32 is exact for counts below 2**24 per call.
-    dtype = torch.float32 if device.type == "npu" else torch.float64
+    from facenet.devices import row
+
+    dtype = row(device.type).scalar_dtype  # float32 where the backend has no float64 (exact below 2**24)
     t = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()

@@ -61,6 +61,9 @@ def make_amp(spec: TrainSpec, device: devices.Device) -> Amp:
     use_scaler = enabled and dtype == torch.float16
     static = None if spec.loss_scale == "dynamic" else float(spec.loss_scale)
     kwargs = {"init_scale": static} if static else {}
+    # torch's own GradScaler on every type; on npu its two kernels are op-plugin's (Ascend/op-plugin@8b9c8534,
+    # torch_npu 2.12's pin: op_plugin/config/op_plugin_functions.yaml:119,123 _amp_foreach_non_finite_check_and_
+    # unscale_, _amp_update_scale_). It unscales before the step, as the row's non-fused Adam needs there.
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler, **kwargs)
     return Amp(enabled, dtype, scaler, static, note)
 
@@ -132,10 +135,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     objective = make_objective(spec)
     trainable = Trainable(model, spec.loss)  # network + loss head: what DDP wraps
-    if spec.optimizer == "adam":
-        optimizer = device.make_adam(model.parameters(), spec.lr, spec.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
+    optimizer = device.make_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
 
     start_epoch, history, run_id, baseline = 0, [], spec.run_id, None
@@ -178,7 +178,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                               connect_timeout=float(os.environ.get("FACENET_MLFLOW_CONNECT_SECONDS", "15")))
             run_id = tracker.run_id
             tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
-                                         resume=bool(resume_path))
+                                         resume=bool(resume_path), chips=_chip_monitors(device, spec))
             if not resume_path:
                 tracker.log_params(_params(spec, data, device, info, amp, workers, compile_mode))
             say(f"MLflow run {run_id} at {uri}")
@@ -332,6 +332,17 @@ EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "ep
                  "verify_acc", "val_far_1e-3", "auc", "eer")
 
 
+def _chip_monitors(device: devices.Device, spec: TrainSpec) -> list:
+    """System-metric monitors of the chips this node's ranks hold (rank 0 logs them: node 0's chips, the ids
+    check_device_request gave the ranks), where the device row names one."""
+    if device.row.chip_monitor != "npu-smi":
+        return []
+    from facenet import npu_smi
+
+    ids = list(spec.device_list) if spec.device_list is not None else list(range(spec.npus_per_node))
+    return [lambda: npu_smi.monitor_class()(ids)]
+
+
 def _log_epoch(tracker: Tracker, record: dict) -> None:
     """One epoch's metrics at step = epoch. Logged after the checkpoint that holds the record; a resumed run
     sends its history again with the same timestamps, which MLflow keeps once."""
@@ -352,9 +363,19 @@ class Step:
             return self.objective.loss(self.model(x), y)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        if self.mode == "reduce-overhead" and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        self.device.mark_step(self.mode)
         return self._fn(x, y)
+
+    def train(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer):
+        """One optimizer step on (x, y), the same on every device type: zero the grads (in place: the row's
+        zero_grad_to_none), forward and loss under autocast, backward through the loss scaler (fp16 only),
+        step, update the scale (a fixed --loss-scale is set again after every step). Returns (loss, correct)."""
+        self.device.zero_grad(optimizer)
+        loss, n_correct = self(x, y)
+        self.amp.scaler.scale(loss).backward()
+        self.amp.scaler.step(optimizer)
+        self.amp.scaler.update(self.amp.static_scale)
+        return loss, n_correct
 
 
 def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool,
@@ -376,11 +397,7 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
         audit.fed(fed)
         if y.numel() == 0:
             raise _unreadable_batch(bad)
-        loss, n_correct = step_fn(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(loss).backward()
-        amp.scaler.step(optimizer)
-        amp.scaler.update(amp.static_scale)  # a fixed --loss-scale is re-set after every step
+        loss, n_correct = step_fn.train(x, y, optimizer)
         n = y.numel()
         seen += n
         loss_sum += loss.detach().float() * n

@@ -30,6 +30,9 @@ WATCH_PID_ENV = "FACENET_WATCH_PID"
 # A job over several nodes: this node's rank and node 0's rendezvous endpoint (HOST:PORT).
 NODE_RANK_ENV = "FACENET_NODE_RANK"
 RDZV_ENDPOINT_ENV = "FACENET_RDZV_ENDPOINT"
+# The address other nodes reach this node at (a host with several NICs): the rendezvous a leading node
+# advertises, and the NIC the collective library binds (devices.collective_env).
+NODE_ADDRESS_ENV = "FACENET_NODE_ADDRESS"
 
 
 def watch_supervisor() -> None:
@@ -112,6 +115,11 @@ def launch_distributed(spec: TrainSpec, device_type: str) -> int:
     if device_type == "cpu" and "OMP_NUM_THREADS" not in env:
         # N CPU processes share the cores; without this each spawns a thread per core and they thrash.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+    from facenet.train.distributed import collective_timeout
+
+    collective = devices.collective_env(device_type, spec.nnodes, os.environ.get(NODE_ADDRESS_ENV),
+                                        collective_timeout())
+    env.update(collective)
     if endpoint is None:
         where = ["--standalone"]
     else:
@@ -120,8 +128,9 @@ def launch_distributed(spec: TrainSpec, device_type: str) -> int:
                  f"--master-port={port}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={local}",
            "-m", "facenet.train", "--spec", spec_path]
+    said = "".join(f" {k}={v}" for k, v in sorted(collective.items()))
     print(f"launching {local} processes ({device_type})"
-          f"{f' as node {node_rank} of {spec.nnodes}' if endpoint else ''}: {' '.join(cmd[2:])}", flush=True)
+          f"{f' as node {node_rank} of {spec.nnodes}' if endpoint else ''}:{said} {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
