@@ -83,7 +83,8 @@ ROWS: dict[str, Row] = {
             ("module", "torch.npu is torch_npu.npu: torch_npu:torch_npu/_init/registry/backend.py:9 "
                        "(torch._register_device_module); set_device torch_npu/npu/utils.py:88, synchronize :62, "
                        "device_count torch_npu/npu/__init__.py:437, max_memory_allocated torch_npu/npu/memory.py:467, "
-                       "Stream torch_npu/npu/streams.py:9, current_stream torch_npu/npu/utils.py:260"),
+                       "Stream torch_npu/npu/streams.py:9 (wait_stream :42), current_stream torch_npu/npu/utils.py:260, "
+                       "stream :232, Tensor.record_stream torch_npu/csrc/aten/ops/StreamAndEventKernelNpu.cpp:8"),
             ("visible_env", "torch_npu:torch_npu/npu/__init__.py:363-431 (_parse_visible_devices: ascending ids)"),
             ("adam_kernel", "no NPU kernel for torch._fused_adam_: Ascend/op-plugin@8b9c8534 (torch_npu 2.12's pin) "
                             "op_plugin/config/op_plugin_functions.yaml registers _fused_adamw_ only, and it ignores "

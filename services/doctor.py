@@ -18,7 +18,7 @@ from services.config import Settings
 WORKER_DOCTOR_ENV = "FACENET_WORKER_DOCTOR"  # 1: a device worker runs doctor on its own devices before it starts
 DOCTOR_ARGS_ENV = "FACENET_DOCTOR_ARGS"  # extra doctor flags for that run (e.g. --probe-seconds 10)
 UNFIT_ENV = "FACENET_UNFIT"  # the failed checks, handed from the entrypoint to the worker it starts
-WORKER_DOCTOR_TIMEOUT = 600
+WORKER_DOCTOR_TIMEOUT = 330  # doctor's own bound is 5 minutes; compose's healthcheck waits 360 s
 
 
 def service_checks(settings: Settings) -> list[tuple[str, callable]]:

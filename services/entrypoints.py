@@ -222,10 +222,11 @@ def check_before_taking_jobs(cmd: list[str], env: dict) -> tuple[list[str], dict
     still starts (so status and Flower can say why) but consumes no train queue: it listens on unfit.<type>, which
     nothing sends to, and registers without capacity, naming what failed (FACENET_UNFIT)."""
     from services.celery_app import train_queue
+    from services.config import parse_devices
     from services.doctor import UNFIT_ENV, worker_self_check
-    from services.supervisor import worker_devices
 
-    device_type, devices = worker_devices()
+    device_type = os.environ.get("FACENET_DEVICE_TYPE", "cpu")  # as service_command read them
+    devices = parse_devices(os.environ.get("FACENET_DEVICES", "0"))
     reason = worker_self_check(device_type, devices)
     if reason is None:
         return cmd, env

@@ -108,9 +108,10 @@ def detect_bench(raw: str, device: str, batch: int = 32, limit: int = 960, slow_
     ours = FaceCropper(DetectorSettings(device=device))
     m = ours.mtcnn
 
+    from facenet.devices import Device
+
     def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+        Device(device, 0 if device != "cpu" else None).synchronize()
 
     def timed(fn, n: int) -> tuple[float, list]:
         fn(photos[:4])  # warm-up: kernels, allocator
