@@ -86,6 +86,9 @@ setting = $(shell $(HOST_PYTHON) -m services.compose get $(1) $(ENV_FILE))
 PROFILE ?= $(shell $(HOST_PYTHON) -m services.compose profile)
 NPUS ?= $(call setting,NPUS)
 NPU_OVERRIDE := build/compose.npu.yml
+# worker-npu's chips and npu-smi on this host (only the npu profile reads the file; elsewhere there are no chips).
+NPU_OVERRIDE_CMD = mkdir -p build && if [ "$(PROFILE)" = npu ]; then \
+	$(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE).tmp && mv $(NPU_OVERRIDE).tmp $(NPU_OVERRIDE); fi
 # NODES=2: a second CPU device worker on this host (two "nodes" for jobs over several nodes, profile nodes).
 # CLUSTER=1: one stack over several hosts (docker-compose.cluster.yml: HEAD_ADDRESS, NODE_ADDRESS, SHARED_DIR);
 # `make join` on each other host starts its device worker only (README: Several nodes).
@@ -104,7 +107,7 @@ env-file:
 	@$(HOST_PYTHON) -m services.compose env $(ENV_FILE)
 
 up: env-file
-	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
+	@$(NPU_OVERRIDE_CMD)
 	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(if $(NPUS),$(NPUS),every) NPU(s) of this host)"
 	$(COMPOSE_CMD) up -d --build --wait
 	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
@@ -113,7 +116,7 @@ up: env-file
 join: CLUSTER := 1
 join:
 	@test -f $(ENV_FILE) || { echo "error: $(ENV_FILE): copy the head host's .env here first (the stack's secrets)" >&2; exit 2; }
-	@mkdir -p build && $(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE)
+	@$(NPU_OVERRIDE_CMD)
 	$(COMPOSE_CMD) up -d --build --wait --no-deps worker-$(PROFILE)
 
 down: env-file
