@@ -319,23 +319,22 @@ def check_chips(device_type: str, opts: Options) -> Check:
 def _group_member(rank: int, world: int, device_type: str, port: int, out_dir: str, opts: Options) -> None:
     """One process of the group: its chip, one training step, then the all-reduce; results to a JSON file."""
     import torch
-    import torch.distributed as dist
 
     from facenet import devices
     from facenet.fsutil import cpu_cores
-    from facenet.train import probe
+    from facenet.train import distributed, probe
 
     result: dict = {"rank": rank}
     try:
         if device_type == "cpu":
             torch.set_num_threads(max(1, cpu_cores() // world))
         device = devices.setup_device(device_type, rank, None)
-        r = devices.row(device_type)
-        from datetime import timedelta
-
-        kwargs = {"device_id": device.torch_device} if r.backend_device_id else {}
-        dist.init_process_group(r.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=GROUP_TIMEOUT_S), **kwargs)
+        # The trainer's own set-up of its process group (as torchrun's environment would give it).
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        os.environ.setdefault(distributed.COLLECTIVE_TIMEOUT_ENV, str(GROUP_TIMEOUT_S))
+        os.environ.update(devices.collective_env(device_type, 1, None, distributed.collective_timeout()))
+        distributed.init(distributed.from_env(), device.dist_backend, device.torch_device)
         p = probe.build(device, opts.step_batch, image_size=opts.image_size, seed=rank)
         before = probe.snapshot(p)
         t0 = time.perf_counter()
@@ -345,7 +344,7 @@ def _group_member(rank: int, world: int, device_type: str, port: int, out_dir: s
                       optimizer=f"{type(p.optimizer).__module__}.{type(p.optimizer).__name__}"
                                 f"({devices.row(device_type).adam_kernel})")
         result["allreduce"] = _bandwidth(device, world, opts)
-        dist.destroy_process_group()
+        distributed.shutdown()
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
@@ -359,12 +358,14 @@ def _bandwidth(device, world: int, opts: Options) -> dict:
     import torch.distributed as dist
 
     mb = opts.allreduce_mb or (16 if device.type == "cpu" else 256)
+    if not dist.is_initialized():  # one process: no group (the trainer's init makes none for world size 1)
+        return {"megabytes": mb, "correct": True}
     n = mb * 2**20 // 4
     buf = torch.ones(n, dtype=torch.float32, device=device.torch_device)
     for _ in range(2):
         dist.all_reduce(buf)
     device.synchronize()
-    correct = bool(buf[0].item() == world ** 2) if world > 1 else True
+    correct = bool(buf[0].item() == world ** 2)
     times = []
     for _ in range(5):
         dist.barrier()
