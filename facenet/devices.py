@@ -134,8 +134,6 @@ ROWS: dict[str, Row] = {
         compile_auto=None, compile_backend="inductor", cuda_graphs=False,
         nic_env=None, connect_timeout_env=None, exec_timeout_env=None),
 }
-DIST_BACKENDS = {t: r.backend for t, r in ROWS.items()}
-VISIBLE_ENV = {t: r.visible_env for t, r in ROWS.items()}
 
 
 def row(device_type: str) -> Row:

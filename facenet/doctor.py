@@ -149,14 +149,15 @@ def pins_dir() -> str:
                                                         "images", "ascend")
 
 
-def _key_values(path: str) -> dict[str, str]:
+def _key_values(path: str, lower: bool = True) -> dict[str, str]:
+    """KEY=VALUE lines of a file (version.info, an install record, pins.env); {} when it cannot be read."""
     out = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, sep, value = line.strip().partition("=")
-                if sep:
-                    out[key.strip().lower()] = value.strip()
+                if sep and not key.startswith("#"):
+                    out[key.strip().lower() if lower else key.strip()] = value.strip()
     except OSError:
         pass
     return out
@@ -193,12 +194,7 @@ def compat_table() -> tuple[dict, dict[str, str]]:
     folder = pins_dir()
     with open(os.path.join(folder, "compat.json"), encoding="utf-8") as fh:
         table = json.load(fh)
-    pins = {}
-    with open(os.path.join(folder, "pins.env"), encoding="utf-8") as fh:
-        for line in fh:
-            key, sep, value = line.strip().partition("=")
-            if sep and not key.startswith("#"):
-                pins[key] = value
+    pins = _key_values(os.path.join(folder, "pins.env"), lower=False)
     return table, pins
 
 
@@ -267,7 +263,7 @@ def check_chips(device_type: str, opts: Options) -> Check:
     from facenet.fsutil import cpu_cores
 
     visible = devices.device_count(device_type)
-    if device_type == "cpu":
+    if devices.row(device_type).module is None:  # the CPU: processes stand in for chips
         npus = opts.npus or 2
         return Check("chips", PASS, f"{cpu_cores()} core(s); {npus} processes stand in for {npus} devices",
                      data={"npus": npus, "cores": cpu_cores()})
@@ -379,14 +375,6 @@ def _bandwidth(device, world: int, opts: Options) -> dict:
             "busbw_gb_s": round(algbw * 2 * (world - 1) / world, 3), "correct": correct}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _timed_group(device_type: str, npus: int, opts: Options) -> list[Check]:
     t0 = time.perf_counter()
     try:
@@ -407,7 +395,9 @@ def _group(device_type: str, npus: int, opts: Options) -> list[Check]:
     backend = devices.row(device_type).backend
     ctx = mp.get_context("spawn")  # a fresh interpreter per chip: nothing of this process' device state
     with tempfile.TemporaryDirectory(prefix="facenet-doctor-") as out_dir:
-        port = _free_port()
+        from facenet.fsutil import free_port
+
+        port = free_port()
         procs = [ctx.Process(target=_group_member, args=(r, npus, device_type, port, out_dir, opts), daemon=True)
                  for r in range(npus)]
         for proc in procs:

@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all, and the host's usable cores."""
+"""Files that appear whole or not at all, the host's usable cores, and a free local port."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def write_atomic(path: str, data: bytes, fsync: bool = False) -> None:
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def remove_stale_temp_files(out: str) -> int:

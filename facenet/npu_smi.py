@@ -113,15 +113,17 @@ def _add_process(line: str, chips: list[Chip]) -> None:
             return
 
 
+def search() -> str | None:
+    """npu-smi on PATH, else in one of the places hosts keep it; None if in none."""
+    return shutil.which("npu-smi") or next((p for p in NPU_SMI_PLACES if os.access(p, os.X_OK)), None)
+
+
 def find_tool() -> str | None:
-    """Path of this host's npu-smi: FACENET_NPU_SMI, PATH, then the places hosts keep it; None if absent."""
+    """Path of this host's npu-smi: FACENET_NPU_SMI, else search(); None if absent."""
     explicit = os.environ.get(NPU_SMI_ENV)
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
-    found = shutil.which("npu-smi")
-    if found:
-        return found
-    return next((p for p in NPU_SMI_PLACES if os.access(p, os.X_OK)), None)
+    return search()
 
 
 class NpuSmiError(RuntimeError):

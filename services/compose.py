@@ -178,9 +178,6 @@ def detect_profile() -> str:
     return "cpu"
 
 
-# Where hosts keep npu-smi (Ascend Docker Runtime mounts /usr/local/bin/npu-smi: Ascend/ascend-docker-runtime
-# build/scripts/base.list; Atlas A2 hosts have /usr/local/sbin/npu-smi): PATH first, then these.
-NPU_SMI_PLACES = ("/usr/local/sbin/npu-smi", "/usr/local/bin/npu-smi")
 NPU_SMI_IN_CONTAINER = "/usr/local/bin/npu-smi"
 
 
@@ -191,11 +188,6 @@ def host_chips(dev: str = "/dev") -> list[int]:
     except OSError:
         return []
     return sorted(int(m.group(1)) for m in map(re.compile(r"^davinci(\d+)$").match, names) if m)
-
-
-def host_npu_smi() -> str | None:
-    found = shutil.which("npu-smi")
-    return found or next((p for p in NPU_SMI_PLACES if os.access(p, os.X_OK)), None)
 
 
 def npu_override(wanted: str = "", dev: str = "/dev", npu_smi: str | None = None) -> str:
@@ -220,7 +212,10 @@ def npu_override(wanted: str = "", dev: str = "/dev", npu_smi: str | None = None
             raise SystemExit(f"NPUS={n}: this host has {len(chips)} chip(s) ({', '.join(f'davinci{i}' for i in chips)})")
     use = chips[:n] if chips else list(range(n))  # no chips here (a render on another host): davinci0..N-1
     devices = "".join(f"      - /dev/davinci{i}:/dev/davinci{i}\n" for i in use)
-    tool = npu_smi if npu_smi is not None else host_npu_smi()
+    # facenet.npu_smi is standard library only, as this module must be (the host's python runs it).
+    from facenet.npu_smi import NPU_SMI_PLACES, search
+
+    tool = npu_smi if npu_smi is not None else search()
     volumes = f"    volumes:\n      - {tool}:{NPU_SMI_IN_CONTAINER}:ro\n" if tool else ""
     if not tool:
         print(f"warning: npu-smi not found on this host (PATH, {', '.join(NPU_SMI_PLACES)}): the worker's doctor "

@@ -21,6 +21,8 @@ import os
 import shutil
 import sys
 
+from facenet.fsutil import free_port  # noqa: F401  (the stack, the gang and the tests take it from here)
+
 SERVICES = ("redis", "mlflow", "flower", "worker-preprocess", "worker-device")
 
 
@@ -41,14 +43,6 @@ def mlflow_server_command(host: str, port: int, backend_store_uri: str, artifact
     jobs = "true" if os.environ.get("FACENET_MLFLOW_JOBS") == "1" else "false"
     return cmd, {"MLFLOW_BACKEND_STORE_URI": backend_store_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": jobs}
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_until_healthy(url: str, proc, timeout: float, log_path: str) -> None:

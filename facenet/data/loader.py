@@ -297,8 +297,9 @@ def on_device(loader, device: torch.device, channels_last: bool):
     """
     from facenet.devices import Device
 
-    module = Device(device.type).module
-    if module is None or not Device(device.type).row.side_stream:
+    dev = Device(device.type)
+    module = dev.module
+    if module is None or not dev.row.side_stream:
         for images, labels, bad, fed in loader:
             yield to_device(images, device, channels_last), labels.to(device), bad, fed
         return
