@@ -216,7 +216,7 @@ def check_versions(device_type: str) -> Check:
         bf16 = "with" if devices.cpu_has_bf16() else "without"
         return Check("versions", PASS, f"torch {found['torch']}, Python {found['python']}, a CPU {bf16} native bf16",
                      data=found)
-    import torch_npu
+    import torch_npu  # its __version__: Ascend/pytorch@v26.1.0-pytorch2.12.0:torch_npu/__init__.py:44
 
     found.update(torch_npu=getattr(torch_npu, "__version__", "?"), cann=cann_version() or "?",
                  driver=driver_version() or "?")

@@ -41,6 +41,8 @@ def device_peak(device_type: str) -> tuple[float | None, str]:
         return next((peak for key, peak in PEAK_BF16.items() if key in name), None), name
     if device_type == "npu":
         try:
+            # The current device's SoC name, e.g. "Ascend910B3" (the index is only validated):
+            # Ascend/pytorch@v26.1.0-pytorch2.12.0:torch_npu/npu/__init__.py:480.
             name = torch.npu.get_device_name(0)
         except Exception:
             return None, "npu"
