@@ -11,29 +11,33 @@ from facenet.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, fsync: bool = False):
+def atomic_write(path: str, fsync: bool = False, dir_fd: int | None = None):
     """Yield a binary file handle; on success it replaces PATH in one rename.
 
     The data goes to a hidden `.NAME.tmp-<pid>` beside PATH first, so readers
     (and a process killed midway) never see a partial file; leftovers of dead
-    writers are recognisable by that name and pid.
+    writers are recognisable by that name and pid. With `dir_fd` (PATH's folder,
+    already open) every step goes through that descriptor, not the folder's path.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    if dir_fd is None:
+        os.makedirs(folder, exist_ok=True)
+        tmp, final = os.path.join(folder, f".{name}.tmp-{os.getpid()}"), path
+    else:
+        tmp, final = f".{name}.tmp-{os.getpid()}", name
     with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)  # ours from a crash with the same pid, or a planted symlink (removed, never followed)
+        os.remove(tmp, dir_fd=dir_fd)  # ours from a crash with the same pid, or a planted symlink (removed, never followed)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+            os.remove(tmp, dir_fd=dir_fd)
         if _disk_full(exc):
             raise UserError(f"cannot write {path}: no space left on its disk ({_free_mib(folder)} MiB free); "
                             "free some space and run again (what was written before is intact)") from None

@@ -142,11 +142,15 @@ def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots
     by_name = {v: k for k, v in names.items()}
     samples = []
     folders_seen: set[str] = set()
-    text = confine.read_text(path, roots, "list file")
+    text = confine.read_metadata(path, roots, "list file", 1 << 30).decode("utf-8", errors="replace")
     for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if not line.isprintable() and not all(c.isprintable() or c in " \t" for c in line):
+            # A NUL or control character cannot name a file; said here, once, not as a trainer crash.
+            raise UserError(f"{path}:{lineno}: {line[:200]!r} holds a control character (NUL, escape, ...); "
+                            "list lines are 'relative/path [class]'")
         parts = line.rsplit(None, 1)
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             rel, label = parts[0], int(parts[1])
@@ -177,7 +181,7 @@ def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:
     manifest = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest):
         try:
-            value = json.loads(confine.read_text(manifest, roots, "manifest", 256 << 20)).get("content_hash")
+            value = json.loads(confine.read_metadata(manifest, roots, "manifest")).get("content_hash")
             if value:
                 return str(value)
         except (OSError, ValueError, AttributeError):
@@ -186,6 +190,6 @@ def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:
     if all(os.path.isfile(p) for p in lists):
         h = hashlib.sha256()
         for p in lists:
-            h.update(confine.read_bytes(p, roots, "list file"))
+            h.update(confine.read_metadata(p, roots, "list file", 1 << 30))
         return "lists-sha256:" + h.hexdigest()[:16]
     return None

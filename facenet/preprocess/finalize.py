@@ -102,6 +102,9 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
         "reject_reasons": dict(sorted(reasons.items())),
         "converted": dict(sorted(converted.items())),
         "refused": len(plan.refused),
+        # Raw photos with more than one name: allowed (hard-linked copies of a data set are common), but a
+        # hard link cannot be told from its target, which may lie outside the data roots (README, Security).
+        "hard_linked": sum(1 for r in records if r.get("links", 1) > 1),
         "rejects": sorted(rejects, key=lambda r: r["path"]),
         "content_hash": "sha256:" + content.hexdigest(),
     }

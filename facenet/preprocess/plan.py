@@ -178,33 +178,49 @@ def _listable(name: str) -> bool:
 
 
 def _is_dir(path: str, roots: confine.Roots | None) -> bool:
-    if not os.path.isdir(path):
-        return False
-    return roots is None or roots.contains(os.path.realpath(path))
+    if roots is None:
+        return os.path.isdir(path)
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _link_reason(path: str, roots: confine.Roots | None) -> str:
+    inside = roots is None or roots.contains(os.path.realpath(path))
+    return f"symbolic link ({confine.LINKS_NOTE})" if inside else "symbolic link outside the data roots"
 
 
 def _list_identities(folder: str, roots: confine.Roots | None, refused: list, prefix: str) -> list[tuple[str, str]]:
+    """(identity, file) of every image name beneath `folder`. Confined, the folders are listed through their
+    own descriptors and no symbolic link is followed (each one is refused, with where it points)."""
     found = []
-    for ident in sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")):
+    entries = confine.scandir(folder, roots, "RAW") if roots is not None else \
+        [(e.name, "dir" if e.is_dir() else "other") for e in os.scandir(folder)]
+    for ident, kind in sorted(entries):
+        if ident.startswith(".") or kind not in ("dir", "link"):
+            continue
         path = os.path.join(folder, ident)
+        if kind == "link" and not os.path.isdir(path):
+            continue
         if not _listable(ident):
             refused.append((prefix + repr(ident)[1:-1], UNLISTABLE))
             continue
-        if roots is not None and not roots.contains(os.path.realpath(path)):
-            refused.append((prefix + ident, "symbolic link outside the data roots"))
+        if kind == "link":
+            refused.append((prefix + ident, _link_reason(path, roots)))
             continue
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        files = confine.scandir(path, roots, "identity folder") if roots is not None else \
+            [(e.name, "file" if e.is_file() else "other") for e in os.scandir(path)]
+        for name, fkind in sorted(files):
             # Every file with an image name is planned; what it really holds is decided (and
             # rejected with a reason if need be) when the shard reads it, confined again there.
-            if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(RAW_EXTENSIONS):
-                if not _listable(entry.name):
-                    refused.append((f"{prefix}{ident}/{repr(entry.name)[1:-1]}", UNLISTABLE))
-                    continue
-                if roots is not None and entry.is_symlink() \
-                        and not roots.contains(os.path.realpath(entry.path)):
-                    refused.append((f"{prefix}{ident}/{entry.name}", "symbolic link outside the data roots"))
-                    continue
-                found.append((ident, entry.name))
+            if fkind not in ("file", "link") or name.startswith(".") or not name.lower().endswith(RAW_EXTENSIONS):
+                continue
+            if not _listable(name):
+                refused.append((f"{prefix}{ident}/{repr(name)[1:-1]}", UNLISTABLE))
+                continue
+            if fkind == "link":
+                if os.path.isfile(os.path.join(path, name)):
+                    refused.append((f"{prefix}{ident}/{name}", _link_reason(os.path.join(path, name), roots)))
+                continue
+            found.append((ident, name))
     return found
 
 

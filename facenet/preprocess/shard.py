@@ -93,10 +93,21 @@ def run_shard(plan: Plan, index: int, device: str = "cpu", roots: confine.Roots 
                 loaded = list(pool.map(lambda job: _load(plan, job[1], roots), chunk))
                 for (pos, item, rel, target), face_of in zip(chunk, _detect_many(cropper, loaded)):
                     records[pos] = _finish(plan, item, rel, target, face_of, cropper, roots)
+    for rec in records:  # counted in the manifest: a hard link may name a file outside the roots (README)
+        links = _links(plan.raw_path(tuple(rec["item"])))
+        if links > 1:
+            rec["links"] = links
     record = {"plan_id": plan.plan_id, "index": index, "records": records,
               "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
     confine.write_bytes(shard_record_path(plan, index), json.dumps(record).encode(), roots, "shard record")
     return {**record, "skipped": False}
+
+
+def _links(path: str) -> int:
+    try:
+        return os.lstat(path).st_nlink
+    except OSError:
+        return 1
 
 
 def _load(plan: Plan, item, roots: confine.Roots | None):

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from facenet import confine, devices
 from facenet.data import loader as data_loader
 from facenet.data.dataset import DatasetSplit, load_for_training
-from facenet.errors import UserError
+from facenet.errors import UserError, one_line
 from facenet.model import build_model, resolve_pretrained
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
@@ -517,7 +517,7 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
     new = sorted(merged - reported)
     if new:
         reported.update(new)
-        shown = ", ".join(new[:MAX_NAMED_BAD])
+        shown = ", ".join(one_line(p) for p in new[:MAX_NAMED_BAD])
         more = f" and {len(new) - MAX_NAMED_BAD} more" if len(new) > MAX_NAMED_BAD else ""
         say(f"warning: skipped {len(new)} unreadable image(s): {shown}{more}")
     return merged
@@ -604,6 +604,6 @@ def main_worker(spec: TrainSpec) -> int:
     try:
         run(spec)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

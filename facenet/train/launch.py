@@ -14,7 +14,7 @@ import sys
 
 from facenet import devices
 from facenet.data.dataset import load_for_training
-from facenet.errors import UserError
+from facenet.errors import UserError, one_line
 from facenet import confine
 from facenet.model import resolve_pretrained
 from facenet.spec import TrainSpec
@@ -150,6 +150,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -
         if (spec.npus > 1 or spec.nnodes > 1) and "RANK" not in os.environ:
             return launch_distributed(spec, preflight(spec))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return main_worker(spec)

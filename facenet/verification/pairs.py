@@ -65,7 +65,7 @@ def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: s
     must exist; the error names the first missing one and the line. `what`: the option named in errors."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
-    text = confine.read_bytes(path, roots, what, 64 << 20).decode("utf-8", errors="replace")
+    text = confine.read_metadata(path, roots, what, 64 << 20).decode("utf-8", errors="replace")
     lines = [ln for ln in text.splitlines()]
     first = next((ln for ln in lines if ln.strip()), "")
     if first.startswith("# facenet-stack pairs"):
