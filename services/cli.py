@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from facenet.errors import one_line
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="facenet-stack")
@@ -65,7 +67,7 @@ def preprocess(raw, out, workers, shard_size, image_size, margin, device, detect
     try:
         summary = run_local(raw, out, params, workers=workers, device=device, progress=not as_json)
     except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -238,9 +240,9 @@ def _fail(exc: Exception):
     from facenet.errors import InputError
 
     if isinstance(exc, InputError):
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {one_line(exc)}", err=True)
         sys.exit(2)
-    raise click.ClickException(str(exc)) from None
+    raise click.ClickException(one_line(exc)) from None
 
 
 def _echo_json(value) -> None:
@@ -694,8 +696,12 @@ _state_dir_option = click.option("--state-dir", default=None, show_default="$FAC
               help="CPU 'devices' the CPU worker owns (e.g. 0-1: two 1-process jobs at once, or one 2-process job)")
 @click.option("--device-workers", type=int, default=None, show_default="1",
               help="CPU device workers to run, each a 'node' owning --cpu-devices (2: two nodes on this host)")
+@click.option("--data-root", "data_roots", multiple=True, metavar="DIR",
+              help="a folder jobs may read and write (repeat for more); the default is $FACENET_DATA_ROOTS, else "
+                   "the roots of the last `stack up`, else ~/facenet-data (created). Never a folder that holds "
+                   "the state folder")
 @click.option("--json", "as_json", is_flag=True, help="print the services as JSON")
-def stack_up(state_dir, cpu_devices, device_workers, as_json) -> None:
+def stack_up(state_dir, cpu_devices, device_workers, data_roots, as_json) -> None:
     """Start what is not running yet (idempotent); print where everything is."""
     from facenet.errors import UserError
     from services import stack as local
@@ -704,16 +710,18 @@ def stack_up(state_dir, cpu_devices, device_workers, as_json) -> None:
     state_dir = state_dir or default_state_dir()
     try:
         s = local.up(state_dir, cpu_devices, progress=(lambda m: None) if as_json else click.echo,
-                     device_workers=device_workers)
+                     device_workers=device_workers, data_roots=list(data_roots) or None)
     except UserError as exc:
         _fail(exc)
     if as_json:
         _echo_json(local.status(state_dir))
         return
     click.echo(f"stack up ({state_dir}):")
-    click.echo(f"  MLflow  {s['mlflow_uri']}")
+    click.echo(f"  MLflow  {s['mlflow_uri']}  (user {s['mlflow_username']}, password MLFLOW_TRACKING_PASSWORD in "
+               f"{state_dir}/secrets.env)")
     click.echo(f"  Flower  {s['flower_url']}  (user {s['flower_user']}, password in {state_dir}/secrets.env)")
     click.echo(f"  Redis   127.0.0.1:{s['ports']['redis']} (password in {state_dir}/secrets.env)")
+    click.echo(f"  data roots (jobs read and write only beneath these): {', '.join(s['data_roots'])}")
     if os.path.abspath(state_dir) != default_state_dir():
         click.echo(f"  other commands find this stack with: export FACENET_STATE_DIR={state_dir}")
 

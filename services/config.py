@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 from facenet.errors import UserError
@@ -77,6 +76,9 @@ class Settings:
     # A trainer that writes no output for this long is taken as hung: stopped, and its attempt counted.
     trainer_stall_seconds: int = 1800
     from_stack_file: bool = False
+    # MLflow basic auth (the local stack's generated login, or the environment's).
+    mlflow_username: str | None = None
+    mlflow_password: str | None = None
 
     @property
     def visibility_timeout(self) -> int:
@@ -97,6 +99,16 @@ class Settings:
 
 
 def load_settings() -> Settings:
+    """The settings; with the local stack's login for MLflow exported to this process's environment, where
+    MLflow's client (and every process started from here) reads it."""
+    s = _load_settings()
+    if s.mlflow_username and s.mlflow_password:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", s.mlflow_username)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", s.mlflow_password)
+    return s
+
+
+def _load_settings() -> Settings:
     state_dir = default_state_dir()
     stack = read_stack_file(state_dir) or {}
     env = os.environ.get
@@ -125,6 +137,8 @@ def load_settings() -> Settings:
         stage_time_limit=_int_env("FACENET_STAGE_TIME_LIMIT", 3600),
         trainer_stall_seconds=_int_env("FACENET_TRAINER_STALL_SECONDS", 1800),
         from_stack_file=bool(stack) and not env("FACENET_REDIS_URL"),
+        mlflow_username=env("MLFLOW_TRACKING_USERNAME") or stack.get("mlflow_username"),
+        mlflow_password=env("MLFLOW_TRACKING_PASSWORD") or stack.get("mlflow_password"),
     )
 
 
@@ -136,9 +150,28 @@ def check_path_allowed(path: str, roots: list[str], what: str) -> str:
     return Roots(roots).check(path, what)
 
 
+DEFAULT_DATA_ROOT = "~/facenet-data"
+
+
 def default_data_roots() -> list[str]:
-    """What the local stack confines jobs to unless told otherwise: the user's home and the temp dir."""
-    return [os.path.realpath(os.path.expanduser("~")), os.path.realpath(tempfile.gettempdir())]
+    """What the local stack confines jobs to unless told otherwise: one data folder it creates for the user
+    (FACENET_DATA_HOME, default ~/facenet-data), never the whole home or temp dir, which hold the stack's own
+    secrets and whatever else the user keeps there."""
+    return [os.path.abspath(os.path.expanduser(os.environ.get("FACENET_DATA_HOME") or DEFAULT_DATA_ROOT))]
+
+
+def check_roots_hold_no_state(roots: list[str], state_dir: str) -> None:
+    """UserError when a data root holds the stack's state folder (its secrets, stack.json, Redis and MLflow
+    stores) or lies inside it: a job may read anything beneath a root, so the two never overlap."""
+    state = os.path.realpath(state_dir)
+    for root in roots:
+        real = os.path.realpath(root)
+        if state == real or state.startswith(real.rstrip(os.sep) + os.sep):
+            raise UserError(f"data root {root} holds the stack's state folder {state_dir} (secrets, Redis and MLflow "
+                            "stores), which jobs could then read; name narrower data folders (--data-root, "
+                            "FACENET_DATA_ROOTS) or move the state (FACENET_STATE_DIR)")
+        if real.startswith(state.rstrip(os.sep) + os.sep):
+            raise UserError(f"data root {root} is inside the stack's state folder {state_dir}; keep data elsewhere")
 
 
 def parse_devices(text: str) -> list[int]:

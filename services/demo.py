@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 2/3 raw photos of 8 real people (from the scikit-image / insightface wheels; cached)", flush=True)
     from facenet.data.samples import make_raw_identities
 
-    raw = os.path.join(state_dir, "data", "demo-raw")
-    faces = os.path.join(state_dir, "data", "demo-faces")
+    # In the stack's first data root (default ~/facenet-data): jobs read only beneath the roots, and the
+    # state folder (credentials, stores) is never one of them.
+    data_root = json.load(open(os.path.join(state_dir, "stack.json"), encoding="utf-8"))["data_roots"][0]
+    raw = os.path.join(data_root, "demo-raw")
+    faces = os.path.join(data_root, "demo-faces")
     try:
         counts = make_raw_identities(raw, per_identity=40, identities=8)
     except UserError as exc:
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.down:
         cli("stack", "down", "--state-dir", state_dir)
     else:
-        print(f"\nThe stack keeps running: MLflow {stack['mlflow_uri']}, Flower {stack['flower_url']} "
-              f"(user {stack['flower_user']}, password in {state_dir}/secrets.env).")
+        print(f"\nThe stack keeps running: MLflow {stack['mlflow_uri']} (user {stack['mlflow_username']}), Flower "
+              f"{stack['flower_url']} (user {stack['flower_user']}); passwords in {state_dir}/secrets.env.")
         print("Compare runs with `facenet-cli runs`; stop everything with `facenet-cli stack down`.")
     return rc
 

@@ -179,7 +179,7 @@ def service_command(name: str) -> tuple[list[str], dict]:
     celery = [py, "-m", "celery", "-A", "services.celery_app"]
     if name == "flower":
         db = os.path.abspath(_env("FACENET_FLOWER_DB", "flower.db"))
-        cmd = celery + ["flower", f"--address={_env('FACENET_FLOWER_HOST', '127.0.0.1')}",
+        cmd = [py, "-m", "services.flower_auth", "-A", "services.celery_app", "flower", f"--address={_env('FACENET_FLOWER_HOST', '127.0.0.1')}",
                         f"--port={_env('FACENET_FLOWER_PORT', '5555')}", "--persistent=True", f"--db={db}",
                         "--purge_offline_workers=60"]
         # Flower reads FLOWER_BASIC_AUTH (user:password) itself; its API needs the same credentials.
@@ -263,7 +263,7 @@ def healthcheck(name: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`python -m services.entrypoints SERVICE`: exec the service (so its pid is the server's pid).
     `python -m services.entrypoints healthcheck SERVICE`: exit 0 when it is ready."""
-    from facenet.errors import UserError
+    from facenet.errors import UserError, one_line
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "healthcheck":
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd, env = service_command(argv[0])
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if argv[0] == "worker-device":
         cmd, env = check_before_taking_jobs(cmd, env)

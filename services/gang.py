@@ -199,8 +199,11 @@ class Agent(threading.Thread):
                                       "traceback": ""}))
 
     def _start(self, a: dict, settings) -> None:
-        from services.supervisor import attempt_env, pump_output, start_trainer
+        from services.supervisor import attempt_env, job_output, pump_output, start_trainer
 
+        # The follower's own runs folder (shared with the leader's), never a folder the assignment names.
+        a = {**a, "output": job_output(settings, a["job"])}
+        a["spec"] = os.path.join(a["output"], f"spec.node{int(a['rank'])}.json")
         env = attempt_env(settings, f"{a['holder']}#node{a['rank']}", self.node, a["devices"],
                           os.path.join(a["output"], f"heartbeat.node{a['rank']}"), a["rank"], a["endpoint"])
         log = open(os.path.join(a["output"], f"train.node{a['rank']}.log"), "a", encoding="utf-8", buffering=1)

@@ -91,7 +91,7 @@ def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
         raise InputError(f"--tag {reserved[0]}: set by the service on every run; choose another key")
     from services.supervisor import check_job_paths
 
-    check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "<job>"))
+    check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "job"))  # checks; changes nothing
 
 
 def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str = "auto",

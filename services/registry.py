@@ -31,6 +31,7 @@ expired jobs from `jobs` and trims the history to FACENET_JOB_HISTORY ended jobs
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -39,6 +40,8 @@ import redis
 from facenet.errors import UserError
 
 PREFIX = "facenet:"
+# What `create` makes (12 hex digits); anything else naming a job (a message, a record) is not ours.
+JOB_ID = re.compile(r"[0-9a-f]{12}")
 LOG_LINES = 5000
 
 QUEUED, PREPROCESSING, RUNNING = "QUEUED", "PREPROCESSING", "RUNNING"

@@ -11,6 +11,7 @@ same MLflow run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from facenet.fsutil import remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
 from services import mlflow_runs
 from services.config import Settings, check_path_allowed, parse_devices
-from services.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
+from services.registry import CANCELLED, FAILED, JOB_ID, RUNNING, SUCCEEDED, Registry
 
 # The trainer polls this pid and kills its own process group when it is gone, so a worker killed
 # outright (kill -9, a container stopping) never leaves an orphan trainer holding devices.
@@ -111,19 +112,31 @@ def pump_output(proc: subprocess.Popen, log, reg: Registry, job_id: str, prefix:
     push()
 
 
-def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> None:
-    """The spec's own paths besides --data: --pretrained and --verify-pairs must lie in the data roots (refused
-    before anything says whether they exist), --audit-samples in them or, relative, in the job's output folder."""
+def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> dict:
+    """The spec's own paths besides --data, checked and resolved without touching the spec: --pretrained and
+    --verify-pairs must lie in the data roots (refused before anything says whether they exist),
+    --audit-samples in them or, relative, beneath the job's output folder `output`. Returns {field: path}
+    for `dataclasses.replace` on the worker's copy of the spec (the stored spec keeps what the user wrote)."""
+    paths = {}
     if spec.pretrained not in (None, "", "none", "auto"):
-        spec.pretrained = check_path_allowed(spec.pretrained, data_roots, "--pretrained")
+        paths["pretrained"] = check_path_allowed(spec.pretrained, data_roots, "--pretrained")
     if spec.verify_pairs:
-        spec.verify_pairs = check_path_allowed(spec.verify_pairs, data_roots, "--verify-pairs")
+        paths["verify_pairs"] = check_path_allowed(spec.verify_pairs, data_roots, "--verify-pairs")
     if spec.audit_samples:
         if os.path.isabs(spec.audit_samples):
-            spec.audit_samples = check_path_allowed(spec.audit_samples, data_roots, "--audit-samples")
+            paths["audit_samples"] = check_path_allowed(spec.audit_samples, data_roots, "--audit-samples")
         else:
-            spec.audit_samples = check_path_allowed(os.path.join(output, spec.audit_samples), [output],
-                                                    "--audit-samples")
+            paths["audit_samples"] = check_path_allowed(os.path.join(output, spec.audit_samples), [output],
+                                                        "--audit-samples")
+    return paths
+
+
+def job_output(settings: Settings, job_id: str) -> str:
+    """Where a job writes: this worker's own runs folder and the job id, whatever the job record says (the
+    submitting client's FACENET_RUNS_DIR, or anyone who can write to Redis, must not choose it)."""
+    if not JOB_ID.fullmatch(job_id or ""):
+        raise UserError(f"job id {job_id!r}: not one of ours")
+    return os.path.join(settings.runs_dir, job_id)
 
 
 def worker_devices() -> tuple[str, list[int]]:
@@ -233,8 +246,8 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
     if not os.path.isdir(spec.data):
         raise UserError(f"--data {spec.data}: no such directory on worker {node}")
-    output = job.get("output") or os.path.join(settings.runs_dir, job_id)
-    check_job_paths(spec, settings.data_roots, output)
+    output = job_output(settings, job_id)
+    spec = dataclasses.replace(spec, **check_job_paths(spec, settings.data_roots, output))
 
     # Wait for devices without giving up the message: the job keeps its place, cancel still works.
     # A job over several nodes waits for its whole gang at once (gang.py): it holds nothing while it waits.
@@ -615,7 +628,7 @@ def _log_manifest(settings: Settings, run_id: str, data: str, output: str) -> No
     path = os.path.join(data, "manifest.json")
     if not os.path.lexists(path):
         return
-    blob = confine.read_bytes(path, confine.Roots(settings.data_roots), "manifest", 256 << 20)
+    blob = confine.read_metadata(path, confine.Roots(settings.data_roots), "manifest")
     copy = os.path.join(output, "dataset", "manifest.json")
     confine.write_bytes(copy, blob, None)
     mlflow_runs.log_file(settings.mlflow_uri, run_id, copy, "dataset")

@@ -52,7 +52,10 @@ class Stack:
     def mlflow(self):
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(self.description["mlflow_uri"])
+        d = self.description  # the stack's MLflow asks for its generated login; MLflow's client reads these
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = \
+            d["mlflow_username"], d["mlflow_password"]
+        return MlflowClient(d["mlflow_uri"])
 
     def wait_for(self, job_id: str, predicate, timeout: float = 240, what: str = "condition") -> dict:
         """Poll `status --json`'s view of the job in this process: a CLI process every 0.5 s took most of
@@ -77,12 +80,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, sample_root):
     root = str(tmp_path_factory.mktemp("svc"))
-    env = {**os.environ, "FACENET_STATE_DIR": os.path.join(root, "state"),
+    # The state folder (secrets, stores) beside the data root, never inside it (stack up refuses that).
+    env = {**os.environ, "FACENET_STATE_DIR": str(tmp_path_factory.mktemp("svc-state")),
            "FACENET_REDIS_PORT": str(free_port()), "FACENET_MLFLOW_PORT": str(free_port()),
            "FACENET_FLOWER_PORT": str(free_port()), "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2",
            "FACENET_SYSTEM_METRICS_INTERVAL": "1", "FACENET_DATA_ROOTS": os.pathsep.join([root, sample_root]),
            "FACENET_MAX_ATTEMPTS": "2", "FACENET_TRAINER_STALL_SECONDS": "30"}
-    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
+    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(k, None)
     s = Stack(root, env)
     up = s.cli("stack", "up", timeout=240)
@@ -854,6 +859,130 @@ def _no_leases_left(stack) -> None:
             break
         time.sleep(0.5)
     assert not held, held
+
+
+# ---- the second security review (README, Security): each attack against the running stack ----------------
+
+def _status_of(url: str, auth: tuple[str, str] | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_anonymous_mlflow_and_flower_metrics_are_refused(stack):
+    """Loopback is open to every user of the host: MLflow's REST API and UI, and Flower's /metrics, ask for the
+    stack's generated logins (was: MLflow open to anyone, /metrics answered without credentials)."""
+    d = stack.description
+    search = d["mlflow_uri"] + "/api/2.0/mlflow/experiments/search?max_results=5"
+    assert _status_of(search) == 401
+    assert _status_of(d["mlflow_uri"] + "/") == 401
+    assert _status_of(search, (d["mlflow_username"], "wrong-password")) == 401
+    assert _status_of(search, (d["mlflow_username"], d["mlflow_password"])) == 200
+    assert _status_of(d["flower_url"] + "/metrics") == 401
+    assert _status_of(d["flower_url"] + "/metrics", (d["flower_user"], d["flower_password"])) == 200
+    with open(os.path.join(stack.state_dir, "secrets.env"), encoding="utf-8") as fh:
+        assert f"MLFLOW_TRACKING_PASSWORD={d['mlflow_password']}\n" in fh.read()
+
+
+def _everything_said_about(stack, job: dict) -> str:
+    """The job's record and log in Redis, its files on disk and its MLflow run's artifacts, as one text."""
+    import glob
+
+    reg = _registry(stack)
+    said = [str(reg.r.hgetall(f"facenet:job:{job['id']}"))] + \
+        [str(line) for line in reg.r.lrange(f"facenet:job:{job['id']}:log", 0, -1)]
+    for key in reg.r.scan_iter("celery-task-meta-*"):
+        said.append(str(reg.r.get(key)))
+    for path in glob.glob(os.path.join(stack.state_dir, "runs", job["id"], "**"), recursive=True) + \
+            glob.glob(os.path.join(stack.state_dir, "logs", "*.log")):
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                said.append(fh.read().decode("utf-8", "replace"))
+    for path in glob.glob(os.path.join(stack.state_dir, "mlflow", "artifacts", "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                said.append(fh.read().decode("utf-8", "replace"))
+    return "\n".join(str(s) for s in said)
+
+
+@pytest.mark.parametrize("how", ["symlink to the state folder", "symlink inside the roots", "hard link"])
+def test_a_manifest_that_names_a_secret_reaches_no_one(stack, sample_root, how):
+    """DATA/manifest.json as a link to the stack's own secrets.env (or to a secret kept inside the data root):
+    the manifest is uploaded to MLflow and quoted in logs, so the job must refuse it and nothing of the
+    secret may reach MLflow, Redis, the logs or the job's error (was: the Redis and Flower passwords served
+    by MLflow)."""
+    from facenet.data.samples import copy_subset
+
+    data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, f"leak-{how[:4]}"), 2, 4)
+    secrets_env = os.path.join(stack.state_dir, "secrets.env")
+    marker = "MARKER-" + os.urandom(8).hex()
+    private = os.path.join(stack.root, f"private-{how[:4]}.env")
+    with open(private, "w", encoding="utf-8") as fh:
+        fh.write(f"TOKEN={marker}\n")
+    if how == "symlink to the state folder":
+        os.symlink(secrets_env, os.path.join(data, "manifest.json"))
+    elif how == "symlink inside the roots":
+        os.symlink(private, os.path.join(data, "manifest.json"))
+    else:
+        os.link(private, os.path.join(data, "manifest.json"))  # the same file by another name, as seen by resolve()
+    job = stack.json("submit-train", "--data", data, "--epochs", "1", "--batch-size", "4", *CHEAP_RUN)
+    job = _wait_end(stack, job["id"])
+    assert job["status"] == "FAILED", job
+    assert "manifest" in job["error"] and ("symbolic link" in job["error"] or "hard links" in job["error"]), job
+    with open(secrets_env, encoding="utf-8") as fh:
+        secrets = [line.split("=", 1)[1].strip() for line in fh if "=" in line and not line.startswith("#")]
+    said = _everything_said_about(stack, job)
+    assert marker not in said
+    assert not [s for s in secrets if len(s) > 12 and s in said]
+
+
+def _wait_end(stack, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = stack.json("status", job_id)
+        if job["status"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not end in {timeout} s")
+
+
+def test_the_worker_decides_where_a_job_writes(stack, sample_root, tmp_path_factory):
+    """The submitting client's FACENET_RUNS_DIR (or anyone writing the job record) does not choose where the
+    worker writes checkpoints and logs; a relative --audit-samples lands under the job's own output (was: a
+    282 MB checkpoint written where the client said, and a literal runs/<job>/audit shared by every job)."""
+    from facenet.data.samples import copy_subset
+
+    data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "where"), 2, 6)
+    elsewhere = str(tmp_path_factory.mktemp("client-runs"))
+    job = stack.json("submit-train", "--data", data, "--epochs", "1", "--batch-size", "4", "--audit-samples", "audit",
+                     *CHEAP_RUN, env={"FACENET_RUNS_DIR": elsewhere})
+    _registry(stack).update(job["id"], output=os.path.join(elsewhere, "planted"))  # a record rewritten in Redis
+    job = _wait_end(stack, job["id"])
+    assert job["status"] == "SUCCEEDED", job
+    mine = os.path.join(stack.state_dir, "runs", job["id"])
+    assert job["output"] == mine and os.path.isfile(os.path.join(mine, "summary.json"))
+    assert os.listdir(elsewhere) == []
+    stored = _registry(stack).get(job["id"])["spec"]
+    assert stored["audit_samples"] == "audit" and "<job>" not in json.dumps(stored)
+    assert os.listdir(os.path.join(mine, "audit")), "the audit samples go under the job's own output"
+
+
+def test_stack_up_refuses_data_roots_that_hold_its_secrets(stack, tmp_path_factory):
+    """The stack's state folder is never inside a data root, whatever roots are asked for (was: the default
+    roots were the home folder and the temp dir, which hold it)."""
+    parent = os.path.dirname(stack.state_dir)
+    for roots in ([parent], [stack.state_dir], [os.path.join(stack.state_dir, "runs")]):
+        proc = stack.cli("stack", "up", *[a for r in roots for a in ("--data-root", r)], timeout=60)
+        assert proc.returncode == 2, proc
+        assert "state folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = stack.cli("stack", "up", env={"FACENET_DATA_ROOTS": parent}, timeout=60)
+    assert proc.returncode == 2 and "holds the stack's state folder" in proc.stderr
+    assert stack.description["data_roots"] == stack.env["FACENET_DATA_ROOTS"].split(os.pathsep)
+    up = stack.cli("stack", "up", timeout=120)
+    assert up.returncode == 0 and "data roots (jobs read and write only beneath these)" in up.stdout
 
 
 def test_stack_down_stops_exactly_what_stack_up_started(stack):
