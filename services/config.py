@@ -166,6 +166,10 @@ def check_roots_hold_no_state(roots: list[str], state_dir: str) -> None:
     state = os.path.realpath(state_dir)
     for root in roots:
         real = os.path.realpath(root)
+        if real in ("/", "/proc", "/sys", "/dev") or real.startswith(("/proc/", "/sys/", "/dev/")):
+            # /proc/<pid>/environ holds every service's credentials, /dev the devices: never job data.
+            raise UserError(f"data root {root}: the whole file system or a kernel folder (/proc, /sys, /dev); "
+                            "name the folders that hold data")
         if state == real or state.startswith(real.rstrip(os.sep) + os.sep):
             raise UserError(f"data root {root} holds the stack's state folder {state_dir} (secrets, Redis and MLflow "
                             "stores), which jobs could then read; name narrower data folders (--data-root, "

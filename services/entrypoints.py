@@ -185,6 +185,11 @@ def service_command(name: str) -> tuple[list[str], dict]:
         # Flower reads FLOWER_BASIC_AUTH (user:password) itself; its API needs the same credentials.
         _env("FLOWER_BASIC_AUTH")
         return cmd, {}
+    if name.startswith("worker"):  # a worker reads beneath its roots for every job: none may hold secrets
+        from facenet.confine import parse_roots
+        from services.config import check_roots_hold_no_state, default_state_dir
+
+        check_roots_hold_no_state(parse_roots(os.environ.get("FACENET_DATA_ROOTS", "")), default_state_dir())
     if name == "worker-preprocess":
         concurrency = int(os.environ.get("FACENET_WORKER_CONCURRENCY") or cpu_cores())
         node = os.environ.get("FACENET_WORKER_NAME") or "preprocess@%h"

@@ -558,3 +558,18 @@ def test_newlines_in_file_names_reach_no_log_line_or_job_error(tree, sample_face
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not [ln for ln in lines if ln.startswith("error:")], lines
     assert any("skipped 1 unreadable image" in ln and "x\\nerror: OWNED" in ln for ln in lines), lines
+
+
+def test_workers_refuse_roots_that_hold_secrets(tmp_path):
+    """Whatever the roots are, the state folder (secrets.env, stack.json, the stores) and /proc (every
+    process's environment) are never beneath one: the worker refuses to start, in one line."""
+    state = tmp_path / "home" / ".facenet" / "stack"
+    state.mkdir(parents=True)
+    for roots, said in ((str(tmp_path / "home"), "holds the stack's state folder"),
+                        (str(state / "runs"), "inside the stack's state folder"),
+                        ("/", "the whole file system"), ("/proc", "kernel folder")):
+        for worker in ("worker-preprocess", "worker-device"):
+            proc = subprocess.run([sys.executable, "-m", "services.entrypoints", worker], capture_output=True,
+                                  text=True, timeout=60,
+                                  env={**os.environ, "FACENET_STATE_DIR": str(state), "FACENET_DATA_ROOTS": roots})
+            assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
