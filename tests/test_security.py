@@ -157,8 +157,10 @@ def test_pretrained_and_audit_samples_are_confined(tree):
         with pytest.raises(confine.Refused, match=match):
             check_job_paths(spec, roots.roots, str(root / "runs" / "job"))
     ok = TrainSpec(data=str(root), audit_samples="audit")
-    check_job_paths(ok, roots.roots, str(root / "runs" / "job"))
-    assert ok.audit_samples == str(root / "runs" / "job" / "audit")
+    # Resolved under the job's own output, returned for the worker's copy; the spec itself is not rewritten.
+    assert check_job_paths(ok, roots.roots, str(root / "runs" / "job")) == {
+        "audit_samples": str(root / "runs" / "job" / "audit")}
+    assert ok.audit_samples == "audit"
 
 
 # ---- memory from small hostile files -------------------------------------------------------------------

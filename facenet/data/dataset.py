@@ -63,7 +63,7 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
     else:
         # The seed's tree (ROOT/train/<identity>, ROOT/test/<identity>) without lists: train on ROOT/train.
         train_dir = os.path.join(root, "train")
-        folder = train_dir if os.path.isdir(train_dir) and identity_dirs(train_dir) else root
+        folder = train_dir if os.path.isdir(train_dir) and identity_dirs(train_dir, roots) else root
         split = _from_folders(root, folder, holdout, seed, roots)
     split.manifest_hash = _manifest_hash(root, roots)
     if split.num_classes < 2:
@@ -82,25 +82,35 @@ def load_for_training(root: str, holdout: float, seed: int, batch_size: int,
     return split
 
 
-def identity_dirs(folder: str) -> list[str]:
-    """The identity sub-folders of `folder` (hidden ones skipped), sorted."""
+def identity_dirs(folder: str, roots: confine.Roots | None = None) -> list[str]:
+    """The identity sub-folders of `folder` (hidden ones skipped), sorted. With `roots`, listed through the
+    folder's own descriptor (see facenet/confine.py)."""
     try:
+        if roots is not None:
+            # A link is listed so that the check of each folder refuses it by name (never silently dropped).
+            return sorted(n for n, kind in confine.scandir(folder, roots, "--data")
+                          if (kind == "dir" or kind == "link" and os.path.isdir(os.path.join(folder, n)))
+                          and not n.startswith("."))
         return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     except PermissionError:
         raise UserError(f"--data {folder}: permission denied") from None
 
 
-def list_images(folder: str) -> list[str]:
-    """The image file names in `folder`, sorted."""
+def list_images(folder: str, roots: confine.Roots | None = None) -> list[str]:
+    """The image file names in `folder`, sorted (with `roots`: listed by the folder's descriptor; a symlinked
+    image is listed, then refused where the loader opens it and counted as unreadable)."""
+    if roots is not None:
+        return sorted(n for n, kind in confine.scandir(folder, roots, "identity folder")
+                      if kind in ("file", "link") and n.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(e.name for e in os.scandir(folder)
                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: confine.Roots | None) -> DatasetSplit:
     classes, train, test = [], [], []
-    for name in identity_dirs(folder):
+    for name in identity_dirs(folder, roots):
         confine.check(os.path.join(folder, name), roots, "identity folder")
-        files = list_images(os.path.join(folder, name))
+        files = list_images(os.path.join(folder, name), roots)
         if not files:
             continue
         label = len(classes)

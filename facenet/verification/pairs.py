@@ -205,10 +205,10 @@ def _unique_draws(rng: random.Random, wanted: int, draw) -> list[tuple[str, str]
 def identity_folders(folder: str, roots: confine.Roots | None = None) -> dict[str, list[str]]:
     """{identity: [image paths]} for a folder of identity folders, listed as training lists them."""
     out: dict[str, list[str]] = {}
-    for name in identity_dirs(folder):
+    for name in identity_dirs(folder, roots):
         sub = os.path.join(folder, name)
         confine.check(sub, roots, "an identity folder")
-        out[name] = [os.path.join(sub, f) for f in list_images(sub)]
+        out[name] = [os.path.join(sub, f) for f in list_images(sub, roots)]
     return out
 
 
