@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from facenet.errors import UserError
+from facenet.errors import InputError, UserError
 
 DEVICE_TYPES = ("npu", "cuda", "cpu")
 STACK_FILE = "stack.json"
@@ -168,14 +168,14 @@ def check_roots_hold_no_state(roots: list[str], state_dir: str) -> None:
         real = os.path.realpath(root)
         if real in ("/", "/proc", "/sys", "/dev") or real.startswith(("/proc/", "/sys/", "/dev/")):
             # /proc/<pid>/environ holds every service's credentials, /dev the devices: never job data.
-            raise UserError(f"data root {root}: the whole file system or a kernel folder (/proc, /sys, /dev); "
+            raise InputError(f"data root {root}: the whole file system or a kernel folder (/proc, /sys, /dev); "
                             "name the folders that hold data")
         if state == real or state.startswith(real.rstrip(os.sep) + os.sep):
-            raise UserError(f"data root {root} holds the stack's state folder {state_dir} (secrets, Redis and MLflow "
+            raise InputError(f"data root {root} holds the stack's state folder {state_dir} (secrets, Redis and MLflow "
                             "stores), which jobs could then read; name narrower data folders (--data-root, "
                             "FACENET_DATA_ROOTS) or move the state (FACENET_STATE_DIR)")
         if real.startswith(state.rstrip(os.sep) + os.sep):
-            raise UserError(f"data root {root} is inside the stack's state folder {state_dir}; keep data elsewhere")
+            raise InputError(f"data root {root} is inside the stack's state folder {state_dir}; keep data elsewhere")
 
 
 def parse_devices(text: str) -> list[int]:

@@ -41,8 +41,8 @@ class Stack:
             raise AssertionError(f"facenet-cli {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def json(self, *args: str, timeout: float = 300):
-        return json.loads(self.cli(*args, "--json", timeout=timeout, check=True).stdout)
+    def json(self, *args: str, timeout: float = 300, env: dict | None = None):
+        return json.loads(self.cli(*args, "--json", timeout=timeout, check=True, env=env).stdout)
 
     @property
     def description(self) -> dict:
@@ -964,8 +964,8 @@ def test_the_worker_decides_where_a_job_writes(stack, sample_root, tmp_path_fact
     job = _wait_end(stack, job["id"])
     assert job["status"] == "SUCCEEDED", job
     mine = os.path.join(stack.state_dir, "runs", job["id"])
-    assert job["output"] == mine and os.path.isfile(os.path.join(mine, "summary.json"))
-    assert os.listdir(elsewhere) == []
+    assert os.path.isfile(os.path.join(mine, "summary.json")) and os.path.isfile(os.path.join(mine, "train.log"))
+    assert os.listdir(elsewhere) == []  # neither the client's runs folder nor the planted one got a byte
     stored = _registry(stack).get(job["id"])["spec"]
     assert stored["audit_samples"] == "audit" and "<job>" not in json.dumps(stored)
     assert os.listdir(os.path.join(mine, "audit")), "the audit samples go under the job's own output"
