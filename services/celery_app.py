@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import celeryd_init
 from kombu import Queue
 
 from services.config import DEVICE_TYPES, load_settings
@@ -38,8 +39,10 @@ def make_app() -> Celery:
         visibility_timeout=vt,
         task_queues=[Queue(PREPROCESS_QUEUE)] + [Queue(train_queue(t)) for t in DEVICE_TYPES],
         task_default_queue=PREPROCESS_QUEUE,
-        # Flower shows tasks from these events; STARTED and custom PROGRESS states show running work.
-        worker_send_task_events=True, task_send_sent_event=True, task_track_started=True, result_extended=True,
+        # Flower shows tasks from these events (their args are the argsrepr services.guard sets from the checked
+        # arguments); STARTED and custom PROGRESS states show running work. Results are not extended: nothing
+        # reads a task's name or arguments back from the result backend, which would store them whole.
+        worker_send_task_events=True, task_send_sent_event=True, task_track_started=True, result_extended=False,
         result_expires=30 * 24 * 3600,
         broker_connection_retry_on_startup=True,
         # A CLI must not hang on a broker that is down: the CLI checks Redis first, this bounds the rest.
@@ -52,7 +55,25 @@ def make_app() -> Celery:
     unfit = os.environ.get(UNFIT_ENV)
     if unfit:  # Flower shows it in the worker's Config tab (`inspect conf`)
         app.conf.facenet_unfit = unfit
+    app.on_after_finalize.connect(_without_builtin_tasks)
     return app
+
+
+def _without_builtin_tasks(sender: Celery, **_) -> None:
+    """Celery registers its own tasks (celery.chord_unlock, celery.backend_cleanup, celery.chain, ...) in every
+    app; a message naming one would run it. Ours never use them (no canvas, no chords, no beat)."""
+    for name in [n for n in sender.tasks if n.startswith("celery.")]:
+        sender.tasks.unregister(name)
+
+
+@celeryd_init.connect
+def _guard_task_queues(conf=None, **_) -> None:
+    """A worker pops its task queues through services.guard, which drops anything that is not one of our
+    tasks for that queue. Only workers: the transport's import path becomes the broker URL's scheme, which
+    Flower's broker view cannot parse, and nothing else consumes a task queue."""
+    from services.guard import TRANSPORT
+
+    conf.broker_transport = TRANSPORT
 
 
 app = make_app()

@@ -11,14 +11,13 @@ tasks' results.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 from facenet import confine
 from facenet.errors import UserError
 from services.celery_app import PREPROCESS_QUEUE, app, train_queue
 from services.config import check_path_allowed, load_settings
-from services.registry import CANCELLED, FAILED, PREPROCESSING, QUEUED, SUCCEEDED, TERMINAL, Registry, connect
+from services.registry import CANCELLED, FAILED, JOB_ID, PREPROCESSING, QUEUED, SUCCEEDED, TERMINAL, Registry, connect
 
 
 def registry():
@@ -27,7 +26,6 @@ def registry():
 
 
 STAGE_TIME_LIMIT = load_settings().stage_time_limit
-JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
 class BadMessage(Exception):
@@ -35,7 +33,7 @@ class BadMessage(Exception):
 
 
 def _check_args(job_id, index=0) -> None:
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
         raise BadMessage(f"job id {job_id!r} is not a job id")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 10_000_000:
         raise BadMessage(f"shard index {index!r} is not a shard index")

@@ -1,0 +1,222 @@
+"""Items on our queues that are not our own task messages cannot stop a worker (security review, point 5).
+
+A real Redis (the `redis_url` fixture), a real preprocessing worker started the way the stack starts it,
+and each hostile shape pushed raw onto its queue with redis-py, as anyone holding the Redis password can.
+Before the guard (services/guard.py) the first of them ended the worker ("Unrecoverable error"), some
+were restored on the way down to end it again at every start, a bz2 body was inflated before any check,
+and a big message was copied into the log and the result backend; Celery's own tasks ran.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(300)
+
+MARKER = "HOSTILE-PAYLOAD-7f3a"  # fills the big items: none of it may reach the log or Redis
+JOB = "0123456789ab"  # a well-formed job id no job has
+
+
+def _env(redis_url: str, tmp_path) -> dict:
+    return {**os.environ, "FACENET_REDIS_URL": redis_url, "FACENET_STATE_DIR": str(tmp_path / "state"),
+            "FACENET_DATA_ROOTS": str(tmp_path / "data"), "FACENET_WORKER_CONCURRENCY": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def templates(redis_url, tmp_path_factory) -> dict:
+    """Real messages our own senders write (services.tasks), taken off their queues raw: what hostile items
+    are made from, so the well-formed parts are exactly ours."""
+    from services.registry import connect
+
+    env = _env(redis_url, tmp_path_factory.mktemp("templates"))
+    code = ("from services.tasks import app, send_stage\n"
+            f"send_stage({JOB!r}, 'plan'); send_stage({JOB!r}, 'shard:3')\n"
+            f"app.send_task('facenet.train', args=[{JOB!r}], queue='train.cpu')\n")
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=120)
+    r = connect(redis_url)
+    items = [json.loads(r.rpop(q)) for q in ("preprocess", "preprocess", "train.cpu")]
+    assert not r.llen("preprocess") and not r.llen("train.cpu")
+    return {m["headers"]["task"]: m for m in items}
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url, tmp_path_factory, templates):
+    """A preprocessing worker (`services.entrypoints worker-preprocess`, as the stack starts it), its log."""
+    tmp = tmp_path_factory.mktemp("worker")
+    (tmp / "data").mkdir()
+    log_path = tmp / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "worker-preprocess"],
+                                env=_env(redis_url, tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + 90
+    while " ready." not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.3)
+    yield proc, log_path, tmp
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:  # it died (what the tests below would report)
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def variant(template: dict, *, task: str | None = None, args=None, body: bytes | None = None,
+            headers: dict | None = None, **props) -> bytes:
+    """A copy of a real message with fresh ids and the given parts changed, as Redis holds it."""
+    msg = copy.deepcopy(template)
+    task_id = str(uuid.uuid4())
+    msg["headers"].update(id=task_id, root_id=task_id, **({"task": task} if task else {}), **(headers or {}))
+    msg["properties"].update(correlation_id=task_id, delivery_tag=str(uuid.uuid4()), **props)
+    if args is not None:
+        body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+    if body is not None:
+        msg["body"] = base64.b64encode(body).decode()
+    return json.dumps(msg).encode()
+
+
+def hostile_items(t: dict) -> list[tuple[str, bytes, str]]:
+    """(shape, raw item, what the log line says is wrong) for every shape the review found, and kin."""
+    plan, shard = t["facenet.plan_dataset"], t["facenet.preprocess_shard"]
+    inflates = bz2.compress(b"[" + b" " * (64 << 20) + b"]")  # 64 MB of JSON in a few hundred bytes
+    linked = [{"task": "celery.backend_cleanup", "args": [], "kwargs": {}, "options": {}, "subtask_type": None,
+               "immutable": False}]
+    return [
+        ("not JSON", b"this is not json!!!!", "not JSON"),
+        ("JSON []", b"[]", "not a kombu envelope"),
+        ('JSON {"a": 1}', b'{"a": 1}', "not a kombu envelope"),
+        ("nested 100k deep", b"[" * 100_000, "not JSON (RecursionError)"),
+        ("body []", variant(plan, body=b"[]"), "body is [], not [args, kwargs, embed]"),
+        ('body {"a": 1}', variant(plan, body=b'{"a": 1}'), "not [args, kwargs, embed]"),
+        ("bz2 body", variant(plan, body=inflates, headers={"compression": "application/x-bz2"}), "compressed"),
+        ("3 MB", variant(plan, args=[MARKER * ((3 << 20) // len(MARKER))]), "larger than 1048576 bytes"),
+        ("celery.chord_unlock", variant(plan, task="celery.chord_unlock", args=["x"]),
+         "task 'celery.chord_unlock' is not one queue 'preprocess' carries"),
+        ("celery.backend_cleanup", variant(plan, task="celery.backend_cleanup", args=[]),
+         "task 'celery.backend_cleanup' is not one"),
+        ("facenet.train on preprocess", variant(plan, task="facenet.train"), "task 'facenet.train' is not one"),
+        ("600 KB job id", variant(plan, args=[MARKER * (600_000 // len(MARKER))]), "are not a job id"),
+        ("traversal job id", variant(plan, args=["../../etc"]), "are not a job id"),
+        ("job id and a newline", variant(plan, args=[JOB + "\n"]), "are not a job id"),
+        ("object job id", variant(plan, args=[{"id": "abc"}]), "are not a job id"),
+        ("shard index text", variant(shard, args=[JOB, "3"]), "are not a job id and a shard index"),
+        ("shard index missing", variant(shard, args=[JOB]), "are not the task's 2"),
+        ("kwargs", variant(plan, body=json.dumps([[JOB], {"x": 1}, {}]).encode()), "our tasks take none"),
+        ("linked callback", variant(plan, body=json.dumps([[JOB], {}, {"callbacks": linked}]).encode()),
+         "links other work"),
+        ("eta", variant(plan, headers={"eta": "2999-01-01T00:00:00+00:00"}), "header 'eta'"),
+        ("pickle", variant(plan).replace(b'"application/json"', b'"application/x-python-serialize"'),
+         "not application/json"),
+        ("routed to train.cpu", variant(plan, delivery_info={"exchange": "", "routing_key": "train.cpu"}),
+         "does not route to 'preprocess'"),
+    ]
+
+
+def test_builtin_tasks_are_not_registered_on_a_worker(worker, redis_url):
+    from celery import Celery
+
+    replies = Celery(broker=redis_url).control.broadcast("registered", arguments={"builtins": True}, reply=True,
+                                                         timeout=10)
+    assert replies, "the worker did not answer"
+    names = [n for reply in replies for tasks in reply.values() for n in tasks]
+    assert {n.split()[0] for n in names} == {"facenet.plan_dataset", "facenet.preprocess_shard",
+                                             "facenet.finalize_dataset", "facenet.train"}, names
+
+
+def test_hostile_items_are_dropped_and_the_worker_serves_on(worker, redis_url, templates):
+    from facenet.data.samples import make_raw_identities
+    from services.guard import MAX_MESSAGE_BYTES
+    from services.registry import connect
+
+    proc, log_path, tmp = worker
+    r = connect(redis_url)
+    items = hostile_items(templates)
+    ours = variant(templates["facenet.plan_dataset"], headers={"argsrepr": "['forged']"})  # a real task of ours
+    t0 = time.time()
+    for _, item, _ in items:
+        r.lpush("preprocess", item)
+    r.lpush("preprocess", ours)
+    deadline = time.time() + 60
+    while (r.llen("preprocess") or log_path.read_text(errors="replace").count("dropped a message") < len(items)) \
+            and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    took = time.time() - t0
+    log = log_path.read_text(errors="replace")
+    assert proc.poll() is None, f"the worker died:\n{log[-3000:]}"
+    assert r.llen("preprocess") == 0, "items are left on the queue"
+    dropped = [line for line in log.splitlines() if "dropped a message" in line]
+    assert len(dropped) == len(items), "\n".join(dropped)
+    for (shape, item, reason), line in zip(items, dropped):  # BRPOP takes the oldest first: push order
+        assert reason in line and f"queue 'preprocess' ({len(item)} bytes" in line, (shape, line)
+        assert len(line) < 400, (shape, line[:400])
+        if item.startswith(b'{"body"') and len(item) <= MAX_MESSAGE_BYTES:  # its task id, as Flower's sent event
+            assert json.loads(item)["headers"]["id"] in line, (shape, line)
+    # The well-formed message of ours ran (a job no one has: it says so and ends).
+    task_id = json.loads(ours)["headers"]["id"]
+    deadline, meta = time.time() + 30, {}
+    while meta.get("status") not in ("SUCCESS", "FAILURE") and time.time() < deadline:
+        time.sleep(0.2)
+        meta = json.loads(r.get(f"celery-task-meta-{task_id}") or "{}")
+    assert meta["status"] == "SUCCESS" and meta["result"] == {"job": JOB, "skipped": "finished"}, meta
+    assert "args" not in meta and "name" not in meta  # results are not extended
+
+    # The same worker process serves the next real job.
+    raw, out = tmp / "data" / "raw", tmp / "data" / "faces"
+    make_raw_identities(str(raw), per_identity=2, identities=2)
+    job = subprocess.run([sys.executable, "-m", "services.cli", "submit-preprocess", str(raw), str(out), "--wait",
+                          "--json"], env=_env(redis_url, tmp), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert job.returncode == 0 and json.loads(job.stdout)["status"] == "SUCCEEDED", job.stdout + job.stderr
+    assert proc.poll() is None
+    deadline = time.time() + 10  # finalize's message is acknowledged just after the job is recorded done
+    while r.hlen("unacked") and time.time() < deadline:
+        time.sleep(0.2)
+    assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0, r.hgetall("unacked")
+
+    # Nothing of the big items reached the log or Redis.
+    log = log_path.read_text(errors="replace")
+    assert MARKER * 3 not in log and len(log) < 200_000, len(log)  # a line shows at most 45 characters of a value
+    for key in r.scan_iter(count=1000):
+        assert (r.memory_usage(key) or 0) < 64 << 10, (key, r.memory_usage(key))
+        kind = r.type(key)
+        value = {b"string": lambda: r.get(key), b"hash": lambda: r.hgetall(key), b"list": lambda: r.lrange(key, 0, -1),
+                 b"set": lambda: r.smembers(key), b"zset": lambda: r.zrange(key, 0, -1)}.get(kind, lambda: b"")()
+        assert MARKER not in str(value), key
+    print(f"{len(items)} hostile items dropped in {took:.1f} s")
+
+
+def test_each_queue_takes_only_its_own_tasks(templates):
+    """The same checks without a worker: what `check` lets through, for which queue, and what events show."""
+    from services.guard import BadMessage, check
+
+    train, plan = templates["facenet.train"], templates["facenet.plan_dataset"]
+    for name, template in templates.items():
+        queue = "train.cpu" if name == "facenet.train" else "preprocess"
+        assert check(queue, variant(template))["headers"]["task"] == name
+    with pytest.raises(BadMessage, match="task 'facenet.plan_dataset' is not one queue 'train.cpu' carries"):
+        check("train.cpu", variant(plan, delivery_info={"exchange": "", "routing_key": "train.cpu"}))
+    with pytest.raises(BadMessage, match="is not one queue 'unfit.cpu' carries"):
+        check("unfit.cpu", variant(train, delivery_info={"exchange": "", "routing_key": "unfit.cpu"}))
+    # A sender's argsrepr (what Flower would show) is replaced by the checked arguments.
+    forged = check("train.cpu", variant(train, headers={"argsrepr": "['someone-else']", "kwargsrepr": "{'x': 1}"}))
+    assert (forged["headers"]["argsrepr"], forged["headers"]["kwargsrepr"]) == (f"[{JOB!r}]", "{}")
+    # kombu marks a message it restores (a worker died under it): still ours.
+    restored = json.loads(variant(plan, headers={"redelivered": True}))
+    restored["properties"]["delivery_info"]["redelivered"] = True
+    assert check("preprocess", json.dumps(restored).encode())
