@@ -30,8 +30,10 @@ def resolve_pretrained(pretrained: str | None, roots: confine.Roots | None = Non
         return None, (f"no pretrained vggface2 weights at {path} (pass --pretrained FILE to use some): "
                       "training from scratch")
     path = confine.check(pretrained, roots, "--pretrained")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"--pretrained {pretrained}: no such file")
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained {pretrained}: not a regular file")
     return path, f"pretrained weights: {path}"
 
 
@@ -44,13 +46,18 @@ def build_model(num_classes: int, pretrained_file: str | None, dropout: float = 
     """
     model = InceptionResnetV1(classify=True, num_classes=num_classes, dropout_prob=dropout)
     if pretrained_file:
+        # Opened as a regular file in every case (a FIFO swapped in after resolve_pretrained would block the
+        # load forever); the seed's cache path lies outside the data roots, and unconfined a user's link is followed.
+        confined = roots is not None and pretrained_file != default_pretrained_path()
         try:
-            if roots is not None and pretrained_file != default_pretrained_path():
-                with os.fdopen(confine.open_regular(pretrained_file, roots, "--pretrained"), "rb") as fh:
-                    state = torch.load(fh, map_location="cpu", weights_only=True)
-            else:
-                state = torch.load(pretrained_file, map_location="cpu", weights_only=True)
-        except confine.Refused:
+            fd = confine.open_regular(pretrained_file if confined else os.path.realpath(pretrained_file),
+                                      roots if confined else None, "--pretrained")
+            with os.fdopen(fd, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_WEIGHTS_BYTES:
+                    raise UserError(f"--pretrained {pretrained_file}: {size >> 20} MiB, more than FaceNet weights")
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+        except UserError:
             raise
         except Exception as exc:
             raise UserError(f"--pretrained {pretrained_file}: cannot read weights ({exc})") from None

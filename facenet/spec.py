@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from facenet.errors import InputError, UserError
+from facenet import confine
+from facenet.errors import InputError, UserError, one_line
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 OPTIMIZERS = ("adam", "sgd")
@@ -41,6 +42,13 @@ FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "opti
                "log_checkpoints": str, "audit_samples": str, "loss": str, "triplet_margin": float,
                "arcface_scale": float, "arcface_margin": float, "images_per_identity": int, "verify_every": int,
                "verify_pairs": str, "log_model": bool, "compile": str}
+MIN_IMAGE_SIZE = 75  # measured: from 74 px down, a 3 x 3 convolution of InceptionResnetV1 is left a 1 x 1 input
+# Lists hold integers only (a JSON 0.5 or true among them is refused, not truncated or taken as 1).
+LIST_ITEM_TYPES = {"lr_steps": int, "device_list": int}
+MAX_DEVICE_ID = 4095
+# A spec is a few hundred bytes; --spec FILE reads no more than this. Its strings are paths and names: PATH_MAX.
+MAX_SPEC_BYTES = 1 << 20
+MAX_TEXT_CHARS = 4096
 OPTIONAL = ("device_list", "workers", "resume", "json_out", "events", "mlflow_uri", "run_id", "run_name",
             "pretrained", "audit_samples", "verify_every", "verify_pairs")
 
@@ -111,9 +119,11 @@ class TrainSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainSpec":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise InputError(f"unknown training option(s): {', '.join(unknown)}")
+            names = ", ".join(_shown_text(str(k), 40) for k in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise InputError(f"unknown training option(s): {names}{more}")
         if "data" not in data:
             raise InputError("training spec has no 'data' (the dataset root)")
         for name, value in data.items():
@@ -126,11 +136,32 @@ class TrainSpec:
     def from_json(cls, text: str) -> "TrainSpec":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"training spec is not valid JSON: {exc}") from None
+        except ValueError as exc:  # JSONDecodeError, and an integer of more than 4300 digits
+            raise InputError(f"training spec is not valid JSON: {_short(exc)}") from None
+        except RecursionError:
+            raise InputError("training spec is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
-            raise InputError("training spec must be a JSON object")
+            raise InputError(f"training spec must be a JSON object, not {_json_kind(data)}")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "TrainSpec":
+        """`--spec FILE`: a regular file (a FIFO or device is refused, never waited on) of at most
+        MAX_SPEC_BYTES of UTF-8 JSON. InputError names the file and the first bad value."""
+        where = f"--spec {confine.shown(path)}"
+        try:
+            # Resolved first: open_regular refuses a final symlink, and a link to a spec is the user's to follow.
+            data = confine.read_bytes(os.path.realpath(path), None, "--spec", MAX_SPEC_BYTES)
+        except OSError as exc:  # missing, unreadable (a FIFO, folder or oversized file is confine.Refused)
+            raise InputError(f"{where}: {exc.strerror or _short(exc)}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+        try:
+            return cls.from_json(text)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
 
     @property
     def npus_per_node(self) -> int:
@@ -146,7 +177,7 @@ class TrainSpec:
         """Raise UserError naming the first bad value."""
 
         def bad(name: str, value: Any, why: str) -> UserError:
-            return InputError(f"--{name.replace('_', '-')} {value}: {why}")
+            return InputError(f"--{name.replace('_', '-')} {_shown_value(value)}: {why}")
 
         for name in FIELD_TYPES:
             _check_type(name, getattr(self, name))
@@ -161,7 +192,7 @@ class TrainSpec:
             if not math.isfinite(value) or not 0 <= value <= hi or (name == "lr" and value == 0):
                 raise bad(name, value, f"must be a {'positive' if name == 'lr' else 'non-negative'} number "
                           f"up to {hi}")
-        if len(self.lr_steps) > 1000 or any(not isinstance(x, int) or isinstance(x, bool) for x in self.lr_steps):
+        if len(self.lr_steps) > 1000:
             raise bad("lr_steps", self.lr_steps, "must be a list of up to 1000 epochs")
         for key, value in self.tags.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key or len(key) > 250 \
@@ -190,13 +221,15 @@ class TrainSpec:
             raise bad("npus", self.npus, f"must divide evenly over --nnodes {self.nnodes} (the same number of "
                       "devices on every node)")
         if self.device_list is not None:
+            if any(not 0 <= d <= MAX_DEVICE_ID for d in self.device_list):
+                raise bad("device_list", ",".join(map(str, self.device_list)),
+                          f"device ids are integers in [0, {MAX_DEVICE_ID}]")
             if len(self.device_list) != self.npus_per_node:
                 raise bad("device_list", ",".join(map(str, self.device_list)),
                           f"names {len(self.device_list)} device(s) but a node runs {self.npus_per_node} "
                           f"(--npus {self.npus} over --nnodes {self.nnodes})")
-            if len(set(self.device_list)) != len(self.device_list) or min(self.device_list) < 0:
-                raise bad("device_list", ",".join(map(str, self.device_list)),
-                          "device ids must be distinct and non-negative")
+            if len(set(self.device_list)) != len(self.device_list):
+                raise bad("device_list", ",".join(map(str, self.device_list)), "device ids must be distinct")
         if self.batch_size % self.npus:
             raise bad("batch_size", self.batch_size,
                       f"the global batch must divide evenly over --npus {self.npus}")
@@ -204,8 +237,9 @@ class TrainSpec:
             raise bad("workers", self.workers, "must be 0 or more")
         if not 0 <= self.holdout < 1:
             raise bad("holdout", self.holdout, "must be in [0, 1)")
-        if self.image_size < 32:
-            raise bad("image_size", self.image_size, "must be at least 32")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise bad("image_size", self.image_size, f"must be at least {MIN_IMAGE_SIZE} (InceptionResnetV1's "
+                      "smallest input)")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", self.dropout, "must be in [0, 1)")
         if self.log_every < 1:
@@ -253,15 +287,80 @@ def check_npu_count(device_type: str, npus: int, nnodes: int = 1) -> None:
                          f"{NPU_MAX_PER_NODE} NPUs on each ({npus // nnodes} asked)")
 
 
+KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+         dict: "an object"}
+
+
 def _check_type(name: str, value: Any) -> None:
     """InputError naming a field whose JSON value has the wrong type (a spec file, a queued message)."""
     want = FIELD_TYPES.get(name)
     if want is None or (value is None and name in OPTIONAL):
         return
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-    if want is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        kind = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-                dict: "an object"}[want]
-        raise InputError(f"training spec field {name!r}: {value!r} is not {kind}")
+    where = f"training spec field {name!r}"
+    if not _is(value, want):
+        raise InputError(f"{where}: {_shown_repr(value)} is not {KINDS[want]}")
+    if want is float and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise InputError(f"{where}: {_shown_value(value)} is too large for a number") from None
+    if want is str and len(value) > MAX_TEXT_CHARS:
+        raise InputError(f"{where}: {_shown_repr(value)} is longer than {MAX_TEXT_CHARS} characters")
+    if want is str and ("\x00" in value or not _encodable(value)):
+        raise InputError(f"{where}: {_shown_repr(value)} holds a NUL or an unpaired surrogate, not text")
+    item = LIST_ITEM_TYPES.get(name)
+    odd = [x for x in value if not _is(x, item)] if item is not None else []
+    if odd:
+        raise InputError(f"{where}: {_shown_repr(odd[0])} in {_shown_repr(value)} is not {KINDS[item]}")
+
+
+def _is(value: Any, want: type) -> bool:
+    """isinstance for JSON values: a bool is not a number, an int is a float."""
+    if isinstance(value, bool):
+        return want is bool
+    return isinstance(value, (int, float)) if want is float else isinstance(value, want)
+
+
+def _encodable(text: str) -> bool:
+    """True unless `text` holds a surrogate no file name can (argv's undecodable bytes come as \\udc80-\\udcff,
+    which encode back to those bytes)."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Values echoed in an error are cut to one short line: a spec file can hold a megabyte string, an integer of
+# 4000 digits or a line break where a name was expected.
+SHOWN_CHARS = 80
+
+
+def _shown_text(text: str, limit: int = SHOWN_CHARS) -> str:
+    text = one_line(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown_value(value: Any) -> str:
+    """`value` as a flag's value in a message: 0, nan, adam."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"(an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits)"  # str() fails past 4300
+    return _shown_text(str(value))
+
+
+def _shown_repr(value: Any) -> str:
+    """`value` as a JSON field's value in a message: 'ten', [0.5], True."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _shown_value(value)
+    try:
+        return _shown_text(repr(value))
+    except (RecursionError, ValueError):  # a deeply nested list; a list holding a 5000-digit integer
+        return f"(a {type(value).__name__})"
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(value), "a number")
+
+
+def _short(exc: BaseException) -> str:
+    return _shown_text((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)

@@ -10,7 +10,9 @@ An image that cannot be read never stops an epoch: training replaces it with
 the next readable sample (batch shapes stay static, which matters for NPU
 graph compilation and for DDP, where every rank must take the same steps);
 evaluation drops it. Either way its path travels with the batch so the
-trainer can count and name it.
+trainer can count and name it. Only still images are read: an animated or
+multi-page file (GIF, APNG, WebP, TIFF) is such a bad image, refused from its
+header, and whatever is decoded is one [3, H, W] uint8 image.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator, NamedTuple
 
 import io
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
@@ -27,30 +30,54 @@ from torchvision.transforms.v2 import functional as TF
 from facenet import confine
 from facenet.data.dataset import Sample
 from facenet.fsutil import cpu_cores
+from facenet.preprocess.images import animated, to_rgb
 
 MAX_REPLACEMENTS = 16
 # Training images are face crops (160 x 160 from preprocessing); these caps refuse, from the header and
 # before any pixel is decoded, a small file that would decode to gigabytes.
 MAX_FILE_BYTES = 32 << 20
 MAX_PIXELS = 4096 * 4096
+# What torchvision decodes straight to a tensor (libjpeg-turbo, libpng, libwebp): the fast path. Each reads one
+# image whatever the file holds: decode_jpeg the primary image of an MPO (phones' 2-frame JPEGs), decode_png the
+# default image of an APNG. Everything else is decoded by PIL, first frame only (torchvision's decode_gif returns
+# every frame of a GIF: a 3 KB file of 200 frames of 2048 x 2048 is 2.5 GB of tensor).
+FAST_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 def decode(path: str, image_size: int, roots: confine.Roots | None = None) -> torch.Tensor:
-    """Read one image as uint8 RGB CHW at image_size x image_size. Raises on unreadable or refused files."""
+    """Read one still image as uint8 RGB CHW at image_size x image_size. Raises on unreadable or refused
+    files, and on animated or multi-page ones (ValueError naming the frames)."""
     from PIL import Image
 
     data = confine.read_bytes(path, roots, "image", MAX_FILE_BYTES)
     try:
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+        with Image.open(io.BytesIO(data)) as header:  # reads the header (and a GIF's frame headers) only
             width, height = header.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{path}: {width}x{height} pixels, more than {MAX_PIXELS}")
+            frames = animated(header)
+            if frames:
+                raise ValueError(f"{path}: animated {header.format} ({frames}); only still images are read")
+            img = None if header.format in FAST_FORMATS else _decode_with_pil(header)
     except Image.DecompressionBombError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"{path}: {width}x{height} pixels, more than {MAX_PIXELS}")
-    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if img is None:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if img.ndim != 3 or img.shape[0] != 3:  # collate stacks [3, H, W]; anything else would end the job
+        raise ValueError(f"{path}: decoded to shape {list(img.shape)}, not one RGB image")
+    if img.dtype == torch.uint16:  # a 16-bit PNG: to 8 bits as preprocessing's to_rgb does, not uint16 into the model
+        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
     if img.shape[-2:] != (image_size, image_size):
         img = TF.resize(img, [image_size, image_size], antialias=True)
     return img
+
+
+def _decode_with_pil(img) -> torch.Tensor:
+    """The current (first) frame of an open PIL image as uint8 RGB CHW; alpha is composed on white, as
+    preprocessing does."""
+    img.load()
+    rgb, _ = to_rgb(img)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 class FaceImages(Dataset):

@@ -2,7 +2,8 @@
 
 Nothing here raises for a bad file. Handled: files that are not images
 (whatever their name), truncated/corrupt files, decompression bombs (refused
-from the header, before any pixel is decoded), huge JPEGs (decoded at a
+from the header, before any pixel is decoded), animated and multi-page images
+(GIF, APNG, WebP, TIFF: refused from their headers; an MPO is a JPEG), huge JPEGs (decoded at a
 reduced scale by libjpeg's DCT scaling), CMYK, grayscale, 16-bit, palette
 and alpha images (converted to 8-bit RGB).
 """
@@ -26,6 +27,9 @@ from facenet import confine
 MAX_PIXELS = 100_000_000
 MAX_FULL_DECODE_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 << 20
+# A phone's JPEG is often an MPO (the photo plus a preview or a depth map): PIL reads its primary image, which
+# is a JPEG like any other (DCT scaling included).
+JPEG_FORMATS = ("JPEG", "MPO")
 
 
 @dataclass
@@ -54,10 +58,14 @@ def load_rgb(path: str, max_side: int = 2000, roots: confine.Roots | None = None
             img = Image.open(io.BytesIO(data))
             size = img.size
             pixels = size[0] * size[1]
-            if pixels > MAX_PIXELS or (img.format != "JPEG" and pixels > MAX_FULL_DECODE_PIXELS):
+            jpeg = img.format in JPEG_FORMATS
+            if pixels > MAX_PIXELS or (not jpeg and pixels > MAX_FULL_DECODE_PIXELS):
                 return Loaded(None, size=size, reject=f"decompression bomb ({pixels} pixels)")
+            frames = animated(img)
+            if frames:
+                return Loaded(None, size=size, reject=f"animated image ({frames}); only still images are read")
             scale = 1.0
-            if img.format == "JPEG" and max(size) > max_side:
+            if jpeg and max(size) > max_side:
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale almost for free.
                 img.draft("RGB", (max(1, size[0] * max_side // max(size)), max(1, size[1] * max_side // max(size))))
                 scale = size[0] / img.size[0]
@@ -79,6 +87,18 @@ def load_rgb(path: str, max_side: int = 2000, roots: confine.Roots | None = None
     except Exception as exc:
         return Loaded(None, reject=f"unsupported image mode {img.mode} ({_short(exc)})")
     return Loaded(rgb, scale, size, converted)
+
+
+def animated(img: Image.Image) -> str | None:
+    """'N frames' (or '2 or more frames' where counting them would walk the whole file) for an open image
+    whose file holds an animation or several pages; None for a still one. From the header, or for GIF and
+    TIFF from a walk to the second frame's header, without decoding a pixel. A JPEG decoder reads an MPO's
+    primary image only, so an MPO is still."""
+    if img.format in JPEG_FORMATS or not getattr(img, "is_animated", False):
+        return None
+    if img.format in ("PNG", "WEBP"):  # the count is in the header (APNG's acTL, WebP's ANIM)
+        return f"{img.n_frames} frames"
+    return "2 or more frames"  # GIF, TIFF: n_frames walks every frame; a 3 KB GIF can hold thousands
 
 
 def _has_alpha(img: Image.Image) -> bool:

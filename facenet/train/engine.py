@@ -6,6 +6,7 @@ everything else is symmetric, and world size 1 runs the same code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -167,8 +168,15 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
 
     tracker, events = None, EventLog(None)
     if info.is_main:
-        os.makedirs(spec.output, exist_ok=True)
-        events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"), append=bool(resume_path))
+        try:  # an output path the spec names that cannot be written: said now, in one line, not a traceback later
+            os.makedirs(spec.output, exist_ok=True)
+            events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"), append=bool(resume_path))
+            if spec.json_out:
+                os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
+                if os.path.isdir(spec.json_out):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), spec.json_out)
+        except OSError as exc:
+            raise _unwritable(exc) from None
         uri = resolve_uri(spec.mlflow_uri)
         if uri:
             tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
@@ -296,9 +304,12 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         events.emit("end", **{k: v for k, v in summary.items() if k != "event"})
         events.close()
         if spec.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
-            with open(spec.json_out, "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
+                with open(spec.json_out, "w", encoding="utf-8") as fh:
+                    json.dump(summary, fh, indent=2)
+            except OSError as exc:
+                raise _unwritable(exc) from None
         say(json.dumps(summary))
         say(modelzoo_block(summary["fps"], summary["train_acc"], summary["e2e_seconds"]))
     return summary
@@ -426,6 +437,11 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
     return {"loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
             "fps": images / window if window > 0 else 0.0, "window_images": int(images), "window_seconds": window,
             "images": int(seen_total)}
+
+
+def _unwritable(exc: OSError) -> UserError:
+    return UserError(f"cannot write {one_line(exc.filename)}: {exc.strerror or exc} "
+                     "(a path from --output, --events or --json-out)")
 
 
 def _unreadable_batch(bad: list[str]) -> UserError:
