@@ -139,16 +139,12 @@ class Roots:
         """`path` made absolute beneath its root, or Refused naming it (before saying anything about whether
         it exists) when it is outside the roots or a component of it that exists is a symbolic link."""
         root, rel = self.locate(path, what)
-        here = root
-        for part in ([] if rel == "." else rel.split(os.sep)):
-            here = os.path.join(here, part)
-            try:
-                st = os.lstat(here)
-            except (FileNotFoundError, NotADirectoryError):
-                break
-            if stat.S_ISLNK(st.st_mode):
-                raise Refused(f"{what} {shown(path)}: {self._link_note(here)}")
-        return os.path.join(root, rel) if rel != "." else root
+        if rel == ".":
+            return root
+        link = self._first_link(root, rel)
+        if link is not None:
+            raise Refused(f"{what} {shown(path)}: {self._link_note(link)}")
+        return os.path.join(root, rel)
 
     def _link_note(self, link: str) -> str:
         try:
@@ -179,13 +175,15 @@ class Roots:
 
     @staticmethod
     def _first_link(root: str, rel: str) -> str | None:
+        """The first component of `rel` beneath `root` that is a symbolic link, None when none is (or the
+        rest does not exist)."""
         here = root
         for part in rel.split(os.sep):
             here = os.path.join(here, part)
             try:
                 if stat.S_ISLNK(os.lstat(here).st_mode):
                     return here
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 return None
         return None
 
