@@ -22,6 +22,11 @@ def train_queue(device_type: str) -> str:
     return f"train.{device_type}"
 
 
+def unfit_queue(device_type: str) -> str:
+    """Where a device worker whose doctor failed listens: nothing sends to it."""
+    return f"unfit.{device_type}"
+
+
 def make_app() -> Celery:
     s = load_settings()
     app = Celery("facenet", broker=s.redis_url, backend=s.redis_url, include=["services.tasks", "services.worker"])

@@ -220,7 +220,7 @@ def check_before_taking_jobs(cmd: list[str], env: dict) -> tuple[list[str], dict
     """A device worker with FACENET_WORKER_DOCTOR=1 runs `facenet-cli doctor` on its devices first. One that fails
     still starts (so status and Flower can say why) but consumes no train queue: it listens on unfit.<type>, which
     nothing sends to, and registers without capacity, naming what failed (FACENET_UNFIT)."""
-    from services.celery_app import train_queue
+    from services.celery_app import train_queue, unfit_queue
     from services.config import parse_devices
     from services.doctor import UNFIT_ENV, worker_self_check
 
@@ -231,7 +231,7 @@ def check_before_taking_jobs(cmd: list[str], env: dict) -> tuple[list[str], dict
         return cmd, env
     print(f"facenet worker: doctor failed, taking no jobs: {reason}", flush=True)
     cmd = list(cmd)
-    cmd[cmd.index("-Q") + 1] = f"unfit.{device_type}"
+    cmd[cmd.index("-Q") + 1] = unfit_queue(device_type)
     assert train_queue(device_type) not in cmd
     return cmd, {**env, UNFIT_ENV: reason}
 

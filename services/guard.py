@@ -27,7 +27,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from services.celery_app import PREPROCESS_QUEUE, train_queue
+from services.celery_app import PREPROCESS_QUEUE, train_queue, unfit_queue
 from services.config import DEVICE_TYPES
 from services.tasks import BadMessage, _check_args, finalize_dataset, plan_dataset, preprocess_shard, train
 
@@ -53,8 +53,8 @@ def tasks_for(queue: str) -> dict[str, int] | None:
         return PREPROCESS_TASKS
     if queue in {train_queue(t) for t in DEVICE_TYPES}:
         return TRAIN_TASKS
-    if queue.startswith(("train.", "unfit.")):  # a failed doctor's queue, which nothing sends to
-        return {}
+    if queue in {unfit_queue(t) for t in DEVICE_TYPES} or queue.startswith(train_queue("")):
+        return {}  # a failed doctor's queue, which nothing sends to; a device type we do not know
     return None
 
 
@@ -71,12 +71,22 @@ def _small_int(value, top: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
 
 
-def _time_limits(value) -> bool:
-    """[hard, soft] seconds, each None (the task's own) or a positive number: a task sent from inside a
-    worker carries its own limits (STAGE_LIMITS in services/tasks.py), one sent elsewhere none."""
-    def seconds(v):
-        return v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
-    return isinstance(value, list) and len(value) == 2 and all(seconds(v) for v in value)
+# Task name -> its own (hard, soft) time limits: Celery takes a message's limits over the task's
+# (celery@v5.7.0:celery/worker/request.py Request.__init__ and time_limits), so a message may lower them, never
+# lift them past FACENET_STAGE_TIME_LIMIT (or give the trainer, which has none, one).
+TASK_LIMITS = {t.name: (t.time_limit, t.soft_time_limit) for t in (plan_dataset, preprocess_shard, finalize_dataset,
+                                                                    train)}
+
+
+def _time_limits(value, task: str) -> bool:
+    """[hard, soft] seconds, each None (the task's own) or a positive number at most the task's own limit: a
+    task sent from inside a worker carries its own limits (STAGE_LIMITS in services/tasks.py), one sent
+    elsewhere none."""
+    def seconds(v, top):
+        return v is None or top is not None and isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and 0 < v <= top
+    caps = TASK_LIMITS.get(task, (None, None))
+    return isinstance(value, list) and len(value) == 2 and all(seconds(v, top) for v, top in zip(value, caps))
 
 
 # Celery 5's protocol-2 headers (celery@v5.7.0:celery/app/amqp.py as_task_v2) and what ours hold; kombu
@@ -90,7 +100,7 @@ HEADER_CHECKS = {
     "group_index": lambda v: v is None, "stamped_headers": lambda v: v is None, "stamps": lambda v: v == {},
     "ignore_result": lambda v: v is None or isinstance(v, bool),
     "retries": lambda v: _small_int(v, 100),
-    "timelimit": _time_limits,
+    "timelimit": lambda v: isinstance(v, list),  # checked against the task's own limits in _check_headers
     "replaced_task_nesting": lambda v: v == 0,
     "argsrepr": lambda v: isinstance(v, str), "kwargsrepr": lambda v: isinstance(v, str),  # rewritten below
     "origin": lambda v: isinstance(v, str) and len(v) <= 255,
@@ -115,6 +125,9 @@ def _check_headers(headers, tasks: dict[str, int], queue: str) -> int:
             raise BadMessage(f"header {key!r} is {_shown(value)}")
     if headers["task"] not in tasks:
         raise BadMessage(f"task {_shown(headers['task'])} is not one queue {queue!r} carries")
+    if "timelimit" in headers and not _time_limits(headers["timelimit"], headers["task"]):
+        raise BadMessage(f"header 'timelimit' is {_shown(headers['timelimit'])}, past the task's own "
+                         f"{list(TASK_LIMITS[headers['task']])}")
     return tasks[headers["task"]]
 
 
@@ -201,9 +214,18 @@ def check(queue: str, item: bytes) -> dict:
     return check_envelope(queue, parse(item))
 
 
+# The remote-control commands a broadcast may carry: the read-only ones that `celery inspect`, Flower's pages
+# and the tests ask, and the event switches Flower sends. The rest (shutdown, revoke/terminate, pool_grow,
+# autoscale, rate_limit, time_limit, add_consumer, ...) change a worker, and anyone who can write to Redis
+# could send them: a job is cancelled with `facenet-cli cancel`, which goes through the job record.
+BROADCAST_METHODS = {"ping", "stats", "active_queues", "registered", "scheduled", "active", "reserved", "revoked",
+                     "conf", "report", "clock", "query_task", "heartbeat", "enable_events", "disable_events"}
+
+
 def check_broadcast(envelope) -> None:
-    """A remote-control broadcast (celery.pidbox, which every worker subscribes to) is what kombu can build a
-    Message of, uncompressed; BadMessage otherwise. Its body is Celery's to judge: a bad one is logged there."""
+    """A remote-control broadcast (celery.pidbox, which every worker subscribes to): an envelope kombu can
+    build a Message of, uncompressed, whose body is base64 JSON asking one of BROADCAST_METHODS; BadMessage
+    otherwise."""
     if not isinstance(envelope, dict) or set(envelope) != ENVELOPE_KEYS:
         raise BadMessage("not a kombu envelope")
     headers, props = envelope["headers"], envelope["properties"]
@@ -215,6 +237,14 @@ def check_broadcast(envelope) -> None:
     if not isinstance(props, dict) or props.get("body_encoding") != "base64" \
             or not isinstance(props.get("delivery_tag"), str) or not isinstance(props.get("delivery_info"), dict):
         raise BadMessage("properties are not kombu's (body_encoding base64, a delivery_tag, delivery_info)")
+    try:  # kombu decodes the body when it builds the Message, outside any handler (a bad one kills the worker)
+        body = json.loads(base64.b64decode(envelope["body"], validate=True).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadMessage(f"body is not base64 JSON ({type(exc).__name__})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("arguments", {}), dict):
+        raise BadMessage(f"body {_shown(body)} is not a control command")
+    if body.get("method") not in BROADCAST_METHODS:
+        raise BadMessage(f"control command {_shown(body.get('method'))} is not a read-only one")
 
 
 def _about(envelope: dict) -> str:
@@ -243,11 +273,29 @@ def admit(queue: str, item) -> dict | None:
         return None
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with entries of the unacked hash that kombu did not write dropped. It
+    restores them (restore_visible at every worker start, restore_unacked at shutdown) with a `loads` in no
+    handler (kombu@v5.7.0:kombu/transport/redis.py QoS.restore_by_tag): one forged entry killed every worker
+    on every start, since the aborted transaction left it in place."""
+
+    def restore_by_tag(self, tag, client=None, leftmost=False):
+        try:
+            return super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        except (TypeError, ValueError, RecursionError) as exc:
+            log.warning("facenet guard: dropped an unacked entry %s: not a message kombu wrote (%s)",
+                        _shown(bytes_to_str(tag)), type(exc).__name__)
+            with self.channel.conn_or_acquire(client) as conn:
+                self._remove_from_indices(tag, conn.pipeline()).execute()
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel with `admit` between popping an item and building its Message. The two
     methods are kombu's own (kombu@v5.7.0:kombu/transport/redis.py Channel._brpop_read, Channel._get)
     with that one step added; a dropped item was popped and never entered the unacked hash, so there is
     nothing to acknowledge or restore."""
+
+    QoS = QoS
 
     def _brpop_read(self, **options):
         try:
@@ -269,9 +317,7 @@ class Channel(kombu_redis.Channel):
             return True
         finally:
             self._in_poll = None
-            flush = getattr(self, "_flush_brpop_reauth", None)  # streaming re-auth; older kombu has none
-            if flush is not None:
-                flush()
+            self._flush_brpop_reauth()
 
     def _get(self, queue):
         with self.conn_or_acquire() as client:
@@ -287,6 +333,26 @@ class Channel(kombu_redis.Channel):
             self._maybe_update_queues_expire(client, queue)
             raise Empty()
 
+
+    def _receive_one(self, c):
+        # kombu's (kombu@v5.7.0:kombu/transport/redis.py Channel._receive_one) decodes a pub/sub payload and
+        # catches TypeError and ValueError only: a deeply nested one raised RecursionError out of every worker.
+        try:
+            return super()._receive_one(c)
+        except RecursionError:
+            log.warning("facenet guard: dropped a broadcast: not JSON (RecursionError)")
+            return False  # nothing delivered (kombu's _receive calls this in a loop that does not catch Empty)
+
+    def _restore(self, message, leftmost=False):
+        # kombu@v5.7.0:kombu/transport/redis.py Channel._restore reads the message back from the unacked hash,
+        # which anyone who can write to Redis can overwrite: a bad entry is dropped, not raised at shutdown.
+        try:
+            return super()._restore(message, leftmost)
+        except (TypeError, ValueError, RecursionError) as exc:
+            log.warning("facenet guard: dropped an unacked entry %s: not a message kombu wrote (%s)",
+                        _shown(bytes_to_str(message.delivery_tag)), type(exc).__name__)
+            with self.conn_or_acquire() as client:
+                client.hdel(self.unacked_key, message.delivery_tag)
 
     def _deliver_fanout_message(self, message, exchange):
         # Broadcasts arrive over pub/sub, already decoded (kombu@v5.7.0:kombu/transport/redis.py

@@ -30,6 +30,33 @@ MARKER = "HOSTILE-PAYLOAD-7f3a"  # fills the big items: none of it may reach the
 JOB = "0123456789ab"  # a well-formed job id no job has
 
 
+def _start_worker(redis_url: str, tmp) -> tuple[subprocess.Popen, object]:
+    """A preprocessing worker (`services.entrypoints worker-preprocess`, as the stack starts it) in folder
+    `tmp`, once it says it is ready; (process, its log's path)."""
+    (tmp / "data").mkdir(exist_ok=True)
+    log_path = tmp / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "worker-preprocess"],
+                                env=_env(redis_url, tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + 90
+    while " ready." not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.3)
+    return proc, log_path
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:  # it died (what the tests would report)
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _env(redis_url: str, tmp_path) -> dict:
     return {**os.environ, "FACENET_REDIS_URL": redis_url, "FACENET_STATE_DIR": str(tmp_path / "state"),
             "FACENET_DATA_ROOTS": str(tmp_path / "data"), "FACENET_WORKER_CONCURRENCY": "1",
@@ -57,25 +84,9 @@ def templates(redis_url, tmp_path_factory) -> dict:
 def worker(redis_url, tmp_path_factory, templates):
     """A preprocessing worker (`services.entrypoints worker-preprocess`, as the stack starts it), its log."""
     tmp = tmp_path_factory.mktemp("worker")
-    (tmp / "data").mkdir()
-    log_path = tmp / "worker.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "worker-preprocess"],
-                                env=_env(redis_url, tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.time() + 90
-    while " ready." not in log_path.read_text(errors="replace"):
-        assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-3000:]
-        time.sleep(0.3)
+    proc, log_path = _start_worker(redis_url, tmp)
     yield proc, log_path, tmp
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except ProcessLookupError:  # it died (what the tests below would report)
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _stop(proc)
 
 
 def variant(template: dict, *, task: str | None = None, args=None, body: bytes | None = None,
@@ -126,6 +137,7 @@ def hostile_items(t: dict) -> list[tuple[str, bytes, str]]:
          "not application/json"),
         ("routed to train.cpu", variant(plan, delivery_info={"exchange": "", "routing_key": "train.cpu"}),
          "does not route to 'preprocess'"),
+        ("time limit lifted", variant(plan, headers={"timelimit": [1e300, 1e300]}), "past the task's own"),
     ]
 
 
@@ -220,3 +232,105 @@ def test_each_queue_takes_only_its_own_tasks(templates):
     restored = json.loads(variant(plan, headers={"redelivered": True}))
     restored["properties"]["delivery_info"]["redelivered"] = True
     assert check("preprocess", json.dumps(restored).encode())
+
+
+def _pidbox_template(r, app) -> tuple[str, dict]:
+    """(the pub/sub channel, the envelope) of a real `celery inspect ping` broadcast, caught as Redis carries it."""
+    sub = r.pubsub()
+    sub.psubscribe("*pidbox*")
+    assert sub.get_message(timeout=5)["type"] == "psubscribe"
+    app.control.ping(timeout=1)
+    msg = sub.get_message(timeout=5)
+    sub.close()
+    assert msg and msg["type"] == "pmessage", msg
+    return msg["channel"], json.loads(msg["data"])
+
+
+def _broadcast_body(envelope: dict, body) -> bytes:
+    e = copy.deepcopy(envelope)
+    e["body"] = body if isinstance(body, str) else base64.b64encode(json.dumps(body).encode()).decode()
+    return json.dumps(e).encode()
+
+
+def test_hostile_broadcasts_are_dropped_and_the_worker_answers_on(worker, redis_url):
+    """Remote-control broadcasts reach every worker at once over pub/sub: a body that is not base64, a payload
+    nested 100k deep (RecursionError past kombu's own handler) and Celery's real commands that change a
+    worker (shutdown, revoke/terminate, pool_shrink, rate_limit, time_limit) are dropped; read-only inspection
+    still answers."""
+    from celery import Celery
+
+    from services.registry import connect
+
+    proc, log_path, _ = worker
+    r, app = connect(redis_url), Celery(broker=redis_url)
+    channel, ping = _pidbox_template(r, app)
+    before = log_path.read_text(errors="replace").count("dropped a broadcast")
+    r.publish(channel, _broadcast_body(ping, "a"))  # not base64: kombu raised building the Message
+    r.publish(channel, _broadcast_body(ping, {"method": "shutdown", "arguments": {}}))
+    r.publish(channel, b"[" * 100_000)
+    app.control.shutdown()
+    app.control.revoke(str(uuid.uuid4()), terminate=True)
+    app.control.pool_shrink(1)
+    app.control.rate_limit("facenet.plan_dataset", "1/h")
+    app.control.time_limit("facenet.plan_dataset", soft=1, hard=2)
+    deadline = time.time() + 30
+    while log_path.read_text(errors="replace").count("dropped a broadcast") < before + 8 and time.time() < deadline:
+        time.sleep(0.2)
+    log = log_path.read_text(errors="replace")
+    assert proc.poll() is None, f"the worker died:\n{log[-3000:]}"
+    dropped = [line for line in log.splitlines() if "dropped a broadcast" in line][before:]
+    assert len(dropped) == 8, "\n".join(dropped)
+    text = "\n".join(dropped)
+    assert "body is not base64 JSON" in text and "RecursionError" in text
+    for method in ("shutdown", "revoke", "pool_shrink", "rate_limit", "time_limit"):
+        assert f"control command '{method}' is not a read-only one" in text, method
+    assert app.control.ping(timeout=5), "the worker no longer answers a ping"
+    limits = app.control.inspect(timeout=5).stats()
+    assert limits and proc.poll() is None
+
+
+def test_forged_unacked_entries_are_dropped_when_a_worker_starts(worker, redis_url, tmp_path):
+    """kombu restores the unacked hash at every worker start with a `loads` in no handler, inside a transaction
+    that the error aborts: one forged entry ended every worker at every start. Now each bad entry is
+    dropped (and one that decodes to a bad message is refused by the guard once it is back on the queue)."""
+    from services.registry import connect
+
+    r = connect(redis_url)
+    entries = {"junk": b"this is not json", "deep": b"[" * 100_000, "shape": b"[1, 2]",
+               "not-a-message": json.dumps([{"body": 1}, "", "preprocess"]).encode()}
+    for tag, value in entries.items():
+        r.hset("unacked", tag, value)
+        r.zadd("unacked_index", {tag: 0})  # long past the visibility timeout: restored at once
+    proc, log_path = _start_worker(redis_url, tmp_path)
+    try:
+        deadline = time.time() + 30
+        while (r.hlen("unacked") or r.llen("preprocess")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1)
+        logs = log_path.read_text(errors="replace") + worker[1].read_text(errors="replace")
+        assert proc.poll() is None, f"the worker died at start:\n{logs[-3000:]}"
+        assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0 and r.llen("preprocess") == 0
+        for tag in ("junk", "deep", "shape"):
+            assert f"dropped an unacked entry '{tag}'" in logs, tag
+        assert "dropped a message on queue 'preprocess'" in logs and "not a kombu envelope" in logs
+    finally:
+        _stop(proc)
+
+
+def test_the_kombu_methods_the_guard_copies_or_wraps_are_the_ones_it_was_written_against():
+    """services/guard.py copies kombu 5.7.0's Channel._brpop_read and _get (with its check added) and wraps
+    _receive_one, _restore and QoS.restore_by_tag: a kombu whose methods changed must be read again before
+    it is allowed (pyproject pins kombu 5.7.x), not trusted to match."""
+    import hashlib
+    import inspect
+
+    from kombu.transport import redis as kombu_redis
+
+    def digest(fn) -> str:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+
+    assert {name: digest(getattr(kombu_redis.Channel, name)) for name in
+            ("_brpop_read", "_get", "_receive_one", "_restore")} | \
+        {"QoS.restore_by_tag": digest(kombu_redis.QoS.restore_by_tag)} == {
+            "_brpop_read": "c42518699709f2df", "_get": "be26a9f1eb4cf8da", "_receive_one": "d59b8751d89757dc",
+            "_restore": "92e63e38835b6592", "QoS.restore_by_tag": "58e161d81b6fe18d"}
