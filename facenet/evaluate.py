@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from facenet import confine
+from facenet import weights
 from facenet.errors import UserError
 from facenet.verification import metrics as vm
 from facenet.verification.embed import distances, embed_paths
 from facenet.verification.pairs import PairSet, find_pairs
 
 FAR_TARGET = 1e-3
-MAX_MODEL_BYTES = 2 << 30
 
 
 @dataclass
@@ -85,21 +84,7 @@ def load_model(path: str, run_id: str | None = None) -> LoadedModel:
     """Build InceptionResnetV1 from one of our model files or checkpoints (tensors only: no pickle)."""
     from facenet_pytorch import InceptionResnetV1
 
-    # A regular file, opened without blocking: torch.load(path) on a FIFO waited for a writer forever. (Resolved
-    # first: a link the user made to a model is theirs to follow; open_regular refuses a final symlink.)
-    try:
-        fd = confine.open_regular(os.path.realpath(path), None, "--model")
-    except OSError as exc:
-        raise UserError(f"--model {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > MAX_MODEL_BYTES:
-            raise UserError(f"--model {path}: {size >> 20} MiB, more than a FaceNet model")
-        try:
-            obj = torch.load(fh, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"--model {path}: not a model file we can read as tensors ({first[:160]})") from None
+    obj = weights.load(path, None, "--model")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise UserError(f"--model {path}: not a facenet model or checkpoint (no 'model' state dict)")
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj["model"].items()}

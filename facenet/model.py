@@ -7,11 +7,9 @@ import os
 import torch
 from facenet_pytorch import InceptionResnetV1
 
-from facenet import confine
+from facenet import confine, weights
 from facenet.errors import UserError
 from facenet.spec import default_pretrained_path
-
-MAX_WEIGHTS_BYTES = 2 << 30
 
 
 def resolve_pretrained(pretrained: str | None, roots: confine.Roots | None = None) -> tuple[str | None, str]:
@@ -46,21 +44,9 @@ def build_model(num_classes: int, pretrained_file: str | None, dropout: float = 
     """
     model = InceptionResnetV1(classify=True, num_classes=num_classes, dropout_prob=dropout)
     if pretrained_file:
-        # Opened as a regular file in every case (a FIFO swapped in after resolve_pretrained would block the
-        # load forever); the seed's cache path lies outside the data roots, and unconfined a user's link is followed.
+        # The seed's cache path lies outside the data roots: read unconfined, as a user's own file.
         confined = roots is not None and pretrained_file != default_pretrained_path()
-        try:
-            fd = confine.open_regular(pretrained_file if confined else os.path.realpath(pretrained_file),
-                                      roots if confined else None, "--pretrained")
-            with os.fdopen(fd, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > MAX_WEIGHTS_BYTES:
-                    raise UserError(f"--pretrained {pretrained_file}: {size >> 20} MiB, more than FaceNet weights")
-                state = torch.load(fh, map_location="cpu", weights_only=True)
-        except UserError:
-            raise
-        except Exception as exc:
-            raise UserError(f"--pretrained {pretrained_file}: cannot read weights ({exc})") from None
+        state = weights.load(pretrained_file, roots if confined else None, "--pretrained")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # one of our own checkpoints
         if not isinstance(state, dict):

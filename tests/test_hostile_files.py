@@ -285,12 +285,8 @@ def test_a_spec_file_that_is_a_fifo_a_folder_binary_or_2_gb_is_refused_unread(tm
         assert time.time() - t0 < 2
 
 
-@pytest.mark.xfail(strict=True, reason="facenet/train/options.py still opens --spec itself (blocking on a FIFO, "
-                                       "decoding without a size cap); it must call TrainSpec.from_file")
 def test_the_trainer_refuses_a_fifo_binary_or_2_gb_spec_in_one_line(tmp_path):
     for path, says in _fifo_dir_binary_big(tmp_path).items():
-        if path.name == "big.json":
-            continue  # read whole by the old code: 2 GB of memory to learn that it is not JSON
         try:
             res = subprocess.run(train_cmd("--spec", str(path)), capture_output=True, text=True, cwd=REPO,
                                  timeout=30)

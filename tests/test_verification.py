@@ -211,7 +211,7 @@ def test_evaluate_refuses_bad_input_in_one_line(untrained_model, orl_faces, tmp_
     junk.write_bytes(b"not a model")
     cases = [
         (["--model", str(tmp_path / "nope.pt"), "--data", orl_faces], "--model", "no such file or folder"),
-        (["--model", str(junk), "--data", orl_faces], "--model", "not a model file we can read as tensors"),
+        (["--model", str(junk), "--data", orl_faces], "--model", "cannot read it as tensors"),
         (["--model", str(tmp_path), "--data", orl_faces], "--model", "no model.pt or checkpoint.pt"),
         (["--model", untrained_model, "--data", str(two)], "--data", "no verification pairs"),
         (["--model", untrained_model, "--data", orl_faces, "--pairs", str(missing)], "--pairs",

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import torch
 
+from facenet import weights
 from facenet.errors import UserError
 from facenet.fsutil import atomic_write
 
@@ -48,14 +49,8 @@ def resolve_resume(resume: str | None, output: str) -> str | None:
 
 
 def load(path: str) -> dict:
-    try:
-        # Tensors and plain containers only: unpickling arbitrary objects would run code from whoever
-        # could write the file, with the trainer's credentials.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--resume {path}: cannot read checkpoint as tensors and plain data ({first[:200]}); "
-                        "a checkpoint written by an older version or by other code is refused") from None
+    ckpt = weights.load(path, None, "--resume", "; a checkpoint written by an older version or by other code "
+                        "is refused")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise UserError(f"--resume {path}: not a facenet checkpoint")
     return ckpt

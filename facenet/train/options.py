@@ -139,11 +139,7 @@ def spec_from_args(argv: list[str] | None = None, prog: str = "python -m facenet
     """Parse argv into a validated TrainSpec (UserError on bad values)."""
     args = get_args_parser(prog).parse_args(argv)
     if args.spec:
-        try:
-            with open(args.spec, encoding="utf-8") as fh:
-                return TrainSpec.from_json(fh.read())
-        except OSError as exc:
-            raise UserError(f"--spec {args.spec}: {exc.strerror}") from None
+        return TrainSpec.from_file(args.spec)  # a regular file of at most MAX_SPEC_BYTES, never a FIFO waited on
     if not args.data:
         raise UserError("--data is required (the dataset root)")
     values = vars(args)
