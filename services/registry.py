@@ -482,7 +482,7 @@ def _decode(raw: dict) -> dict:
             out[k] = json.loads(v) if v else None
         elif k in ("created", "updated", "started", "finished", "trainer_started", "preprocessed"):
             out[k] = float(v) if v else None
-        elif k in ("attempts", "npus", "cancel_requested"):
+        elif k in ("attempts", "npus", "cancel_requested", "shards"):
             out[k] = int(v) if v else 0
         else:
             out[k] = v if v != "" else None

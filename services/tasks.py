@@ -10,6 +10,7 @@ tasks' results.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -25,6 +26,7 @@ def registry():
     return s, Registry(connect(s.redis_url), s.heartbeat_ttl, s.job_retention_seconds)
 
 
+log = logging.getLogger(__name__)
 STAGE_TIME_LIMIT = load_settings().stage_time_limit
 
 
@@ -219,6 +221,9 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
     stage = f"shard:{index}"
     if reg.r.sismember(reg.key(job_id) + ":shards", str(index)):
         return {"job": job_id, "index": index, "skipped": "finished"}
+    if not isinstance(job.get("shards"), int) or index >= job["shards"]:  # not a shard its plan made: not ours
+        log.warning("job %s has no shard %d (its plan made %s): message dropped", job_id, index, job.get("shards"))
+        return {"job": job_id, "index": index, "skipped": "no such shard"}
     done = _started(reg, s, job_id, stage)
     if done:
         return done

@@ -309,7 +309,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
                 with open(spec.json_out, "w", encoding="utf-8") as fh:
                     json.dump(summary, fh, indent=2)
             except OSError as exc:
-                raise _unwritable(exc) from None
+                raise _unwritable(exc, spec.json_out) from None
         say(json.dumps(summary))
         say(modelzoo_block(summary["fps"], summary["train_acc"], summary["e2e_seconds"]))
     return summary
@@ -439,8 +439,9 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
             "images": int(seen_total)}
 
 
-def _unwritable(exc: OSError) -> UserError:
-    return UserError(f"cannot write {one_line(exc.filename)}: {exc.strerror or exc} "
+def _unwritable(exc: OSError, path: str | None = None) -> UserError:
+    """`exc` from writing `path` (the file the error names, when the OSError has none: a full disk)."""
+    return UserError(f"cannot write {one_line(exc.filename or path or 'an output file')}: {exc.strerror or exc} "
                      "(a path from --output, --events or --json-out)")
 
 
