@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 import urllib.request
@@ -134,6 +135,9 @@ class Tracker:
             try:
                 return fn()
             except Exception as exc:
+                if refused_login(exc):
+                    raise UserError(f"MLflow at {self.uri} refused our login ({_one_line(exc)}): {LOGIN_HINT}") \
+                        from None
                 if not _transient(exc):
                     raise UserError(f"MLflow at {self.uri}: {_one_line(exc)}") from None
                 err = exc
@@ -254,10 +258,22 @@ _PERMANENT_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_R
                     "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
 
 
+_REFUSED_LOGIN = re.compile(r"error code (401|403)\b")
+LOGIN_HINT = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to its login (the local stack's are in "
+              "STATE/secrets.env)")
+
+
+def refused_login(exc: BaseException) -> bool:
+    """The server answered 401/403: our login is missing or wrong. Waiting does not mend that."""
+    return _REFUSED_LOGIN.search(str(exc)) is not None
+
+
 def _transient(exc: BaseException) -> bool:
     """Worth retrying: connection refused/reset, timeouts, 5xx. Not: the server said no."""
     from mlflow.exceptions import MlflowException, RestException
 
+    if refused_login(exc):
+        return False
     if isinstance(exc, RestException):  # the server answered
         return exc.error_code not in _PERMANENT_CODES
     if isinstance(exc, MlflowException):  # raised client-side: only a failed HTTP request is worth a retry

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = stack()["mlflow_uri"]
         for name in ("baseline", "outage"):
-            out = os.path.join(state, name)
+            out = os.path.join(state, "work", name)
             cmd = [sys.executable, "-m", "services.cli", "train", "--data", data, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", "0.001", "--amp", "--image-size", str(args.image_size),
                    "--device", "cpu", "--experiment", "bench-outage", "--no-log-model", "--log-checkpoints", "none",
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                           "down_at": down_at, "up_at": up_at, "restart_at": restart_at, "retried": "retr" in output}
         from mlflow.tracking import MlflowClient
 
+        from services.stack import use_mlflow_login
+
+        use_mlflow_login(stack())
         client = MlflowClient(uri)
         run_id = runs["outage"]["summary"]["mlflow_run_id"]
         logged = sorted({m.step for m in client.get_metric_history(run_id, "fps")})

@@ -24,8 +24,10 @@ import time
 
 def private_stack(data_arg: str | None, prefix: str):
     """For a benchmark's own local stack: (the data to train on: --data or the cached sample set, a fresh
-    state folder, the environment of a stack on free ports confined to both, a `facenet-cli` runner in that
-    environment); None (said on stderr) when --data is no folder."""
+    temporary folder, the environment of a stack on free ports, a `facenet-cli` runner in that environment);
+    None (said on stderr) when --data is no folder. The temporary folder holds the stack's state in `stack/`
+    and the benchmark's outputs in `work/`; the stack is confined to `work/` and the data, never to a folder
+    that holds its own state (secrets)."""
     from facenet.data.samples import build_sample_dataset, cache_dir
     from services.entrypoints import free_port
 
@@ -34,10 +36,12 @@ def private_stack(data_arg: str | None, prefix: str):
         print(f"error: --data {data_arg}: no such directory", file=sys.stderr)
         return None
     state = tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(os.path.join(state, "work"))
     env = {**os.environ, "FACENET_STATE_DIR": os.path.join(state, "stack"), "FACENET_REDIS_PORT": str(free_port()),
            "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
-           "FACENET_DATA_ROOTS": os.pathsep.join([state, data])}
-    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR"):
+           "FACENET_DATA_ROOTS": os.pathsep.join([os.path.join(state, "work"), data])}
+    for k in ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # another stack's login would win over its own
         env.pop(k, None)
 
     def cli(*a: str, capture: bool = True) -> subprocess.CompletedProcess:
@@ -83,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             common += ["--no-log-model", "--log-checkpoints", "none"]
         print(f"direct: facenet-cli train ({args.epochs} epochs) ...", flush=True)
         t0 = time.perf_counter()
-        direct = cli("train", *common, "--device", "cpu", "--output", os.path.join(state, "direct"),
-                     "--json-out", os.path.join(state, "direct.json"), "--mlflow-uri", stack["mlflow_uri"])
+        direct = cli("train", *common, "--device", "cpu", "--output", os.path.join(state, "work", "direct"),
+                     "--json-out", os.path.join(state, "work", "direct.json"), "--mlflow-uri", stack["mlflow_uri"])
         direct_s = time.perf_counter() - t0
         if direct.returncode != 0:
             print(direct.stdout[-3000:] + direct.stderr[-3000:], file=sys.stderr)
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(queued.stdout)
         record = json.loads(cli("status", job["id"], "--json").stdout)
         print(f"  {queue_s:.1f} s", flush=True)
-        with open(os.path.join(state, "direct.json"), encoding="utf-8") as fh:
+        with open(os.path.join(state, "work", "direct.json"), encoding="utf-8") as fh:
             direct_summary = json.load(fh)
     finally:
         cli("stack", "down")

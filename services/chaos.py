@@ -41,7 +41,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 FAULT_KINDS = ("device_worker", "preprocess_worker", "trainer", "redis", "mlflow")
 # Variables of the caller that would point the stack (or its workers) somewhere else.
 FOREIGN_ENV = ("FACENET_REDIS_URL", "FACENET_MLFLOW_URI", "MLFLOW_TRACKING_URI", "FACENET_RUNS_DIR",
-               "FACENET_DEVICES", "FACENET_DEVICE_TYPE", "FACENET_WORKER_NAME", "FACENET_CPU_DEVICES")
+               "FACENET_DEVICES", "FACENET_DEVICE_TYPE", "FACENET_WORKER_NAME", "FACENET_CPU_DEVICES",
+               # another stack's MLflow login would win over this stack's own (401 on every call)
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 EXTRA_WORKERS = {
     "preprocess2": ("worker-preprocess", {"FACENET_WORKER_NAME": "preprocess2@%h", "FACENET_WORKER_CONCURRENCY": "1"}),
     "cpu2": ("worker-device", {"FACENET_WORKER_NAME": "cpu2@%h", "FACENET_DEVICE_TYPE": "cpu",
@@ -62,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"fault kinds to inject, comma-separated (default: {','.join(FAULT_KINDS)})")
     p.add_argument("--timeout", type=float, default=600, help="seconds the jobs may take in all (default: 600)")
     p.add_argument("--out", default="build/chaos.json", help="where the JSON report goes (default: build/chaos.json)")
-    p.add_argument("--workdir", default=None, help="state and data go here (default: a new temp dir, removed "
+    p.add_argument("--workdir", default=None, help="state (state/) and the jobs' data (data/) go here (default: a new temp dir, removed "
                    "after a run whose invariants held)")
     p.add_argument("--sample-root", default=None, help="ROOT with raw/<identity>/*.jpg (default: the test cache "
                    "~/.cache/facenet-stack/test-data/v2, built when missing)")
@@ -98,6 +100,9 @@ class Chaos:
         self.root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="facenet-chaos-"))
         os.makedirs(self.root, exist_ok=True)
         self.state_dir = os.path.join(self.root, "state")
+        # The jobs' data and outputs: a root beside the state folder, never one that holds it (its secrets).
+        self.data_root = os.path.join(self.root, "data")
+        os.makedirs(self.data_root, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
         # FACENET_CPU_DEVICES gives the stack's CPU worker 2 devices; the concurrency of 1 is for its
         # preprocessing worker (2 cores here, and the trainers need them).
@@ -105,7 +110,7 @@ class Chaos:
                     "FACENET_MLFLOW_PORT": str(free_port()), "FACENET_FLOWER_PORT": str(free_port()),
                     "FACENET_HEARTBEAT_TTL": "6", "FACENET_SWEEP_SECONDS": "2",
                     # A job may be hit by several faults; the attempt bound itself is tested elsewhere.
-                    "FACENET_MAX_ATTEMPTS": "8", "FACENET_DATA_ROOTS": self.root,
+                    "FACENET_MAX_ATTEMPTS": "8", "FACENET_DATA_ROOTS": self.data_root,
                     "FACENET_CPU_DEVICES": "0-1", "FACENET_WORKER_CONCURRENCY": "1"}
         self.extra: dict[str, subprocess.Popen] = {}
         self.faults = {k: 0 for k in FAULT_KINDS}
@@ -173,7 +178,7 @@ class Chaos:
             try:
                 if "facenet.train" not in " ".join(p.info["cmdline"] or []):
                     continue
-                if p.environ().get("FACENET_DATA_ROOTS") == self.root and p.status() != psutil.STATUS_ZOMBIE:
+                if p.environ().get("FACENET_DATA_ROOTS") == self.data_root and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
             except psutil.Error:
                 continue
@@ -271,14 +276,14 @@ class Chaos:
         """One raw set per job, the reference crops of it and the poison file; returns the raw sets."""
         a = self.args
         src = os.path.join(sample_root(a.sample_root), "raw")
-        raws = [copy_subset(src, os.path.join(self.root, f"raw{i}"), a.identities, a.per_identity) for i in range(a.jobs)]
-        self.reference = os.path.join(self.root, "reference")
+        raws = [copy_subset(src, os.path.join(self.data_root, f"raw{i}"), a.identities, a.per_identity) for i in range(a.jobs)]
+        self.reference = os.path.join(self.data_root, "reference")
         proc = self.cli("preprocess", raws[0], self.reference, "--workers", "1", "--image-size",
                         str(self.args.image_size), "--json", timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"reference preprocessing failed: {proc.stdout}{proc.stderr}")
         self.reference_hash = json.loads(proc.stdout)["content_hash"]
-        self.poison_file = os.path.join(self.root, "poison.pt")
+        self.poison_file = os.path.join(self.data_root, "poison.pt")
         with open(self.poison_file, "wb") as fh:
             fh.write(b"these are not weights\x00\xff" * 64)
         return raws
@@ -289,7 +294,7 @@ class Chaos:
         procs = []
         for i in range(a.jobs):
             poison = i == a.jobs - 1
-            out = os.path.join(self.root, f"out{i}")
+            out = os.path.join(self.data_root, f"out{i}")
             npus = 1 + i % 2
             args = ["submit-train", "--preprocess-from", raws[i], "--data", out, "--epochs", str(a.epochs),
                     "--batch-size", "8", "--npus", str(npus), "--log-checkpoints", "none", "--json",
@@ -381,6 +386,8 @@ class Chaos:
         from mlflow.entities import ViewType
         from mlflow.tracking import MlflowClient
 
+        from services.stack import use_mlflow_login
+
         states = self.job_states(jobs) or states
         time.sleep(10)  # grace: trainers of ended jobs stop, the sampler keeps watching meanwhile
         leftover_processes = []
@@ -393,6 +400,7 @@ class Chaos:
         time.sleep(6)  # + the heartbeat TTL: a lease nobody renews has expired by now
         leftover_leases = sorted(self.registry().r.scan_iter("facenet:lease:*"))
 
+        use_mlflow_login(self.stack)
         client = MlflowClient(self.stack["mlflow_uri"])
         experiment = client.get_experiment_by_name("facenet")
         out = {"jobs": [], "succeeded": [], "failed": [], "lost_jobs": [], "runs_per_job": {},

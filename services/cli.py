@@ -23,7 +23,15 @@ def cli() -> None:
 def train(args: tuple[str, ...]) -> None:
     """Train here, now (no queue): every option of `python -m facenet.train` (see `train --help`)."""
     from facenet.train.launch import main as train_main
+    from services.config import use_stack_login_for
 
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    for i, a in enumerate(args):  # the trainer's own parser reads the rest; only where it logs matters here
+        if a == "--mlflow-uri" and i + 1 < len(args):
+            uri = args[i + 1]
+        elif a.startswith("--mlflow-uri="):
+            uri = a.split("=", 1)[1]
+    use_stack_login_for(uri)
     sys.exit(train_main(list(args), prog="facenet-cli train"))
 
 
@@ -87,9 +95,12 @@ MODEL_HELP = ("a model file (OUTPUT/model.pt) or checkpoint, a training output f
 
 
 def _mlflow_uri(explicit: str | None) -> str | None:
-    from services.config import load_settings
+    from services.config import load_settings, use_stack_login_for
 
-    return explicit or load_settings().mlflow_uri
+    if explicit:
+        use_stack_login_for(explicit)
+        return explicit
+    return load_settings().mlflow_uri
 
 
 class _Bar:

@@ -108,6 +108,17 @@ def load_settings() -> Settings:
     return s
 
 
+def use_stack_login_for(uri: str | None) -> None:
+    """The local stack's MLflow login exported to this process's environment when `uri` is that stack's own
+    MLflow (a standalone `facenet-cli train` or `evaluate --mlflow-uri` logging to it); never for another
+    server, which must not be sent the stack's password."""
+    s = _load_settings()
+    if uri and s.mlflow_uri and uri.rstrip("/") == s.mlflow_uri.rstrip("/") and s.mlflow_username \
+            and s.mlflow_password:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", s.mlflow_username)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", s.mlflow_password)
+
+
 def _load_settings() -> Settings:
     state_dir = default_state_dir()
     stack = read_stack_file(state_dir) or {}

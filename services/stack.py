@@ -294,3 +294,11 @@ def status(state_dir: str) -> list[dict]:
                     "url": entry.get("url") or (_url(name, stack) if "ports" in stack else None),
                     "log": entry.get("log")})
     return out
+
+
+def use_mlflow_login(description: dict) -> None:
+    """The MLflow login of the stack `description` (its stack.json) in this process's environment, where
+    MLflow's client reads it: for a tool (chaos, a benchmark) that drives a private stack from outside it."""
+    if description.get("mlflow_username") and description.get("mlflow_password"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = description["mlflow_username"]
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = description["mlflow_password"]

@@ -26,6 +26,7 @@ from typing import Callable
 from facenet.errors import UserError
 from facenet.fsutil import remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
+from facenet.tracking import LOGIN_HINT, refused_login
 from services import mlflow_runs
 from services.config import Settings, check_path_allowed, parse_devices
 from services.registry import CANCELLED, FAILED, JOB_ID, RUNNING, SUCCEEDED, Registry
@@ -613,6 +614,9 @@ def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):
                 raise
             err = exc
         except Exception as exc:  # MlflowException, connection reset: the server went away mid-call
+            if refused_login(exc):  # it answered, and said no: no wait mends a wrong login
+                raise UserError(f"MLflow at {settings.mlflow_uri} refused the worker's login: {LOGIN_HINT}") \
+                    from None
             if time.time() > deadline:
                 raise UserError(f"MLflow at {settings.mlflow_uri}: {type(exc).__name__}: {exc}") from None
             err = exc

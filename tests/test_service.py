@@ -96,6 +96,8 @@ def stack(tmp_path_factory, sample_root):
         yield s
     finally:
         s.cli("stack", "down", timeout=120)
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # set by Stack.mlflow for this stack
+            os.environ.pop(k, None)
 
 
 def test_stack_status_lists_every_service(stack):
@@ -887,25 +889,26 @@ def test_anonymous_mlflow_and_flower_metrics_are_refused(stack):
         assert f"MLFLOW_TRACKING_PASSWORD={d['mlflow_password']}\n" in fh.read()
 
 
-def _everything_said_about(stack, job: dict) -> str:
-    """The job's record and log in Redis, its files on disk and its MLflow run's artifacts, as one text."""
+def _said_anywhere(stack, job: dict, needles: list[str]) -> list[str]:
+    """Which of `needles` the job's record and log in Redis, the task results, its files on disk, the
+    stack's logs or any MLflow artifact hold. Bytes are searched as they are (decoding the artifacts, a
+    few hundred MB of earlier tests' models, took a minute per call)."""
     import glob
 
     reg = _registry(stack)
-    said = [str(reg.r.hgetall(f"facenet:job:{job['id']}"))] + \
-        [str(line) for line in reg.r.lrange(f"facenet:job:{job['id']}:log", 0, -1)]
-    for key in reg.r.scan_iter("celery-task-meta-*"):
-        said.append(str(reg.r.get(key)))
+    texts = [str(reg.r.hgetall(f"facenet:job:{job['id']}"))] + \
+        [str(line) for line in reg.r.lrange(f"facenet:job:{job['id']}:log", 0, -1)] + \
+        [str(reg.r.get(key)) for key in reg.r.scan_iter("celery-task-meta-*")]
+    wanted = [n.encode() for n in needles]
+    found = {n for n in wanted if n in "\n".join(texts).encode()}
     for path in glob.glob(os.path.join(stack.state_dir, "runs", job["id"], "**"), recursive=True) + \
-            glob.glob(os.path.join(stack.state_dir, "logs", "*.log")):
+            glob.glob(os.path.join(stack.state_dir, "logs", "*.log")) + \
+            glob.glob(os.path.join(stack.state_dir, "mlflow", "artifacts", "**"), recursive=True):
         if os.path.isfile(path):
             with open(path, "rb") as fh:
-                said.append(fh.read().decode("utf-8", "replace"))
-    for path in glob.glob(os.path.join(stack.state_dir, "mlflow", "artifacts", "**"), recursive=True):
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                said.append(fh.read().decode("utf-8", "replace"))
-    return "\n".join(str(s) for s in said)
+                blob = fh.read()  # one file at a time: the models are ~100 MB each
+            found |= {n for n in wanted if n in blob}
+    return [n.decode() for n in wanted if n in found]
 
 
 @pytest.mark.parametrize("how", ["symlink to the state folder", "symlink inside the roots", "hard link"])
@@ -935,9 +938,7 @@ def test_a_manifest_that_names_a_secret_reaches_no_one(stack, sample_root, how):
     assert "manifest" in job["error"] and ("symbolic link" in job["error"] or "hard links" in job["error"]), job
     with open(secrets_env, encoding="utf-8") as fh:
         secrets = [line.split("=", 1)[1].strip() for line in fh if "=" in line and not line.startswith("#")]
-    said = _everything_said_about(stack, job)
-    assert marker not in said
-    assert not [s for s in secrets if len(s) > 12 and s in said]
+    assert _said_anywhere(stack, job, [marker, *[s for s in secrets if len(s) > 12]]) == []
 
 
 def _wait_end(stack, job_id: str, timeout: float = 240) -> dict:
@@ -969,6 +970,25 @@ def test_the_worker_decides_where_a_job_writes(stack, sample_root, tmp_path_fact
     stored = _registry(stack).get(job["id"])["spec"]
     assert stored["audit_samples"] == "audit" and "<job>" not in json.dumps(stored)
     assert os.listdir(os.path.join(mine, "audit")), "the audit samples go under the job's own output"
+
+
+def test_a_wrong_mlflow_login_is_one_line_at_once(stack, sample_root, tmp_path_factory):
+    """A trainer (or a worker) whose MLflow login is wrong fails at once saying so (was: a 401 counted as the
+    server being away, so an attempt waited FACENET_MLFLOW_WAIT_SECONDS, 10 minutes, and chaos lost jobs)."""
+    from facenet.data.samples import copy_subset
+
+    data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "login"), 2, 4)
+    out = str(tmp_path_factory.mktemp("wrong-login"))
+    t0 = time.time()
+    proc = stack.cli("train", "--data", data, "--epochs", "1", "--batch-size", "4", "--device", "cpu", *CHEAP_RUN,
+                     *TEST_IMAGE_SIZE, "--mlflow-uri", stack.description["mlflow_uri"], "--output", out,
+                     env={"MLFLOW_TRACKING_USERNAME": "facenet", "MLFLOW_TRACKING_PASSWORD": "not-the-password"},
+                     timeout=120)
+    took = time.time() - t0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(errors) == 1 and "refused our login" in errors[0] and "MLFLOW_TRACKING_PASSWORD" in errors[0], errors
+    assert took < 60, f"{took:.0f} s: it waited for a login that no wait mends"
 
 
 def test_stack_up_refuses_data_roots_that_hold_its_secrets(stack, tmp_path_factory):
