@@ -16,6 +16,7 @@ import time
 import zlib
 
 import pytest
+from PIL import Image
 
 from facenet import confine
 from facenet.errors import InputError
@@ -448,17 +449,46 @@ def _exchange(a: str, b: str) -> None:
         raise OSError(ctypes.get_errno(), "renameat2")
 
 
+def _which_file(reader: str, path: str, roots) -> str:
+    """'inside', 'SECRET', 'refused' or 'missing': what one read of `path` through `reader` got, told apart by
+    the file's bytes (read_bytes) or its colour (the training loader's decode, preprocessing's load_rgb)."""
+    from facenet.data.loader import decode
+    from facenet.preprocess.images import load_rgb
+
+    try:
+        if reader == "read_bytes":
+            data = confine.read_bytes(path, roots, "image")
+            return "SECRET" if data == b"SECRET" else "inside"
+        if reader == "loader":
+            red = int(decode(path, 8, roots)[0].float().mean())
+        else:
+            loaded = load_rgb(path, roots=roots)
+            if loaded.image is None:
+                return "missing" if loaded.reject == "file vanished" else "refused"
+            red = loaded.image.getpixel((0, 0))[0]
+        return "SECRET" if red > 128 else "inside"
+    except confine.Refused:
+        return "refused"
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+
+
+@pytest.mark.parametrize("reader,reads", [("read_bytes", 4000), ("loader", 2000), ("preprocessing", 2000)])
 @pytest.mark.parametrize("walk", ["0", "1"], ids=["openat2", "component-walk"])
-def test_a_parent_folder_swapped_for_a_symlink_is_never_followed(tree, monkeypatch, walk):
+def test_a_parent_folder_swapped_for_a_symlink_is_never_followed(tree, monkeypatch, walk, reader, reads):
     """A parent folder exchanged with a symlink to outside, as fast as the attacker can, while a job reads a
     file beneath it: 0 reads of the outside file (was: 33 of 20,000 loader reads, 5 of 3,000 preprocessing
-    reads, since the path was resolved and then opened again). Both the openat2 path and the walk of
-    O_NOFOLLOW|O_DIRECTORY opens used where the kernel lacks openat2."""
+    reads, since the path was resolved and then opened again), through confine itself, the training
+    loader and preprocessing's photo reader. Both the openat2 path and the walk of O_NOFOLLOW|O_DIRECTORY
+    opens used where the kernel lacks openat2."""
     root, outside, roots = tree
     monkeypatch.setenv(confine.WALK_ENV, walk)
     (root / "a").mkdir()
-    (root / "a" / "f").write_bytes(b"inside")
-    (outside / "f").write_bytes(b"SECRET")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "a" / "f.png")  # inside: green
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(outside / "f.png")  # outside: red, the secret
+    if reader == "read_bytes":
+        (root / "a" / "f.png").write_bytes(b"inside")
+        (outside / "f.png").write_bytes(b"SECRET")
     os.symlink(outside, root / "b")
     stop = threading.Event()
     swaps = [0]
@@ -472,13 +502,8 @@ def test_a_parent_folder_swapped_for_a_symlink_is_never_followed(tree, monkeypat
     t.start()
     got = {"inside": 0, "refused": 0, "SECRET": 0, "missing": 0}
     try:
-        for _ in range(4000):
-            try:
-                got[confine.read_bytes(str(root / "a" / "f"), roots, "image").decode()] += 1
-            except confine.Refused:
-                got["refused"] += 1
-            except (FileNotFoundError, NotADirectoryError):
-                got["missing"] += 1
+        for _ in range(reads):
+            got[_which_file(reader, str(root / "a" / "f.png"), roots)] += 1
     finally:
         stop.set()
         t.join()
