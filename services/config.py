@@ -98,13 +98,21 @@ class Settings:
         return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
 
 
+def export_mlflow_login(username: str | None, password: str | None, replace: bool = False) -> None:
+    """An MLflow login into this process's environment, where MLflow's client (and every process started from
+    here) reads it; one already there is kept unless `replace`."""
+    if username and password:
+        for key, value in (("MLFLOW_TRACKING_USERNAME", username), ("MLFLOW_TRACKING_PASSWORD", password)):
+            if replace:
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
+
+
 def load_settings() -> Settings:
-    """The settings; with the local stack's login for MLflow exported to this process's environment, where
-    MLflow's client (and every process started from here) reads it."""
+    """The settings; with the local stack's login for MLflow exported to this process's environment."""
     s = _load_settings()
-    if s.mlflow_username and s.mlflow_password:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", s.mlflow_username)
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", s.mlflow_password)
+    export_mlflow_login(s.mlflow_username, s.mlflow_password)
     return s
 
 
@@ -113,10 +121,8 @@ def use_stack_login_for(uri: str | None) -> None:
     MLflow (a standalone `facenet-cli train` or `evaluate --mlflow-uri` logging to it); never for another
     server, which must not be sent the stack's password."""
     s = _load_settings()
-    if uri and s.mlflow_uri and uri.rstrip("/") == s.mlflow_uri.rstrip("/") and s.mlflow_username \
-            and s.mlflow_password:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", s.mlflow_username)
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", s.mlflow_password)
+    if uri and s.mlflow_uri and uri.rstrip("/") == s.mlflow_uri.rstrip("/"):
+        export_mlflow_login(s.mlflow_username, s.mlflow_password)
 
 
 def _load_settings() -> Settings:

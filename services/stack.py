@@ -20,7 +20,8 @@ import urllib.request
 
 from facenet.errors import UserError
 from facenet.confine import parse_roots
-from services.config import STACK_FILE, check_roots_hold_no_state, default_data_roots, read_stack_file
+from services.config import (STACK_FILE, check_roots_hold_no_state, default_data_roots, export_mlflow_login,
+                             read_stack_file)
 from services.entrypoints import free_port
 
 ORDER = ("redis", "mlflow", "flower", "worker-preprocess", "worker-cpu")
@@ -299,6 +300,4 @@ def status(state_dir: str) -> list[dict]:
 def use_mlflow_login(description: dict) -> None:
     """The MLflow login of the stack `description` (its stack.json) in this process's environment, where
     MLflow's client reads it: for a tool (chaos, a benchmark) that drives a private stack from outside it."""
-    if description.get("mlflow_username") and description.get("mlflow_password"):
-        os.environ["MLFLOW_TRACKING_USERNAME"] = description["mlflow_username"]
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = description["mlflow_password"]
+    export_mlflow_login(description.get("mlflow_username"), description.get("mlflow_password"), replace=True)
