@@ -22,16 +22,17 @@ def cli() -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def train(args: tuple[str, ...]) -> None:
     """Train here, now (no queue): every option of `python -m facenet.train` (see `train --help`)."""
+    from facenet.tracking import resolve_uri
     from facenet.train.launch import main as train_main
     from services.config import use_stack_login_for
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = None
     for i, a in enumerate(args):  # the trainer's own parser reads the rest; only where it logs matters here
         if a == "--mlflow-uri" and i + 1 < len(args):
             uri = args[i + 1]
         elif a.startswith("--mlflow-uri="):
             uri = a.split("=", 1)[1]
-    use_stack_login_for(uri)
+    use_stack_login_for(resolve_uri(uri))  # where the trainer will log: the flag, else its environment
     sys.exit(train_main(list(args), prog="facenet-cli train"))
 
 

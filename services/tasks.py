@@ -221,7 +221,7 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
     stage = f"shard:{index}"
     if reg.r.sismember(reg.key(job_id) + ":shards", str(index)):
         return {"job": job_id, "index": index, "skipped": "finished"}
-    if not isinstance(job.get("shards"), int) or index >= job["shards"]:  # not a shard its plan made: not ours
+    if index >= job.get("shards", 0):  # not a shard its plan made (0 before planning): not ours
         log.warning("job %s has no shard %d (its plan made %s): message dropped", job_id, index, job.get("shards"))
         return {"job": job_id, "index": index, "skipped": "no such shard"}
     done = _started(reg, s, job_id, stage)
