@@ -50,21 +50,21 @@ test-ascend-torch: install-ascend-torch
 BENCH_DIR ?= build
 bench: install
 	$(PY) -m facenet.bench --out $(BENCH_DIR)/bench.json $(BENCH_ARGS)
-	$(PY) -m services.bench_queue --out $(BENCH_DIR)/bench_queue.json $(BENCH_QUEUE_ARGS)
+	$(PY) -m services.bench.jobs --out $(BENCH_DIR)/bench_queue.json $(BENCH_QUEUE_ARGS)
 
 # Each loss on 30 real people (ORL faces), verified on 10 others: ~6 min on 2 cores.
 bench-outage: install
-	$(PY) -m services.bench_outage --out $(BENCH_DIR)/bench_outage.json $(BENCH_OUTAGE_ARGS)
+	$(PY) -m services.bench.outage --out $(BENCH_DIR)/bench_outage.json $(BENCH_OUTAGE_ARGS)
 
 # One job on 1 node and on 2 (two local CPU device workers), same global batch: scaling and time to all ranks.
 bench-nodes: install
-	$(PY) -m services.bench_nodes --out $(BENCH_DIR)/bench_nodes.json $(BENCH_NODES_ARGS)
+	$(PY) -m services.bench.nodes --out $(BENCH_DIR)/bench_nodes.json $(BENCH_NODES_ARGS)
 
 bench-verify: install
 	$(PY) -m facenet.bench.verify_bench --out build/bench_verify.json
 
 demo: install
-	$(PY) -m services.demo
+	$(PY) -m services.stack.demo
 
 # Jobs through a real local stack while workers, trainers and Redis are killed and MLflow stopped, at
 # seeded random times; checks nothing was lost and writes build/chaos.json (README: Reliability).
@@ -72,23 +72,23 @@ CHAOS_SEED ?= 1
 CHAOS_JOBS ?= 4
 chaos: install
 	@mkdir -p build
-	$(PY) -m services.chaos --seed $(CHAOS_SEED) --jobs $(CHAOS_JOBS) --out build/chaos.json
+	$(PY) -m services.bench.chaos --seed $(CHAOS_SEED) --jobs $(CHAOS_JOBS) --out build/chaos.json
 
 # ---- the docker compose stack (Ascend, GPU or CPU host) -------------------------------------------
 # `make up` writes $(ENV_FILE) (random secrets, mode 600) on first run and picks the profile from the host:
 # npu if /dev/davinci0 exists, gpu if nvidia-smi works, else cpu. Every setting of .env can be given in
 # make's environment instead (`MLFLOW_PORT=5811 RAW_DIR=/srv/raw make up`), as compose itself reads it;
-# `python3 -m services.compose get KEY` resolves one the same way (environment, .env, default).
+# `python3 -m services.stack.compose get KEY` resolves one the same way (environment, .env, default).
 COMPOSE ?= docker compose
 HOST_PYTHON ?= python3
 ENV_FILE ?= .env
-setting = $(shell $(HOST_PYTHON) -m services.compose get $(1) $(ENV_FILE))
-PROFILE ?= $(shell $(HOST_PYTHON) -m services.compose profile)
+setting = $(shell $(HOST_PYTHON) -m services.stack.compose get $(1) $(ENV_FILE))
+PROFILE ?= $(shell $(HOST_PYTHON) -m services.stack.compose profile)
 NPUS ?= $(call setting,NPUS)
 NPU_OVERRIDE := build/compose.npu.yml
 # worker-npu's chips and npu-smi on this host (only the npu profile reads the file; elsewhere there are no chips).
 NPU_OVERRIDE_CMD = mkdir -p build && if [ "$(PROFILE)" = npu ]; then \
-	$(HOST_PYTHON) -m services.compose npu-override $(NPUS) > $(NPU_OVERRIDE).tmp && mv $(NPU_OVERRIDE).tmp $(NPU_OVERRIDE); fi
+	$(HOST_PYTHON) -m services.stack.compose npu-override $(NPUS) > $(NPU_OVERRIDE).tmp && mv $(NPU_OVERRIDE).tmp $(NPU_OVERRIDE); fi
 # NODES=2: a second CPU device worker on this host (two "nodes" for jobs over several nodes, profile nodes).
 # CLUSTER=1: one stack over several hosts (docker-compose.cluster.yml: HEAD_ADDRESS, NODE_ADDRESS, SHARED_DIR);
 # `make join` on each other host starts its device worker only (README: Several nodes).
@@ -104,13 +104,13 @@ COMPOSE_CMD = PUBLIC_HOST=$(call setting,PUBLIC_HOST) $(COMPOSE) --env-file imag
 
 # .env first: compose refuses to start without the secrets it holds.
 env-file:
-	@$(HOST_PYTHON) -m services.compose env $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.stack.compose env $(ENV_FILE)
 
 up: env-file
 	@$(NPU_OVERRIDE_CMD)
 	@echo "profile $(PROFILE)$(if $(filter npu,$(PROFILE)), with $(if $(NPUS),$(NPUS),every) NPU(s) of this host)"
 	$(COMPOSE_CMD) up -d --build --wait
-	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.stack.compose urls $(ENV_FILE)
 
 # Another host joins the head's stack: its device worker only, with the head's .env (the same secrets).
 join: CLUSTER := 1
@@ -129,7 +129,7 @@ ps: env-file
 	$(COMPOSE_CMD) ps
 
 urls:
-	@$(HOST_PYTHON) -m services.compose urls $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.stack.compose urls $(ENV_FILE)
 
 # facenet-cli inside the stack's network, e.g. make cli ARGS='submit-train --npus 8 --data /data/VGG-Face2 --wait'
 cli: env-file
@@ -139,7 +139,7 @@ cli: env-file
 # then WHEELHOUSE=1 (in .env or the environment) builds with `pip --no-index` from it.
 WHEEL_SETS ?= mlflow cpu $(if $(filter gpu,$(PROFILE)),cuda) $(if $(filter npu,$(PROFILE)),npu)
 wheelhouse:
-	$(HOST_PYTHON) -m services.compose wheelhouse $(WHEEL_SETS)
+	$(HOST_PYTHON) -m services.stack.compose wheelhouse $(WHEEL_SETS)
 
 # A host that reaches no container registry: stand-ins for the python and postgres base images from
 # Debian packages (debootstrap; needs root), recorded as PYTHON_IMAGE and POSTGRES_IMAGE in $(ENV_FILE).
@@ -147,9 +147,9 @@ BASE_PYTHON_TAG ?= facenet-base/python:3.11-bookworm
 BASE_POSTGRES_TAG ?= facenet-base/postgres:15-bookworm
 base-images:
 	images/base/build.sh $(BASE_PYTHON_TAG) $(BASE_POSTGRES_TAG)
-	@$(HOST_PYTHON) -m services.compose env $(ENV_FILE) >/dev/null
-	@$(HOST_PYTHON) -m services.compose set PYTHON_IMAGE $(BASE_PYTHON_TAG) $(ENV_FILE)
-	@$(HOST_PYTHON) -m services.compose set POSTGRES_IMAGE $(BASE_POSTGRES_TAG) $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.stack.compose env $(ENV_FILE) >/dev/null
+	@$(HOST_PYTHON) -m services.stack.compose set PYTHON_IMAGE $(BASE_PYTHON_TAG) $(ENV_FILE)
+	@$(HOST_PYTHON) -m services.stack.compose set POSTGRES_IMAGE $(BASE_POSTGRES_TAG) $(ENV_FILE)
 	@echo "$(ENV_FILE): PYTHON_IMAGE=$(BASE_PYTHON_TAG) POSTGRES_IMAGE=$(BASE_POSTGRES_TAG)"
 
 clean:

@@ -172,6 +172,10 @@ class TrainSpec:
         """Mixed precision runs when --amp is on and the opt level is not O0 (apex's O0 is fp32)."""
         return self.amp and self.opt_level != "O0"
 
+    def default_run_name(self, device_type: str) -> str:
+        """The MLflow run name when none is given, e.g. 8p-npu-bs512-O2 (a queued job's adds -<job id>)."""
+        return f"{self.npus}p-{device_type}-bs{self.batch_size}-{self.opt_level if self.amp_enabled else 'O0'}"
+
     # -- validation ----------------------------------------------------------
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""

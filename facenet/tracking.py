@@ -167,12 +167,6 @@ class Tracker:
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         self._put(f"metrics@{step}", lambda: self.client.log_batch(self.run_id, metrics=items))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._put("tags", lambda: self.client.log_batch(self.run_id, tags=items))
-
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._put(f"artifact {os.path.basename(path)}",
                   lambda: self.client.log_artifact(self.run_id, path, artifact_path))

@@ -1,4 +1,4 @@
-# MLflow tracking server with the PostgreSQL driver, started by `python -m services.entrypoints mlflow`.
+# MLflow tracking server with the PostgreSQL driver, started by `python -m services.stack.entrypoints mlflow`.
 # Built by compose (`make up`) with the settings of .env; by hand:
 #   docker build -f images/mlflow.Dockerfile -t facenet-mlflow .
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -28,4 +28,4 @@ RUN --mount=type=secret,id=pip_ca --mount=type=bind,source=wheelhouse,target=/wh
 
 USER 10001
 EXPOSE 5000
-CMD ["python", "-m", "services.entrypoints", "mlflow"]
+CMD ["python", "-m", "services.stack.entrypoints", "mlflow"]

@@ -75,6 +75,8 @@ class Settings:
     stage_time_limit: int = 3600
     # A trainer that writes no output for this long is taken as hung: stopped, and its attempt counted.
     trainer_stall_seconds: int = 1800
+    # How long an attempt (and its trainer, at start) waits for an MLflow server that does not answer.
+    mlflow_wait_seconds: int = 600
     from_stack_file: bool = False
     # MLflow basic auth (the local stack's generated login, or the environment's).
     mlflow_username: str | None = None
@@ -153,6 +155,7 @@ def _load_settings() -> Settings:
         job_history=_int_env("FACENET_JOB_HISTORY", 10000),
         stage_time_limit=_int_env("FACENET_STAGE_TIME_LIMIT", 3600),
         trainer_stall_seconds=_int_env("FACENET_TRAINER_STALL_SECONDS", 1800),
+        mlflow_wait_seconds=_int_env("FACENET_MLFLOW_WAIT_SECONDS", 600),
         from_stack_file=bool(stack) and not env("FACENET_REDIS_URL"),
         mlflow_username=env("MLFLOW_TRACKING_USERNAME") or stack.get("mlflow_username"),
         mlflow_password=env("MLFLOW_TRACKING_PASSWORD") or stack.get("mlflow_password"),
@@ -193,25 +196,3 @@ def check_roots_hold_no_state(roots: list[str], state_dir: str) -> None:
                             "FACENET_DATA_ROOTS) or move the state (FACENET_STATE_DIR)")
         if real.startswith(state.rstrip(os.sep) + os.sep):
             raise InputError(f"data root {root} is inside the stack's state folder {state_dir}; keep data elsewhere")
-
-
-def parse_devices(text: str) -> list[int]:
-    """'0-7' or '0,2,4' or '0-1,4' -> device ids (UserError naming the value otherwise)."""
-    ids: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                ids.extend(range(lo, hi + 1))
-            else:
-                ids.append(int(part))
-    except ValueError:
-        raise UserError(f"FACENET_DEVICES={text!r}: expected ids like 0-7 or 0,1,2") from None
-    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
-        raise UserError(f"FACENET_DEVICES={text!r}: expected distinct non-negative ids like 0-7")
-    return ids

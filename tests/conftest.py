@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from facenet.data.samples import copy_subset
-from services.entrypoints import free_port
+from facenet.samples import copy_subset
+from facenet.fsutil import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_VERSION = "v2"
@@ -28,7 +28,7 @@ SAMPLE_VERSION = "v2"
 @pytest.fixture(scope="session")
 def sample_root() -> str:
     """ROOT with raw/<identity>/*.jpg and prep/ (our preprocessing of it), cached per machine."""
-    from facenet.data.samples import build_sample_dataset, cache_dir
+    from facenet.samples import build_sample_dataset, cache_dir
 
     root = os.path.join(cache_dir(), "test-data", SAMPLE_VERSION)
     done = os.path.join(root, ".complete")
@@ -43,7 +43,7 @@ def orl_faces() -> str:
     """The AT&T (ORL) faces, 40 real people x 10 distinct photos, preprocessed at 96 px: train/ holds 30
     people (train_list.txt, test_list.txt), test/ 10 others and test_pairs.txt pairs them. Cached per
     machine."""
-    from facenet.data.samples import build_orl_dataset, cache_dir
+    from facenet.samples import build_orl_dataset, cache_dir
 
     root = os.path.join(cache_dir(), "test-data", "orl-v1")
     done = os.path.join(root, ".complete")
@@ -91,10 +91,25 @@ class MlflowServer:
     workdir: str
     proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        from services.entrypoints import start_mlflow_server
+    def start(self, timeout: float = 90) -> None:
+        """`mlflow server` keeping its sqlite db, artifacts and log in the workdir, in a process group of its own
+        (a stop takes its workers too), started as the stack starts it; returns once it answers."""
+        from facenet.errors import UserError
+        from services.stack.entrypoints import answers, mlflow_server_command
 
-        self.proc = start_mlflow_server(self.workdir, self.port)
+        os.makedirs(self.workdir, exist_ok=True)
+        log_path = os.path.join(self.workdir, "mlflow.log")
+        cmd, env = mlflow_server_command("127.0.0.1", self.port, f"sqlite:///{self.workdir}/mlflow.db",
+                                         os.path.join(self.workdir, "artifacts"))
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True, env={**os.environ, **env})
+        deadline = time.time() + timeout
+        while not answers("mlflow", base_url=self.uri, timeout=2):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise UserError(f"mlflow server did not come up (exit {self.proc.returncode}); see {log_path}")
+            time.sleep(0.3)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -150,13 +165,13 @@ def read_events(path) -> list[dict]:
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A real redis-server started by the entrypoint compose uses (password from a 0600 redis.conf)."""
-    from services.registry import connect
+    from services.queue.registry import connect
 
     data = tmp_path_factory.mktemp("redis")
     port = free_port()
     env = {**os.environ, "FACENET_REDIS_PORT": str(port), "FACENET_REDIS_PASSWORD": "pw-test",
            "FACENET_REDIS_DATA": str(data)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "redis"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "redis"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"redis://:pw-test@127.0.0.1:{port}/0"
     deadline = time.time() + 20

@@ -311,7 +311,7 @@ def test_doctor_says_what_fails_and_how_to_fix_it(redis_url, tmp_path):
 
 
 def _closed_port() -> int:
-    from services.entrypoints import free_port
+    from facenet.fsutil import free_port
 
     return free_port()
 
@@ -353,13 +353,13 @@ def test_a_device_worker_that_fails_its_doctor_takes_no_jobs_and_says_why(redis_
     This one is told to check CUDA on a host without a GPU, which fails for real: it starts, takes no jobs (it
     consumes no train queue and registers no devices), and `workers`, submit and Flower's view of its
     configuration (`inspect conf`) say why."""
-    from services.registry import Registry, connect
+    from services.queue.registry import Registry, connect
 
     env = {**os.environ, "FACENET_REDIS_URL": redis_url, "FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": "0",
            "FACENET_WORKER_NAME": "cpu-unfit@test", "FACENET_WORKER_DOCTOR": "1",
            "FACENET_DOCTOR_ARGS": "--device cuda --no-services", "FACENET_STATE_DIR": str(tmp_path / "state")}
     log = open(tmp_path / "worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "worker-device"], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "worker-device"], env=env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         reg = Registry(connect(redis_url), 30)
@@ -374,12 +374,12 @@ def test_a_device_worker_that_fails_its_doctor_takes_no_jobs_and_says_why(redis_
         listing = subprocess.run([sys.executable, "-m", "services.cli", "workers"], capture_output=True, text=True,
                                  env=cli_env, cwd=REPO, timeout=60)
         assert "none: failed doctor (versions: --device cuda" in listing.stdout, listing.stdout
-        from services.jobs import pick_device_type
+        from services.queue.jobs import pick_device_type
         from facenet.errors import UserError
 
         with pytest.raises(UserError, match="cpu-unfit@test: no devices, it failed its doctor check"):
             pick_device_type(reg, "cpu", 1)
-        code = ("import json; from services.celery_app import app; "
+        code = ("import json; from services.queue.app import app; "
                 "print(json.dumps(app.control.inspect(timeout=10).conf() or {}))")
         conf = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env, cwd=REPO,
                               timeout=120)

@@ -1,5 +1,5 @@
 """The chaos run, small: jobs through a real local stack while workers, trainers, Redis and MLflow are
-killed under them (services/chaos.py). Every real job must still succeed once, in one MLflow run, with
+killed under them (services/bench/chaos.py). Every real job must still succeed once, in one MLflow run, with
 crops equal to an undisturbed run's; the poison job must fail with its reason; nothing may be left over."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_root):
     out = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "-m", "services.chaos", "--seed", "5", "--jobs", "4", "--timeout", "480",
+    proc = subprocess.run([sys.executable, "-m", "services.bench.chaos", "--seed", "5", "--jobs", "4", "--timeout", "480",
                            "--fault-gap", "1", "4", "--mlflow-outage", "20", "30", "--out", str(out),
                            "--workdir", str(tmp_path / "work"), "--sample-root", sample_root],
                           capture_output=True, text=True, timeout=840, cwd=REPO)

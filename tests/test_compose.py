@@ -45,7 +45,7 @@ def fake_host(tmp_path, chips, npu_smi: str = "/usr/local/sbin/npu-smi") -> dict
 
 
 def npu_override_run(wanted: str, host: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.compose", "npu-override", *([wanted] if wanted else [])],
+    return subprocess.run([sys.executable, "-m", "services.stack.compose", "npu-override", *([wanted] if wanted else [])],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, **host})
 
 
@@ -115,7 +115,7 @@ def test_dockerfiles_install_dependencies_before_the_source_and_run_as_non_root(
 
 
 def test_ascend_pins_are_a_row_of_torchnpus_compatibility_table():
-    from services.compose import ascend_pins
+    from services.stack.compose import ascend_pins
 
     pins = ascend_pins()
     assert set(pins) == {"CANN_IMAGE", "ASCEND_TORCH", "ASCEND_TORCHVISION", "TORCH_NPU"}
@@ -134,7 +134,7 @@ def test_ascend_pins_are_a_row_of_torchnpus_compatibility_table():
 
 
 def test_compose_defaults_and_the_torch_pin_agree_with_the_helper_and_makefile():
-    from services.compose import BUILD_DEFAULTS, DEFAULT_TORCH, ENV_DEFAULTS
+    from services.stack.compose import BUILD_DEFAULTS, DEFAULT_TORCH, ENV_DEFAULTS
 
     text = open(COMPOSE, encoding="utf-8").read()
     defaults = {**ENV_DEFAULTS, **BUILD_DEFAULTS}
@@ -160,8 +160,8 @@ def test_profiles_pick_the_device_workers():
 
 
 def test_every_service_runs_a_local_stack_entrypoint_with_healthcheck_restart_and_dependencies():
-    from services import stack as local_stack
-    from services.entrypoints import SERVICES
+    from services.stack import local as local_stack
+    from services.stack.entrypoints import SERVICES
 
     compose = load()
     used = set()
@@ -173,10 +173,10 @@ def test_every_service_runs_a_local_stack_entrypoint_with_healthcheck_restart_an
         if name == "postgres":
             continue
         cmd = svc["command"]
-        assert cmd[:3] == ["python", "-m", "services.entrypoints"] and cmd[3] in SERVICES, (name, cmd)
+        assert cmd[:3] == ["python", "-m", "services.stack.entrypoints"] and cmd[3] in SERVICES, (name, cmd)
         used.add(cmd[3])
         health = svc["healthcheck"]["test"]
-        assert health[:5] == ["CMD", "python", "-m", "services.entrypoints", "healthcheck"], name
+        assert health[:5] == ["CMD", "python", "-m", "services.stack.entrypoints", "healthcheck"], name
         for dep in (svc.get("depends_on") or {}).values():
             assert dep == {"condition": "service_healthy"}, name
     # The local stack runs exactly these entrypoints, so tests exercise the containers' commands.
@@ -191,7 +191,7 @@ def test_every_service_runs_a_local_stack_entrypoint_with_healthcheck_restart_an
 
 
 def test_entrypoints_build_the_service_commands_from_the_compose_environment(tmp_path, monkeypatch):
-    from services.entrypoints import service_command
+    from services.stack.entrypoints import service_command
 
     env_values = {"REDIS_PASSWORD": "r", "POSTGRES_PASSWORD": "p", "FLOWER_PASSWORD": "f",
                   "MLFLOW_TRACKING_PASSWORD": "m", "MLFLOW_FLASK_SECRET_KEY": "k"}
@@ -265,7 +265,7 @@ def test_npu_worker_gets_every_device_and_mount_for_n_chips(n, tmp_path):
     assert "ipc" not in w and w["shm_size"]  # not the host's IPC namespace: the container's own /dev/shm
     assert w["environment"]["FACENET_DEVICE_TYPE"] == "npu"
     assert w["environment"]["FACENET_DEVICES"] == f"0-{n - 1}"
-    from services.config import parse_devices
+    from facenet.runenv import parse_devices
 
     assert len(parse_devices(w["environment"]["FACENET_DEVICES"])) == n
     assert w["build"]["args"]["ASCEND_GID"] == "${ASCEND_GID:-1000}"
@@ -273,14 +273,14 @@ def test_npu_worker_gets_every_device_and_mount_for_n_chips(n, tmp_path):
 
 def clean_env(**extra: str) -> dict:
     """This process' environment without any compose setting, plus `extra`."""
-    from services.compose import BUILD_DEFAULTS, ENV_DEFAULTS, SECRETS, ascend_pins
+    from services.stack.compose import BUILD_DEFAULTS, ENV_DEFAULTS, SECRETS, ascend_pins
 
     drop = set(ENV_DEFAULTS) | set(BUILD_DEFAULTS) | set(SECRETS) | set(ascend_pins()) | {"MAKEFLAGS", "MFLAGS"}
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 def helper(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.compose", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "services.stack.compose", *args], cwd=REPO, capture_output=True, text=True,
                           env=clean_env(**env))
 
 
@@ -450,7 +450,7 @@ def test_compose_renders_the_gpu_profile(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_compose_renders_the_npu_profile_for_n_chips(n, tmp_path):
-    from services.compose import ascend_pins
+    from services.stack.compose import ascend_pins
 
     cfg = _compose_config(tmp_path, "npu", npu_override(n, tmp_path))
     assert set(cfg["services"]) == ALWAYS | {"worker-npu"}

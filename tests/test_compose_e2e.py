@@ -25,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from services.entrypoints import free_port
+from facenet.fsutil import free_port
 from tests.conftest import REPO, TEST_IMAGE_SIZE
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
@@ -76,7 +76,7 @@ class ComposeStack:
     def carry_build_settings(self) -> None:
         """The checkout's own image settings (.env: base images, mirrors, WHEELHOUSE) apply here too, so
         the test builds the way `make up` does in this checkout; its secrets and ports stay its own."""
-        from services.compose import BUILD_DEFAULTS, read_env, set_env
+        from services.stack.compose import BUILD_DEFAULTS, read_env, set_env
 
         mine = read_env(os.path.join(REPO, ".env"))
         for key in BUILD_DEFAULTS:
@@ -85,7 +85,7 @@ class ComposeStack:
 
     def preflight(self) -> None:
         """Skip (fail under FACENET_E2E=1) with the fix when no build could succeed here."""
-        from services.compose import index_answers, settings
+        from services.stack.compose import index_answers, settings
 
         values = settings(self.env_file, self.env)
         problems = []
@@ -136,7 +136,7 @@ class ComposeStack:
         return {r["Service"]: r for r in rows}
 
     def secrets(self) -> dict:
-        from services.compose import read_env
+        from services.stack.compose import read_env
 
         return read_env(self.env_file)
 
@@ -325,13 +325,13 @@ def test_down_and_up_keep_jobs_and_runs(stack):
 def test_an_image_build_reaches_the_package_index_through_the_ca_secret(tmp_path):
     """The mirror/proxy route (WHEELHOUSE=0): pip in a build reaches the index with the bundle handed over as
     the pip_ca secret, through images/pip-install.sh as every Dockerfile uses it."""
-    from services.compose import settings
+    from services.stack.compose import settings
 
     host = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(tmp_path / "dl"),
                            "six==1.16.0"], capture_output=True, text=True, timeout=180)
     if host.returncode != 0:
         pytest.skip("this host reaches no package index itself (the wheelhouse route covers it)")
-    from services.compose import pip_cert
+    from services.stack.compose import pip_cert
 
     cert = os.environ.get("PIP_CA_BUNDLE") or pip_cert()
     base = settings(os.path.join(REPO, ".env"))["PYTHON_IMAGE"]

@@ -166,7 +166,7 @@ def test_preprocessing_rejects_animated_images_with_the_reason_and_keeps_going(s
 
 
 def test_load_rgb_refuses_an_animated_file_from_its_header(tmp_path):
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
 
     assert gif_bomb(tmp_path / "bomb.gif", frames=20_000, side=4096) < 310_000  # 300 KB: 1 TB of frames
     t0 = time.time()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from services.entrypoints import free_port
+from facenet.fsutil import free_port
 
 pytestmark = pytest.mark.timeout(300)
 

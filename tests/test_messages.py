@@ -2,7 +2,7 @@
 
 A real Redis (the `redis_url` fixture), a real preprocessing worker started the way the stack starts it,
 and each hostile shape pushed raw onto its queue with redis-py, as anyone holding the Redis password can.
-Before the guard (services/guard.py) the first of them ended the worker ("Unrecoverable error"), some
+Before the guard (services/queue/guard.py) the first of them ended the worker ("Unrecoverable error"), some
 were restored on the way down to end it again at every start, a bz2 body was inflated before any check,
 and a big message was copied into the log and the result backend; Celery's own tasks ran.
 """
@@ -31,12 +31,12 @@ JOB = "0123456789ab"  # a well-formed job id no job has
 
 
 def _start_worker(redis_url: str, tmp) -> tuple[subprocess.Popen, object]:
-    """A preprocessing worker (`services.entrypoints worker-preprocess`, as the stack starts it) in folder
+    """A preprocessing worker (`services.stack.entrypoints worker-preprocess`, as the stack starts it) in folder
     `tmp`, once it says it is ready; (process, its log's path)."""
     (tmp / "data").mkdir(exist_ok=True)
     log_path = tmp / "worker.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "worker-preprocess"],
+        proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "worker-preprocess"],
                                 env=_env(redis_url, tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.time() + 90
@@ -65,14 +65,13 @@ def _env(redis_url: str, tmp_path) -> dict:
 
 @pytest.fixture(scope="module")
 def templates(redis_url, tmp_path_factory) -> dict:
-    """Real messages our own senders write (services.tasks), taken off their queues raw: what hostile items
+    """Real messages our own senders write (services.queue.tasks), taken off their queues raw: what hostile items
     are made from, so the well-formed parts are exactly ours."""
-    from services.registry import connect
+    from services.queue.registry import connect
 
     env = _env(redis_url, tmp_path_factory.mktemp("templates"))
-    code = ("from services.tasks import app, send_stage\n"
-            f"send_stage({JOB!r}, 'plan'); send_stage({JOB!r}, 'shard:3')\n"
-            f"app.send_task('facenet.train', args=[{JOB!r}], queue='train.cpu')\n")
+    code = ("from services.queue.send import send_stage, send_train\n"
+            f"send_stage({JOB!r}, 'plan'); send_stage({JOB!r}, 'shard:3'); send_train({JOB!r}, 'cpu')\n")
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=120)
     r = connect(redis_url)
     items = [json.loads(r.rpop(q)) for q in ("preprocess", "preprocess", "train.cpu")]
@@ -82,7 +81,7 @@ def templates(redis_url, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def worker(redis_url, tmp_path_factory, templates):
-    """A preprocessing worker (`services.entrypoints worker-preprocess`, as the stack starts it), its log."""
+    """A preprocessing worker (`services.stack.entrypoints worker-preprocess`, as the stack starts it), its log."""
     tmp = tmp_path_factory.mktemp("worker")
     proc, log_path = _start_worker(redis_url, tmp)
     yield proc, log_path, tmp
@@ -153,9 +152,9 @@ def test_builtin_tasks_are_not_registered_on_a_worker(worker, redis_url):
 
 
 def test_hostile_items_are_dropped_and_the_worker_serves_on(worker, redis_url, templates):
-    from facenet.data.samples import make_raw_identities
-    from services.guard import MAX_MESSAGE_BYTES
-    from services.registry import connect
+    from facenet.samples import make_raw_identities
+    from services.queue.guard import MAX_MESSAGE_BYTES
+    from services.queue.registry import connect
 
     proc, log_path, tmp = worker
     r = connect(redis_url)
@@ -215,7 +214,8 @@ def test_hostile_items_are_dropped_and_the_worker_serves_on(worker, redis_url, t
 
 def test_each_queue_takes_only_its_own_tasks(templates):
     """The same checks without a worker: what `check` lets through, for which queue, and what events show."""
-    from services.guard import BadMessage, check
+    from services.queue.guard import check
+    from services.queue.tasks import BadMessage
 
     train, plan = templates["facenet.train"], templates["facenet.plan_dataset"]
     for name, template in templates.items():
@@ -259,7 +259,7 @@ def test_hostile_broadcasts_are_dropped_and_the_worker_answers_on(worker, redis_
     still answers."""
     from celery import Celery
 
-    from services.registry import connect
+    from services.queue.registry import connect
 
     proc, log_path, _ = worker
     r, app = connect(redis_url), Celery(broker=redis_url)
@@ -293,7 +293,7 @@ def test_forged_unacked_entries_are_dropped_when_a_worker_starts(worker, redis_u
     """kombu restores the unacked hash at every worker start with a `loads` in no handler, inside a transaction
     that the error aborts: one forged entry ended every worker at every start. Now each bad entry is
     dropped (and one that decodes to a bad message is refused by the guard once it is back on the queue)."""
-    from services.registry import connect
+    from services.queue.registry import connect
 
     r = connect(redis_url)
     entries = {"junk": b"this is not json", "deep": b"[" * 100_000, "shape": b"[1, 2]",
@@ -318,7 +318,7 @@ def test_forged_unacked_entries_are_dropped_when_a_worker_starts(worker, redis_u
 
 
 def test_the_kombu_methods_the_guard_copies_or_wraps_are_the_ones_it_was_written_against():
-    """services/guard.py copies kombu 5.7.0's Channel._brpop_read and _get (with its check added) and wraps
+    """services/queue/guard.py copies kombu 5.7.0's Channel._brpop_read and _get (with its check added) and wraps
     _receive_one, _restore and QoS.restore_by_tag: a kombu whose methods changed must be read again before
     it is allowed (pyproject pins kombu 5.7.x), not trusted to match."""
     import hashlib

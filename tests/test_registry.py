@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.registry import CANCELLED, FAILED, QUEUED, Registry, connect
+from services.queue.registry import CANCELLED, FAILED, QUEUED, Registry, connect
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_an_attempt_gives_its_job_back_once_and_its_heartbeat_with_it(reg):
 
 def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(reg, redis_url, tmp_path):
     from services.config import Settings
-    from services.supervisor import run_train_job
+    from services.queue.attempt import run_train_job
 
     settings = Settings(state_dir=str(tmp_path), redis_url=redis_url, mlflow_uri=None, flower_url=None,
                         runs_dir=str(tmp_path / "runs"), max_attempts=2, heartbeat_ttl=2)
@@ -108,7 +108,7 @@ def test_job_ids_resolve_by_unique_prefix(reg):
 def test_cancelling_a_job_queued_again_after_a_lost_attempt_kills_its_run(reg, mlflow_server):
     """A job requeued after its worker died is QUEUED with an MLflow run and no attempt holding it: `cancel`
     marks it CANCELLED at once, and must end that run too (no worker will: its message is dropped)."""
-    from services import jobs, mlflow_runs
+    from services.queue import jobs, mlflow_runs
 
     job = reg.create("train", {"spec": {"data": "/tmp"}, "device_type": "cpu", "npus": 1})
     run_id = mlflow_runs.find_or_create_run(mlflow_server.uri, "test-cancel", f"1p-cpu-{job}", {"job_id": job}, job)

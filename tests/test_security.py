@@ -125,7 +125,7 @@ def test_the_plan_is_checked_not_trusted(tmp_path):
 
 
 def test_crops_and_hashes_refuse_devices_fifos_and_symlinks(tree):
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
     from facenet.preprocess.shard import _reusable
 
     root, outside, roots = tree
@@ -143,7 +143,7 @@ def test_crops_and_hashes_refuse_devices_fifos_and_symlinks(tree):
 def test_pretrained_and_audit_samples_are_confined(tree):
     from facenet.model import resolve_pretrained
     from facenet.spec import TrainSpec
-    from services.supervisor import check_job_paths
+    from services.queue.trainer import check_job_paths
 
     root, outside, roots = tree
     messages = []
@@ -194,8 +194,8 @@ def test_a_small_16_bit_png_stays_small_in_memory(tmp_path):
     big = tmp_path / "gray16.png"
     size = _png(big, 6000, 6000, 16, 0)  # 36 MP of 16-bit gray: ~100 KB on disk
     assert size < 200_000
-    base = _peak_rss_mb("from facenet.preprocess.images import load_rgb")
-    peak = _peak_rss_mb(f"from facenet.preprocess.images import load_rgb\n"
+    base = _peak_rss_mb("from facenet.images import load_rgb")
+    peak = _peak_rss_mb(f"from facenet.images import load_rgb\n"
                         f"r = load_rgb({str(big)!r}); assert r.image is not None and r.converted == 'I;16->RGB'")
     # The decode itself is 72 MB (16-bit) and the RGB result 108 MB; the old float64 path took >1.2 GB here.
     assert peak - base < 500, (base, peak)
@@ -203,7 +203,7 @@ def test_a_small_16_bit_png_stays_small_in_memory(tmp_path):
 
 def test_huge_dimensions_are_refused_from_the_header(tmp_path):
     from facenet.data.loader import decode
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
 
     bomb = tmp_path / "bomb.png"
     assert _png(bomb, 20000, 20000, 8, 2, rows=1) < 50_000
@@ -232,8 +232,8 @@ def test_every_numeric_option_is_bounded_and_typed(field, value, match):
 # ---- leases belong to the attempt ----------------------------------------------------------------------
 
 def test_a_lost_attempt_cannot_drop_the_next_attempts_leases(redis_url):
-    from services.registry import Registry, connect
-    from services.supervisor import Heartbeat
+    from services.queue.registry import Registry, connect
+    from services.queue.attempt import Heartbeat
 
     client = connect(redis_url)
     client.flushdb()
@@ -257,7 +257,7 @@ def test_a_lost_attempt_cannot_drop_the_next_attempts_leases(redis_url):
 
 
 def test_a_late_status_write_cannot_undo_a_cancel(redis_url):
-    from services.registry import CANCELLED, SUCCEEDED, Registry, connect
+    from services.queue.registry import CANCELLED, SUCCEEDED, Registry, connect
 
     client = connect(redis_url)
     client.flushdb()
@@ -273,7 +273,7 @@ def test_a_late_status_write_cannot_undo_a_cancel(redis_url):
 
 
 def test_the_sweep_finds_a_dead_job_older_than_a_thousand_newer_ones(redis_url, monkeypatch):
-    from services.registry import Registry, connect
+    from services.queue.registry import Registry, connect
 
     client = connect(redis_url)
     client.flushdb()
@@ -290,7 +290,7 @@ def test_the_sweep_finds_a_dead_job_older_than_a_thousand_newer_ones(redis_url, 
     assert old not in {j["id"] for j in reg.jobs(1000)}
     # The sweep sends the job's train message through Celery; point it at this Redis.
     monkeypatch.setenv("FACENET_REDIS_URL", redis_url)
-    code = ("import sys\nfrom services.registry import Registry, connect\nfrom services.worker import sweep\n"
+    code = ("import sys\nfrom services.queue.registry import Registry, connect\nfrom services.queue.sweep import sweep\n"
             f"print(sweep(Registry(connect({redis_url!r}), 2)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FACENET_REDIS_URL": redis_url})
@@ -302,14 +302,14 @@ def test_the_sweep_finds_a_dead_job_older_than_a_thousand_newer_ones(redis_url, 
 # ---- secrets -------------------------------------------------------------------------------------------
 
 def test_a_hostile_redis_password_stays_a_password(tmp_path):
-    from services.entrypoints import free_port
-    from services.registry import connect
+    from facenet.fsutil import free_port
+    from services.queue.registry import connect
 
     password = 'p"w\\ x\nrequirepass owned\n"#'
     port = free_port()
     env = {**os.environ, "FACENET_REDIS_PORT": str(port), "FACENET_REDIS_PASSWORD": password,
            "FACENET_REDIS_DATA": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints", "redis"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "redis"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         from urllib.parse import quote
@@ -332,7 +332,7 @@ def test_a_hostile_redis_password_stays_a_password(tmp_path):
 
 
 def test_the_trainer_gets_no_redis_or_flower_credentials():
-    from services.supervisor import trainer_env
+    from services.queue.trainer import trainer_env
 
     worker = {"PATH": "/usr/bin", "HOME": "/root", "FACENET_REDIS_URL": "redis://:s3cret@redis:6379/0",
               "FACENET_REDIS_PASSWORD": "s3cret", "FLOWER_BASIC_AUTH": "u:s3cret", "POSTGRES_PASSWORD": "s3cret",
@@ -372,7 +372,7 @@ def test_checkpoints_load_without_unpickling_code(tmp_path):
 
 
 def test_the_mlflow_server_command_line_holds_no_password():
-    from services.entrypoints import mlflow_server_command
+    from services.stack.entrypoints import mlflow_server_command
 
     cmd, env = mlflow_server_command("127.0.0.1", 5000, "postgresql+psycopg2://mlflow:s3cret@db/mlflow", "/a")
     assert not any("s3cret" in arg for arg in cmd)
@@ -382,7 +382,7 @@ def test_the_mlflow_server_command_line_holds_no_password():
 # ---- hostile data --------------------------------------------------------------------------------------
 
 def test_a_file_replaced_while_it_is_read_is_one_version_or_the_other(tmp_path, sample_faces):
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
 
     ident = sorted(os.listdir(sample_faces))[0]
     a, b = [os.path.join(sample_faces, ident, n) for n in sorted(os.listdir(os.path.join(sample_faces, ident)))[:2]]
@@ -453,7 +453,7 @@ def _which_file(reader: str, path: str, roots) -> str:
     """'inside', 'SECRET', 'refused' or 'missing': what one read of `path` through `reader` got, told apart by
     the file's bytes (read_bytes) or its colour (the training loader's decode, preprocessing's load_rgb)."""
     from facenet.data.loader import decode
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
 
     try:
         if reader == "read_bytes":
@@ -571,7 +571,7 @@ def test_newlines_in_file_names_reach_no_log_line_or_job_error(tree, sample_face
     """A file named 'x\\nerror: ...' is data: the trainer names it escaped on one line, so the supervisor (which
     takes the trainer's last `error:` line as the job's error) never reads the attacker's text as one."""
     from conftest import train_cmd
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     root, outside, roots = tree
     data = copy_subset(sample_faces, str(root / "data"), 2, 6)
@@ -596,7 +596,7 @@ def test_workers_refuse_roots_that_hold_secrets(tmp_path):
                         (str(state / "runs"), "inside the stack's state folder"),
                         ("/", "the whole file system"), ("/proc", "kernel folder")):
         for worker in ("worker-preprocess", "worker-device"):
-            proc = subprocess.run([sys.executable, "-m", "services.entrypoints", worker], capture_output=True,
+            proc = subprocess.run([sys.executable, "-m", "services.stack.entrypoints", worker], capture_output=True,
                                   text=True, timeout=60,
                                   env={**os.environ, "FACENET_STATE_DIR": str(state), "FACENET_DATA_ROOTS": roots})
             assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

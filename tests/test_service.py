@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from conftest import TEST_IMAGE_SIZE
-from services.entrypoints import free_port
+from facenet.fsutil import free_port
 
 pytestmark = pytest.mark.timeout(600)
 # Gang jobs run two trainers on two loaded cores: no final MLflow model export or checkpoint upload (~20 s each).
@@ -60,7 +60,7 @@ class Stack:
     def wait_for(self, job_id: str, predicate, timeout: float = 240, what: str = "condition") -> dict:
         """Poll `status --json`'s view of the job in this process: a CLI process every 0.5 s took most of
         a core from the trainers on a 2-core host (the CLI itself is tested everywhere else)."""
-        from services.jobs import view
+        from services.queue.jobs import view
 
         reg, deadline, job = _registry(self), time.time() + timeout, None
         while time.time() < deadline:
@@ -114,7 +114,7 @@ def test_stack_status_lists_every_service(stack):
 
 
 def test_preprocess_then_train_through_the_queue(stack):
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw")
     make_raw_identities(raw, per_identity=10, identities=4)
@@ -180,7 +180,7 @@ def _trainer_processes(output_dir: str) -> list[psutil.Process]:
 def test_cancel_stops_the_trainer_and_kills_the_run(stack, sample_root):
     """Cancel kills the trainer and marks the run KILLED. Meanwhile a second job wanting the stack's one CPU
     device waits: it never has a trainer while the first one's lives, and starts only after the cancel."""
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     # 4 people x 12 crops: a trainer running within seconds; 30 epochs keep it running.
     faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "small-cancel"), 4, 12)
@@ -285,7 +285,7 @@ def test_killed_worker_job_resumes_in_the_same_run(stack, sample_root):
 
 
 def _registry(stack):
-    from services.registry import Registry, connect
+    from services.queue.registry import Registry, connect
 
     return Registry(connect(stack.description["redis_url"]))
 
@@ -330,7 +330,7 @@ def test_unreachable_redis_and_mlflow_are_one_line_errors(stack):
 
 
 def test_submit_preprocess_alone_and_a_failing_job(stack):
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-small")
     make_raw_identities(raw, per_identity=4, identities=2)
@@ -360,7 +360,7 @@ def test_submit_preprocess_alone_and_a_failing_job(stack):
 def _inspect(stack, method: str, timeout: int = 10, args: str = "") -> dict:
     """`celery inspect METHOD` asked of the live workers (a process of its own, with the stack's environment):
     {node: answer}."""
-    code = ("import json; from services.celery_app import app; "
+    code = ("import json; from services.queue.app import app; "
             f"print(json.dumps(app.control.inspect(timeout={timeout}).{method}({args}) or {{}}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=stack.env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -374,7 +374,7 @@ def _shards_done(reg, job_id: str) -> int:
 def test_killed_preprocessing_worker_loses_no_shard(stack):
     """kill -9 of the preprocessing worker mid-shard: the job still ends with exactly what an undisturbed run of
     the same RAW writes (every crop, byte for byte, both lists and the manifest)."""
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-kill")
     make_raw_identities(raw, per_identity=12, identities=8)
@@ -420,7 +420,7 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
     """Cancel while shards run: `--wait` exits 1 saying CANCELLED; the shards running at that moment may finish
     theirs, but none starts after: once they are done no shard finishes and no crop appears over a further wait,
     the queued shard messages are dropped, no worker executes anything of the job, and no training starts."""
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-cancel")
     make_raw_identities(raw, per_identity=12, identities=8)
@@ -468,7 +468,8 @@ def test_cancel_during_preprocessing_stops_the_shards(stack):
 # shard at once), then, once the job trains, runs the train task a second time while the attempt is live.
 _DELIVER_TWICE = """
 import json, sys, time
-from services.tasks import registry, send_stage, train
+from services.queue.send import send_stage
+from services.queue.tasks import registry, train
 s, reg = registry()
 job_id = sys.stdin.readline().strip()
 k = reg.key(job_id)
@@ -493,7 +494,7 @@ def test_a_message_delivered_twice_at_once_gives_one_result(stack):
     import glob
     import hashlib
 
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
     from facenet.fsutil import cpu_cores
 
     if int(stack.env.get("FACENET_WORKER_CONCURRENCY") or cpu_cores()) < 2:
@@ -533,7 +534,7 @@ def test_a_data_set_that_vanishes_mid_run_fails_the_job_saying_so(stack, sample_
     device free, and the worker serves on."""
     import shutil
 
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     faces = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "vanishing"), 4, 12)
     job = stack.json("submit-train", "--data", faces, "--epochs", "30", "--batch-size", "8", "--log-every", "1")
@@ -584,12 +585,12 @@ def test_messages_that_are_not_json_or_not_ours_are_never_run(stack, tmp_path):
             break
         time.sleep(0.5)
     assert "content 'application/x-python-serialize' in 'binary', not application/json" in log, log[-3000:]
-    assert "task 'facenet.no_such_task' is not one queue 'preprocess' carries" in log  # services.guard
+    assert "task 'facenet.no_such_task' is not one queue 'preprocess' carries" in log  # services.queue.guard
     assert "are not a job id" in log
     assert not marker.exists()
     assert reg.r.llen("preprocess") == 0  # dropped, not left to loop
     # The worker still serves: a real job goes through.
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-after-hostile")
     make_raw_identities(raw, per_identity=2, identities=2)
@@ -600,7 +601,7 @@ def test_messages_that_are_not_json_or_not_ours_are_never_run(stack, tmp_path):
 def test_a_shard_that_kills_its_worker_every_time_fails_the_job(stack):
     """Celery gives a message whose worker process died back to the queue (reject on worker lost); without a
     bound a shard that is killed every time (out of memory) would be redelivered forever."""
-    from facenet.data.samples import make_raw_identities
+    from facenet.samples import make_raw_identities
 
     raw = os.path.join(stack.root, "raw-poison")
     make_raw_identities(raw, per_identity=40, identities=4)  # one shard of 160 photos: seconds of MTCNN
@@ -736,7 +737,7 @@ def test_jobs_over_two_nodes_run_as_gangs_take_turns_survive_a_lost_node_and_can
     waits for the restarted worker and resumes from its checkpoint in the same MLflow run. The other job shows
     both nodes' output in its log, `status --json` names its nodes in rank order, and Flower shows node 1's part
     as a task of its own. Then a third job is cancelled mid-training: every node's trainer stops."""
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     more = stack.cli("stack", "up", "--device-workers", "2", timeout=240, check=True)
     assert "started worker-cpu2" in more.stdout and "started redis" not in more.stdout, more.stdout
@@ -917,7 +918,7 @@ def test_a_manifest_that_names_a_secret_reaches_no_one(stack, sample_root, how):
     the manifest is uploaded to MLflow and quoted in logs, so the job must refuse it and nothing of the
     secret may reach MLflow, Redis, the logs or the job's error (was: the Redis and Flower passwords served
     by MLflow)."""
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     tag = how.replace(" ", "-")
     data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, f"leak-{tag}"), 2, 4)
@@ -955,7 +956,7 @@ def test_the_worker_decides_where_a_job_writes(stack, sample_root, tmp_path_fact
     """The submitting client's FACENET_RUNS_DIR (or anyone writing the job record) does not choose where the
     worker writes checkpoints and logs; a relative --audit-samples lands under the job's own output (was: a
     282 MB checkpoint written where the client said, and a literal runs/<job>/audit shared by every job)."""
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "where"), 2, 6)
     elsewhere = str(tmp_path_factory.mktemp("client-runs"))
@@ -975,7 +976,7 @@ def test_the_worker_decides_where_a_job_writes(stack, sample_root, tmp_path_fact
 def test_a_wrong_mlflow_login_is_one_line_at_once(stack, sample_root, tmp_path_factory):
     """A trainer (or a worker) whose MLflow login is wrong fails at once saying so (was: a 401 counted as the
     server being away, so an attempt waited FACENET_MLFLOW_WAIT_SECONDS, 10 minutes, and chaos lost jobs)."""
-    from facenet.data.samples import copy_subset
+    from facenet.samples import copy_subset
 
     data = copy_subset(os.path.join(sample_root, "prep", "train"), os.path.join(stack.root, "login"), 2, 4)
     out = str(tmp_path_factory.mktemp("wrong-login"))
@@ -1020,7 +1021,7 @@ def test_stack_down_stops_exactly_what_stack_up_started(stack):
         parent = psutil.Process(service["pid"])
         started += [parent] + parent.children(recursive=True)
     assert len(started) >= 7, started  # 6 services, and the workers' pool processes at least
-    look_alike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "services.entrypoints",
+    look_alike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "services.stack.entrypoints",
                                    "redis"], start_new_session=True)
     try:
         down = stack.cli("stack", "down", timeout=120, check=True)

@@ -144,7 +144,7 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     # The same job over two "nodes": two launchers of one process each (--nnodes 2, what each worker of a gang
     # runs), meeting at node 0's endpoint on loopback. Global rank r runs on node r and is fed exactly what
     # rank r was fed above; the numbers are the single-node run's.
-    from services.entrypoints import free_port
+    from facenet.fsutil import free_port
 
     nodes, audit2 = tmp_path / "two-nodes", tmp_path / "audit-two-nodes"
     endpoint = f"127.0.0.1:{free_port()}"

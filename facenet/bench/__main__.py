@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from facenet.bench.train_bench import run_benchmark
     from facenet.data.loader import default_workers
-    from facenet.data.samples import build_sample_dataset, cache_dir, make_raw_identities
+    from facenet.samples import build_sample_dataset, cache_dir, make_raw_identities
 
     workers = default_workers(1) if args.workers is None else args.workers
 

@@ -91,7 +91,7 @@ def _stage_times(raw: str, out: str, photos: int, repeats: int) -> dict:
 
     from facenet.fsutil import write_atomic
     from facenet.preprocess.faces import DetectorSettings, FaceCropper, central_largest, crop_face
-    from facenet.preprocess.images import load_rgb
+    from facenet.images import load_rgb
 
     p = Params()
     paths = sorted(glob.glob(os.path.join(raw, "*", "*")))

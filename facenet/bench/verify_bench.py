@@ -22,7 +22,7 @@ NUMBERS = ("verify_acc", "val_far_1e-3", "auc", "eer")
 
 
 def run(epochs: int, batch_size: int, lr: float, image_size: int, work: str, losses=LOSSES) -> dict:
-    from facenet.data.samples import build_orl_dataset, cache_dir
+    from facenet.samples import build_orl_dataset, cache_dir
 
     data = build_orl_dataset(os.path.join(cache_dir(), "bench-data", f"orl-{image_size}"), train_people=30,
                              image_size=image_size)

@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 from facenet import confine
 from facenet.data.dataset import Sample
 from facenet.fsutil import cpu_cores
-from facenet.preprocess.images import animated, to_rgb
+from facenet.images import animated, to_rgb
 
 MAX_REPLACEMENTS = 16
 # Training images are face crops (160 x 160 from preprocessing); these caps refuse, from the header and

@@ -18,7 +18,7 @@ import time
 
 from facenet import confine
 from facenet.preprocess.faces import DetectorSettings, FaceCropper
-from facenet.preprocess.images import conversion_of, load_rgb
+from facenet.images import conversion_of, load_rgb
 from facenet.preprocess.plan import Plan, state_dir
 
 _CROPPERS: dict[DetectorSettings, FaceCropper] = {}

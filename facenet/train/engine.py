@@ -23,6 +23,7 @@ from facenet.data import loader as data_loader
 from facenet.data.dataset import DatasetSplit, load_for_training
 from facenet.errors import UserError, one_line
 from facenet.model import build_model, resolve_pretrained
+from facenet.runenv import HEARTBEAT_ENV, mlflow_connect_seconds
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
 from facenet.train import distributed as dist
@@ -67,11 +68,6 @@ def make_amp(spec: TrainSpec, device: devices.Device) -> Amp:
     # unscale_, _amp_update_scale_). It unscales before the step, as the row's non-fused Adam needs there.
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler, **kwargs)
     return Amp(enabled, dtype, scaler, static, note)
-
-
-def default_run_name(spec: TrainSpec, device_type: str) -> str:
-    level = spec.opt_level if spec.amp_enabled else "O0"
-    return f"{spec.npus}p-{device_type}-bs{spec.batch_size}-{level}"
 
 
 def seed_everything(seed: int) -> None:
@@ -182,8 +178,8 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
             tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
             # Standalone: a dead server is a configuration error, said at once. Under the service (which set
             # FACENET_MLFLOW_CONNECT_SECONDS) the server may be restarting: wait for it.
-            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or default_run_name(spec, device.type), tags,
-                              connect_timeout=float(os.environ.get("FACENET_MLFLOW_CONNECT_SECONDS", "15")))
+            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or spec.default_run_name(device.type), tags,
+                              connect_timeout=mlflow_connect_seconds())
             run_id = tracker.run_id
             tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
                                          resume=bool(resume_path), chips=_chip_monitors(device, spec))
@@ -316,18 +312,23 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
 
 
 class Liveness:
-    """Touches FACENET_TRAINER_HEARTBEAT (set by the service) from the training and evaluation loops, at
+    """Touches the file FACENET_TRAINER_HEARTBEAT names (set by the service) from the training and evaluation loops, at
     most every 2 s: a trainer whose loop stops (hung, stopped, a rank stuck) stops touching it, and the
     service stops it after FACENET_TRAINER_STALL_SECONDS. Beaten by the loop itself, not a thread, so a
     frozen loop cannot look alive."""
 
-    def __init__(self, path: str | None):
-        self.path, self.last = path, 0.0
+    def __init__(self) -> None:
+        self.path: str | None = None  # read at the first beat, not at import
+        self.last = 0.0
 
     def beat(self) -> None:
         now = time.monotonic()
-        if self.path and now - self.last >= 2.0:
-            self.last = now
+        if now - self.last < 2.0:
+            return
+        self.last = now
+        if self.path is None:
+            self.path = os.environ.get(HEARTBEAT_ENV, "")
+        if self.path:
             try:
                 os.utime(self.path)
             except FileNotFoundError:
@@ -336,7 +337,7 @@ class Liveness:
                 pass
 
 
-LIVENESS = Liveness(os.environ.get("FACENET_TRAINER_HEARTBEAT"))
+LIVENESS = Liveness()
 
 
 EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb",

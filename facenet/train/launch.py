@@ -17,22 +17,11 @@ from facenet.data.dataset import load_for_training
 from facenet.errors import UserError, one_line
 from facenet import confine
 from facenet.model import resolve_pretrained
+from facenet.runenv import NODE_ADDRESS_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
 from facenet.train.options import spec_from_args
 
-# Lets the queue's supervisor override how many processes the ModelZoo scripts start.
-NPROC_ENV = "FACENET_NPROC"
-# A supervisor (the queue's train task) sets this to its pid: when it dies - a worker killed outright,
-# a container stopped - the trainer and every rank in its process group stop too, instead of living on
-# as orphans that hold devices while the job is resumed elsewhere.
-WATCH_PID_ENV = "FACENET_WATCH_PID"
-# A job over several nodes: this node's rank and node 0's rendezvous endpoint (HOST:PORT).
-NODE_RANK_ENV = "FACENET_NODE_RANK"
-RDZV_ENDPOINT_ENV = "FACENET_RDZV_ENDPOINT"
-# The address other nodes reach this node at (a host with several NICs): the rendezvous a leading node
-# advertises, and the NIC the collective library binds (devices.collective_env).
-NODE_ADDRESS_ENV = "FACENET_NODE_ADDRESS"
 
 
 def watch_supervisor() -> None:
@@ -114,7 +103,7 @@ def launch_distributed(spec: TrainSpec, device_type: str) -> int:
     local = spec.npus_per_node
     if device_type == "cpu" and "OMP_NUM_THREADS" not in env:
         # N CPU processes share the cores; without this each spawns a thread per core and they thrash.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+        env["OMP_NUM_THREADS"] = str(cpu_share(local))
     from facenet.train.distributed import collective_timeout
 
     collective = devices.collective_env(device_type, spec.nnodes, os.environ.get(NODE_ADDRESS_ENV),

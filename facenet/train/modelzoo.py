@@ -16,7 +16,8 @@ import sys
 
 from facenet import devices
 from facenet.errors import UserError
-from facenet.train.launch import NPROC_ENV, main as train_main
+from facenet.runenv import NPROC_ENV
+from facenet.train.launch import main as train_main
 
 NETWORK = "FaceNet_for_PyTorch"
 PRESETS = {

@@ -1,0 +1,29 @@
+"""`facenet-cli`: the command line users (and scripts) drive the stack with. One module per command family,
+each registered here: local (train, preprocess, evaluate, embed, doctor), jobs (submit-*, status, logs, cancel,
+jobs, workers), runs, stack."""
+
+from __future__ import annotations
+
+import click
+
+from services.cli import jobs, local, runs, stack
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="facenet-stack")
+def cli() -> None:
+    """FaceNet Stack: train FaceNet on Ascend NPUs, NVIDIA GPUs or CPUs."""
+
+
+for command in (local.train, local.preprocess, local.evaluate, local.embed, local.doctor, jobs.submit_train,
+                jobs.submit_preprocess, jobs.status, jobs.logs, jobs.cancel, jobs.jobs, jobs.workers, runs.runs,
+                stack.stack):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="facenet-cli")
+
+
+if __name__ == "__main__":
+    main()

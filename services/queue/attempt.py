@@ -1,0 +1,468 @@
+"""One attempt at a train job, as a plain function the Celery task calls.
+
+claim the job (or drop a duplicate message) -> lease N devices of this worker
+-> create (or reuse) the job's MLflow run -> start `python -m facenet.train`
+in its own process group (torchrun for N > 1) -> follow its events and log
+into the registry and Celery state, heartbeat, watch for cancel -> record the
+result. The trainer resumes from the job's checkpoint, so a later attempt of
+a job whose worker died continues where the last checkpoint left it, in the
+same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Callable
+
+from facenet.errors import UserError
+from facenet.fsutil import remove_stale_temp_files
+from facenet.spec import RESERVED_TAGS, TrainSpec
+from facenet.runenv import worker_devices
+from facenet.tracking import LOGIN_HINT, refused_login
+from services.config import Settings, check_path_allowed
+from services.procs import KILL_GRACE_SECONDS, stop_group
+from services.queue import gang, mlflow_runs
+from services.queue.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
+from services.queue.send import requeue_train
+from services.queue.trainer import attempt_env, check_job_paths, job_output, pump_output, reap_attempt, start_trainer
+
+LEASE_SAFETY = 0.6
+
+
+class Heartbeat(threading.Thread):
+    """Renews the attempt's heartbeat and its device leases; sets `lost` (the attempt must stop at once)
+    when another attempt took the job over or a lease is no longer this attempt's."""
+
+    def __init__(self, reg: Registry, job_id: str, token: str, node: str, devices: list[int]):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.reg, self.job_id, self.token, self.node, self.devices = reg, job_id, token, node, devices
+        # Leases name the attempt, not just the job: attempt A of a job cleaning up after losing its
+        # heartbeat must not drop (or renew) the leases attempt B of the same job holds.
+        self.holder = f"{job_id}:{token}"
+        self.leased: list[int] = []
+        self.gang: list[tuple[str, list[int]]] = []  # a job over several nodes: (node, devices), this one first
+        self.lost = threading.Event()
+        # Stop at once, no grace: the lease could not be renewed in time, or another attempt holds it now.
+        self.stop_now = False
+        self.why = ""
+        self.stopped = threading.Event()
+        self.renewed_at = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(max(0.5, self.reg.ttl / 6)):
+            try:
+                if not self.reg.heartbeat(self.job_id, self.token):
+                    self.why = "another attempt took the job over"
+                    self.lost.set()
+                held = [(self.node, self.leased)] if self.leased else []
+                held += self.gang[1:]
+                if any(self.reg.renew_leases(node, devs, self.holder) < len(devs) for node, devs in held):
+                    self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
+                    self.stop_now = True  # the other holder may be training there already
+                    self.lost.set()
+                else:
+                    self.renewed_at = time.monotonic()
+                if self.gang:
+                    gang.renew_assignments(self.reg, self.holder, self.gang)
+            except Exception:  # Redis briefly away: the next beat retries
+                pass
+            # A lease not renewed for most of its TTL may expire and pass to another job: stop the trainer
+            # before that can happen, so no device is ever used by two jobs at once (Redis restarts shorter
+            # than LEASE_SAFETY x TTL are ridden out).
+            if self.leased and time.monotonic() - self.renewed_at > LEASE_SAFETY * self.reg.ttl:
+                self.why = f"could not renew its device lease for {LEASE_SAFETY * self.reg.ttl:.0f} s (Redis away)"
+                self.stop_now = True
+                self.lost.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
+                  report: Callable[[dict], None] = lambda progress: None) -> dict:
+    """Run one attempt of train job `job_id` on worker `node`; returns what the Celery task returns."""
+    token = uuid.uuid4().hex
+    state, attempts = reg.claim(job_id, token)
+    if state in ("missing", "done", "busy"):
+        return {"job": job_id, "skipped": state}
+    if state == "cancel":
+        _cancel_before_start(settings, reg, job_id)
+        return {"job": job_id, "status": CANCELLED}
+    job = reg.get(job_id)
+    if attempts > settings.max_attempts:
+        why = job.get("message") or "the worker running it died"
+        mlflow_runs.end_job_run(settings.mlflow_uri, job, "FAILED")  # the lost attempt left it RUNNING
+        reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
+        reg.release(job_id, token)
+        return {"job": job_id, "status": FAILED}
+    device_type, devices = worker_devices()
+    beat = Heartbeat(reg, job_id, token, node, devices)
+    beat.start()
+    try:
+        return _attempt(settings, reg, job, attempts, node, device_type, devices, beat, report)
+    except UserError as exc:
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")  # the run first, then the job
+        reg.finish(job_id, FAILED, error=str(exc))
+        return {"job": job_id, "status": FAILED, "error": str(exc)}
+    finally:
+        beat.stop()
+        reap_attempt(beat.holder)  # nothing of this attempt may run on a device it gives back
+        if beat.gang[1:]:
+            _retrying(lambda: gang.withdraw(reg, job_id, beat.holder, beat.gang))  # the other nodes' trainers first
+            for other, devs in beat.gang[1:]:
+                _retrying(lambda: reg.renew_leases(other, devs, beat.holder, drop=True))
+        if beat.leased:
+            _retrying(lambda: reg.renew_leases(node, beat.leased, beat.holder, drop=True))
+        _retrying(lambda: reg.release(job_id, token))
+
+
+def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: str, device_type: str,
+             devices: list[int], beat: Heartbeat, report: Callable[[dict], None]) -> dict:
+    job_id = job["id"]
+    spec = TrainSpec.from_dict(job["spec"])
+    per_node = spec.npus_per_node
+    if per_node > len(devices):
+        raise UserError(f"--npus {spec.npus}: worker {node} has {len(devices)} {device_type} device(s)")
+    spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
+    if not os.path.isdir(spec.data):
+        raise UserError(f"--data {spec.data}: no such directory on worker {node}")
+    output = job_output(settings, job_id)
+    spec = dataclasses.replace(spec, **check_job_paths(spec, settings.data_roots, output))
+
+    # Wait for devices without giving up the message: the job keeps its place, cancel still works.
+    # A job over several nodes waits for its whole gang at once (gang.py): it holds nothing while it waits.
+    while True:
+        if spec.nnodes == 1:
+            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
+            team = [(node, got)] if got else []
+        else:
+            team = _retrying(lambda: reg.gang_lease(gang.candidates(reg, node, devices, device_type, per_node),
+                                                    per_node, spec.nnodes, beat.holder))
+        if team:
+            got, beat.leased, beat.gang = team[0][1], team[0][1], team if spec.nnodes > 1 else []
+            break
+        if _retrying(lambda: reg.cancel_requested(job_id)):
+            _cancel_before_start(settings, reg, job_id)
+            return {"job": job_id, "status": CANCELLED}
+        wanted = (f"{spec.npus} free {device_type} device(s) on {node}" if spec.nnodes == 1 else
+                  f"{spec.nnodes} {device_type} workers with {per_node} free device(s) each, {node} among them")
+        _retrying(lambda: reg.update(job_id, message=f"waiting for {wanted}"))
+        time.sleep(1.0)
+
+    os.makedirs(output, exist_ok=True)
+    resumed = attempts > 1
+    reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
+               host=socket.gethostname(), devices=got, output=output,
+               nodes=[n for n, _ in beat.gang] if beat.gang else [node],
+               message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
+    run_id = job.get("mlflow_run_id")
+    if settings.mlflow_uri and not run_id:
+        user_tags = {k: v for k, v in spec.tags.items() if k not in RESERVED_TAGS}
+        tags = {**user_tags, "job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
+                "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname()}
+        name = f"{spec.default_run_name(device_type)}-{job_id}"
+        # MLflow restarting is no reason to fail a job: wait for it (the job keeps its devices and place).
+        run_id = _while_mlflow_away(settings, reg, job_id, lambda: mlflow_runs.find_or_create_run(
+            settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags, job_id))
+        reg.update(job_id, mlflow_run_id=run_id)
+        _while_mlflow_away(settings, reg, job_id, lambda: _log_manifest(settings, run_id, spec.data, output))
+
+    spec.device = device_type
+    spec.device_list = got if device_type in ("npu", "cuda") else None
+    spec.output = output
+    spec.resume = "auto"
+    spec.events = os.path.join(output, "events.jsonl")
+    spec.json_out = os.path.join(output, "summary.json")
+    spec.mlflow_uri = settings.mlflow_uri
+    spec.run_id = run_id
+    spec.experiment = job.get("experiment") or settings.experiment
+    spec.tags = {**spec.tags, "job_id": job_id, "attempts": str(attempts)}
+    spec_path = os.path.join(output, "spec.json")
+    endpoint = None
+    if beat.gang:
+        endpoint = gang.advertised_endpoint()
+        gang.assign(reg, job_id, beat.holder, beat.gang, endpoint, TrainSpec.from_dict(spec.to_dict()), output,
+                     device_type, job.get("task_id"))
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        fh.write(spec.to_json())
+    if os.path.exists(spec.json_out):
+        os.remove(spec.json_out)  # a summary left by an earlier attempt must not pass for this one's
+
+    env = attempt_env(settings, beat.holder, node, got, os.path.join(output, "heartbeat"),
+                      rank=0 if endpoint else None, endpoint=endpoint)
+    log_path = os.path.join(output, "train.log")
+    log = open(log_path, "a", encoding="utf-8", buffering=1)
+    proc = start_trainer(spec_path, env, output)
+    reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
+    follower = _Follower(reg, job_id, spec.events, proc, log)
+    follower.start()
+    outcome = _watch(reg, job_id, proc, beat, follower, report, settings)
+    reap_attempt(beat.holder)  # before another attempt may resume into the same output folder
+    follower.join(timeout=30)
+    log.close()
+    remove_stale_temp_files(output)  # a checkpoint half-written by a trainer killed mid-save
+
+    if outcome == "lost":  # another attempt owns the job now (or its leases lapsed); leave its record alone
+        print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)
+        return {"job": job_id, "skipped": "taken over"}
+    rc = proc.returncode
+    if outcome == "done" and rc and not os.path.exists(spec.json_out) and not follower.user_error():
+        # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash: not the
+        # job's own input (that exits 2 with an `error:` line and fails at once). Resume from the checkpoint.
+        outcome = "killed" if rc < 0 else "crashed"
+    if outcome in ("stalled", "overtime", "killed", "crashed", "node lost"):
+        why = {"node lost": getattr(follower, "node_lost", "a node of the job was lost"),
+               "stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
+                          "FACENET_TRAINER_STALL_SECONDS)",
+               "overtime": f"the job ran past FACENET_MAX_JOB_SECONDS ({settings.max_job_seconds} s)",
+               "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)",
+               "crashed": f"the trainer exited with code {rc}: {follower.error_line()}"}[outcome]
+        _log_training_log(settings, run_id, log_path)
+        if outcome != "overtime" and attempts < settings.max_attempts:
+            # Another attempt resumes from the last checkpoint. The same step drops this attempt's heartbeat,
+            # or the new message would find the job held and drop itself. (False: a sweeper got there first
+            # because this heartbeat had lapsed; it sent the message.)
+            requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", holder=beat.token)
+            return {"job": job_id, "requeued": why}
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")
+        error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
+        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+        return {"job": job_id, "status": FAILED, "error": error}
+    if outcome == "cancelled":
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
+        _log_training_log(settings, run_id, log_path)
+        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
+                                     trainer_pid=None))
+        return {"job": job_id, "status": CANCELLED}
+    # summary.json is written (atomically) when training is complete: a trainer killed after it succeeded.
+    summary = _read_json(spec.json_out)
+    _log_training_log(settings, run_id, log_path)
+    if summary is None:
+        error = follower.error_line() or f"trainer exited with code {rc}"
+        if rc is not None and rc < 0:
+            error = f"trainer killed by signal {-rc}; {error}"
+        mlflow_runs.end_job_run(settings.mlflow_uri, _retrying(lambda: reg.get(job_id)), "FAILED")
+        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+        return {"job": job_id, "status": FAILED, "error": error}
+    result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
+                                          "e2e_seconds", "model", "checkpoint", "mlflow_run_id")}
+    _retrying(lambda: reg.finish(job_id, SUCCEEDED, result=result, trainer_pid=None,
+                                 checkpoint=summary.get("checkpoint")))
+    return {"job": job_id, "status": SUCCEEDED, **{k: result[k] for k in ("fps", "acc1")}}
+
+
+def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, follower: "_Follower",
+           report: Callable[[dict], None], settings: Settings) -> str:
+    """Follow the trainer until it exits; 'done', 'cancelled', 'lost', 'stalled' (no output for the stall
+    limit) or 'overtime' (past the longest a job may run)."""
+    import redis
+
+    last_progress = None
+    started_at = time.time()
+    deadline = time.time() + settings.max_job_seconds
+    while True:
+        try:
+            proc.wait(timeout=0.5)
+            follower.poll_events()
+            _retrying(lambda: _push_progress(reg, job_id, follower, report, last_progress))
+            return "done"
+        except subprocess.TimeoutExpired:
+            pass
+        follower.poll_events()
+        if beat.lost.is_set():
+            stop_group(proc, grace=0 if beat.stop_now else KILL_GRACE_SECONDS)
+            return "lost"
+        if beat.gang:
+            gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at))
+            if gone:
+                follower.node_lost = f"worker {', '.join(node for _, node in gone)} of the job's nodes was lost"
+                stop_group(proc, grace=0)
+                return "node lost"
+        if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
+            stop_group(proc)
+            return "stalled"
+        if time.time() > deadline:
+            stop_group(proc)
+            return "overtime"
+        try:
+            last_progress = _push_progress(reg, job_id, follower, report, last_progress)
+            if reg.cancel_requested(job_id):
+                stop_group(proc)
+                return "cancelled"
+        except redis.RedisError:
+            continue  # Redis restarting: training goes on; progress catches up when it is back
+
+
+def _retrying(fn, seconds: float = 120.0):
+    """Run a registry write, retrying while Redis is briefly away (a restart): results must not be lost."""
+    import redis
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return fn()
+        except redis.RedisError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, last):
+    progress = dict(follower.progress)
+    if progress and progress != last:
+        fields = {"progress": progress}
+        if follower.checkpoint:
+            fields["checkpoint"] = follower.checkpoint
+        reg.update(job_id, **fields)
+        try:
+            report(progress)
+        except Exception:  # Flower's view is a mirror; never stop training for it
+            pass
+    return progress
+
+
+class _Follower(threading.Thread):
+    """Copies the trainer's output to train.log and the registry; parses events.jsonl into progress."""
+
+    def __init__(self, reg: Registry, job_id: str, events_path: str, proc: subprocess.Popen, log):
+        super().__init__(daemon=True, name=f"follow-{job_id}")
+        self.reg, self.job_id, self.events_path, self.proc, self.log = reg, job_id, events_path, proc, log
+        self.progress: dict = {}
+        self.checkpoint: str | None = None
+        self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
+        self._partial = ""
+        self._tail: list[str] = []
+        self.last_activity = time.time()  # the last output line or event: a hung trainer writes neither
+
+    def run(self) -> None:
+        pump_output(self.proc, self.log, self.reg, self.job_id, on_line=self._saw)
+
+    def _saw(self, line: str) -> None:
+        self.last_activity = time.time()
+        self._tail = (self._tail + [line])[-50:]
+
+    def alive_at(self) -> float:
+        """When the trainer last showed life: an output line, an event, or a beat of its loops."""
+        try:
+            beat = os.path.getmtime(os.path.join(os.path.dirname(self.events_path), "heartbeat"))
+        except OSError:
+            beat = 0.0
+        return max(self.last_activity, beat)
+
+    def user_error(self) -> str | None:
+        """The trainer's own `error: ...` line: input it refused (a 2p job's torchrun adds noise after it)."""
+        return next((ln.strip() for ln in reversed(self._tail) if ln.startswith("error:")), None)
+
+    def error_line(self) -> str | None:
+        """The trainer's `error:` line, else torchrun's word on a rank killed by a signal, else the last line
+        naming an error, else the last line with words in it."""
+        for wanted in (lambda ln: ln.startswith("error:"),
+                       lambda ln: "traceback :" in ln and "Signal" in ln,
+                       lambda ln: "Error:" in ln and "ChildFailedError" not in ln and "elastic" not in ln,
+                       lambda ln: any(c.isalpha() for c in ln)):
+            for line in reversed(self._tail):
+                if wanted(line):
+                    return line.strip()
+        return None
+
+    def poll_events(self) -> None:
+        try:
+            with open(self.events_path, encoding="utf-8") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(chunk.encode("utf-8"))
+        if chunk:
+            self.last_activity = time.time()
+        text = self._partial + chunk
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self._apply(event)
+
+    def _apply(self, e: dict) -> None:
+        p = self.progress
+        kind = e.get("event")
+        if kind == "start":
+            p.update(epochs=e.get("epochs"), steps=e.get("steps_per_epoch"), epoch=e.get("start_epoch", 0), step=0)
+        elif kind == "step":
+            p.update(epoch=e.get("epoch"), step=e.get("step"), steps=e.get("steps"), loss=e.get("loss"),
+                     fps=e.get("fps"), train_acc=e.get("train_acc"))
+        elif kind == "epoch":
+            p.update(epoch=e.get("epoch"), step=p.get("steps") or p.get("step"), loss=e.get("loss"),
+                     fps=e.get("fps"), acc1=e.get("acc1"), lr=e.get("lr"), epochs_done=e.get("epoch"))
+        elif kind == "checkpoint":
+            self.checkpoint = e.get("path")
+            p.update(checkpoint_epoch=e.get("epoch"))
+        elif kind == "end":
+            p.update(fps=e.get("fps"), acc1=e.get("acc1"), epochs_done=e.get("epochs"))
+
+
+def _cancel_before_start(settings: Settings, reg: Registry, job_id: str) -> None:
+    mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
+    reg.finish(job_id, CANCELLED, message="cancelled before it started")
+
+
+def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):
+    """fn(), retried while the MLflow server does not answer (restarting), up to settings.mlflow_wait_seconds."""
+    deadline = time.time() + settings.mlflow_wait_seconds
+    while True:
+        try:
+            mlflow_runs.check_reachable(settings.mlflow_uri)
+            return fn()
+        except UserError as exc:
+            if "unreachable" not in str(exc) or time.time() > deadline:
+                raise
+            err = exc
+        except Exception as exc:  # MlflowException, connection reset: the server went away mid-call
+            if refused_login(exc):  # it answered, and said no: no wait mends a wrong login
+                raise UserError(f"MLflow at {settings.mlflow_uri} refused the worker's login: {LOGIN_HINT}") \
+                    from None
+            if time.time() > deadline:
+                raise UserError(f"MLflow at {settings.mlflow_uri}: {type(exc).__name__}: {exc}") from None
+            err = exc
+        _retrying(lambda: reg.update(job_id, message=f"waiting for MLflow ({str(err)[:120]})"))
+        time.sleep(3.0)
+
+
+def _log_manifest(settings: Settings, run_id: str, data: str, output: str) -> None:
+    """Attach DATA/manifest.json to the run: read confined to the data roots (a manifest symlinked to a
+    secret outside them is refused, not uploaded), from a copy in the job's output."""
+    from facenet import confine
+
+    path = os.path.join(data, "manifest.json")
+    if not os.path.lexists(path):
+        return
+    blob = confine.read_metadata(path, confine.Roots(settings.data_roots), "manifest")
+    copy = os.path.join(output, "dataset", "manifest.json")
+    confine.write_bytes(copy, blob, None)
+    mlflow_runs.log_file(settings.mlflow_uri, run_id, copy, "dataset")
+
+
+def _log_training_log(settings: Settings, run_id: str | None, log_path: str) -> None:
+    if settings.mlflow_uri and run_id:
+        try:
+            mlflow_runs.log_file(settings.mlflow_uri, run_id, log_path, "logs")
+        except Exception as exc:
+            print(f"training log not uploaded to MLflow: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None

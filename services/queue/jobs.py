@@ -1,0 +1,239 @@
+"""The client side of the queue: submit, look up, follow and cancel jobs (what `facenet-cli` calls)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+from facenet.confine import shown
+from facenet.errors import InputError, UserError
+from facenet.spec import NPU_MAX_PER_NODE, RESERVED_TAGS, TrainSpec, check_npu_count
+from services.config import DEVICE_TYPES, Settings, check_path_allowed
+from services.queue.registry import (CANCELLED, FAILED, PREPROCESSING, QUEUED, TERMINAL, Registry, registry_for,
+                                     unreachable)
+
+
+def open_registry(settings: Settings) -> Registry:
+    """A registry on a Redis that answers, or UserError in one line naming the URL."""
+    import redis
+
+    reg = registry_for(settings, timeout=3)
+    try:
+        reg.r.ping()
+    except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError, OSError) as exc:
+        raise unreachable(settings.redis_display, exc) from None
+    return reg
+
+
+def capacities(reg: Registry) -> list[dict]:
+    return [w for w in reg.workers() if w.get("device_type")]
+
+
+def pick_device_type(reg: Registry, requested: str, npus: int, nnodes: int = 1) -> str:
+    """`requested`, or for 'auto' the best registered type (npu, then cuda, then cpu); refuses a request
+    no registered workers can ever serve (npus / nnodes devices on each of nnodes workers), listing what is
+    registered."""
+    workers = capacities(reg)
+    listing = ", ".join([f"{w['node']}: {len(w['devices'])} {w['device_type']}" for w in workers] +
+                        [f"{w['node']}: no devices, it failed its doctor check ({w['unfit']})"
+                         for w in reg.workers() if w.get("unfit")]) or "none registered"
+    if requested == "auto":
+        present = [t for t in DEVICE_TYPES if any(w["device_type"] == t for w in workers)]
+        if not present:
+            raise UserError(f"no device worker is registered (workers: {listing}); start one "
+                            "(`facenet-cli stack up`, or `make up`)")
+        fitting = [t for t in present if sum(len(w["devices"]) >= npus // nnodes for w in workers
+                                             if w["device_type"] == t) >= nnodes]
+        requested = (fitting or present)[0]
+    if requested not in DEVICE_TYPES:
+        raise InputError(f"--device-type {requested}: choose one of auto, {', '.join(DEVICE_TYPES)}")
+    check_npu_count(requested, npus, nnodes)
+    per_node = npus // nnodes
+    able = sum(len(w["devices"]) >= per_node for w in workers if w["device_type"] == requested)
+    if able < nnodes:
+        if nnodes == 1:
+            raise UserError(f"--npus {npus}: no registered {requested} worker has {npus} device(s) "
+                            f"(capacities: {listing})")
+        raise UserError(f"--npus {npus} over --nnodes {nnodes}: {able} registered {requested} worker(s) have "
+                        f"{per_node} device(s), {nnodes} are needed (capacities: {listing})")
+    return requested
+
+
+def nodes_needed(reg: Registry, device_type: str, npus: int) -> int:
+    """How many workers a job of `npus` devices spans when no one worker has that many: npus / the most any
+    worker of the type (auto: of the first type with enough such workers) has, when that divides; else 1
+    (and pick_device_type says why it cannot run)."""
+    workers = capacities(reg)
+    if any(len(w["devices"]) >= npus for w in workers if device_type in ("auto", w["device_type"])):
+        return 1
+    for t in (DEVICE_TYPES if device_type == "auto" else (device_type,)):
+        sizes = [len(w["devices"]) for w in workers if w["device_type"] == t]
+        most = max(sizes, default=0)
+        if most and npus % most == 0 and sum(n >= most for n in sizes) >= npus // most:
+            return npus // most
+    return 1
+
+
+def _check_local_path(path: str, settings: Settings, what: str) -> str:
+    path = check_path_allowed(path, settings.data_roots, what)
+    # The local stack shares this filesystem: say now what the worker would say later.
+    if settings.from_stack_file and not os.path.isdir(path):
+        raise InputError(f"{what} {shown(path)}: no such directory")
+    return path
+
+
+def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
+    """What a queued job may not ask for, checked before anything is queued: tags the service sets,
+    paths outside the data roots."""
+    reserved = sorted(k for k in spec.tags if k in RESERVED_TAGS or k.startswith("mlflow."))
+    if reserved:
+        raise InputError(f"--tag {reserved[0]}: set by the service on every run; choose another key")
+    from services.queue.trainer import check_job_paths
+
+    check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "job"))  # checks; changes nothing
+
+
+def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str = "auto",
+                           preprocess_from: str | None = None, params=None) -> tuple[str, str | None]:
+    """Every check of a train submission that needs no Redis: values, the device count, tags, paths. The CLI
+    runs it before it connects, so bad input queues nothing and names itself even with Redis down. Returns
+    (--data, --preprocess-from) resolved."""
+    spec.validate()
+    if params is not None:
+        params.validate()
+    if spec.nnodes > 1 or spec.npus <= NPU_MAX_PER_NODE:  # more: nodes are counted at submit
+        check_npu_count(device_type, spec.npus, spec.nnodes)
+    check_job_spec(spec, settings)
+    if preprocess_from:
+        return (check_path_allowed(spec.data, settings.data_roots, "--data"),
+                _check_local_path(preprocess_from, settings, "--preprocess-from"))
+    return _check_local_path(spec.data, settings, "--data"), None
+
+
+def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> tuple[str, str]:
+    """The preprocessing counterpart of `check_train_submission`; returns (RAW, OUT) resolved."""
+    params.validate()
+    return _check_local_path(raw, settings, "RAW"), check_path_allowed(out, settings.data_roots, "OUT")
+
+
+def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
+                 preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
+    """Validate, create the job record and queue its first task; returns the job."""
+    data, raw = check_train_submission(settings, spec, device_type, preprocess_from, params)
+    if spec.nnodes == 1:  # --npus 16 on workers of 8 devices: a gang of 2
+        spec.nnodes = nodes_needed(reg, device_type, spec.npus)
+    device_type = pick_device_type(reg, device_type, spec.npus, spec.nnodes)
+    from services.queue import mlflow_runs
+
+    mlflow_runs.check_reachable(settings.mlflow_uri)
+    fields = {"device_type": device_type, "npus": spec.npus, "experiment": experiment or settings.experiment}
+    if preprocess_from:
+        if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+            raise UserError("--preprocess-from: no preprocessing worker is registered")
+        fields["preprocess_from"], fields["preprocess_out"] = raw, data
+        fields["params"] = dataclasses.asdict(params or _default_params())
+    spec.data = data
+    spec.device = device_type
+    fields["spec"] = spec.to_dict()
+    job_id = reg.create("train", fields)
+    reg.update(job_id, output=os.path.join(settings.runs_dir, job_id))
+    from services.queue.send import send_stage, send_train
+
+    if preprocess_from:
+        reg.update(job_id, status=PREPROCESSING, message="planning shards")
+        reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
+        return reg.get(job_id)
+    else:
+        task_id = send_train(job_id, device_type)
+    reg.update(job_id, task_id=task_id, submitted=time.time())
+    return reg.get(job_id)
+
+
+def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, params) -> dict:
+    raw, out = check_preprocess_submission(settings, raw, out, params)
+    if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+        raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
+    fields = {"preprocess_from": raw, "preprocess_out": out, "params": dataclasses.asdict(params)}
+    job_id = reg.create("preprocess", fields)
+    from services.queue.send import send_stage
+
+    reg.update(job_id, status=PREPROCESSING, message="planning shards")
+    reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
+    return reg.get(job_id)
+
+
+def _default_params():
+    from facenet.preprocess.plan import Params
+
+    return Params()
+
+
+def cancel(reg: Registry, job_id: str, wait: float = 60.0, mlflow_uri: str | None = None) -> dict:
+    """Ask the job to stop; a job no worker holds is cancelled at once. Returns the job as it ends up."""
+    from services.queue import mlflow_runs
+
+    job = reg.find(job_id)
+    if job["status"] in TERMINAL:
+        return job
+    reg.request_cancel(job["id"])
+    if job["status"] in (QUEUED, PREPROCESSING) and not reg.alive(job["id"]):
+        # No training attempt holds it: mark it now. Its queued messages are dropped when a worker takes
+        # them, and shards already running finish their shard (finished crops are reused by a rerun).
+        # A job queued again after a lost attempt has a run already: no worker will end it.
+        mlflow_runs.end_job_run(mlflow_uri, job, "KILLED")
+        reg.finish(job["id"], CANCELLED, message=f"cancelled while {job['status'].lower()}")
+        return reg.get(job["id"])
+    deadline = time.time() + wait
+    while time.time() < deadline:  # a running trainer: its supervisor stops the process group
+        job = reg.get(job["id"])
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.3)
+    return reg.get(job["id"])
+
+
+PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "fps", "loss", "acc1")
+
+
+def view(job: dict) -> dict:
+    """The JSON shape scripts rely on (`status --json`)."""
+    progress = job.get("progress") or {}
+    return {
+        "id": job["id"], "kind": job.get("kind"), "status": job["status"], "created": job.get("created"),
+        "started": job.get("started"), "trainer_started": job.get("trainer_started"),
+        "finished": job.get("finished"), "attempts": job.get("attempts", 0),
+        "device_type": job.get("device_type"), "npus": job.get("npus"), "worker": job.get("worker"),
+        "progress": {**{k: progress.get(k) for k in PROGRESS_KEYS},
+                     **{k: v for k, v in progress.items() if k not in PROGRESS_KEYS}},
+        "mlflow_run_id": job.get("mlflow_run_id"), "checkpoint": job.get("checkpoint"), "output": job.get("output"),
+        "message": job.get("message"), "error": job.get("error"), "result": job.get("result"),
+        "dataset": job.get("dataset"), "nodes": job.get("nodes"),
+    }
+
+
+def follow(reg: Registry, job_id: str, on_change: Callable[[dict], None], on_log: Callable[[str], None] | None = None,
+           interval: float = 0.5) -> dict:
+    """Poll the job until it ends, calling on_change with each new state and on_log with new log lines."""
+    seen_log = 0
+    last = None
+    while True:
+        job = reg.get(job_id)
+        if job is None:
+            raise UserError(f"job {job_id} disappeared from the registry")
+        if on_log is not None:
+            lines, seen_log = reg.read_log(job_id, seen_log)
+            for line in lines:
+                on_log(line)
+        state = (job["status"], job.get("message"), str(job.get("progress")))
+        if state != last:
+            on_change(job)
+            last = state
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(interval)
+
+
+def exit_code(job: dict) -> int:
+    return 0 if job["status"] not in (FAILED, CANCELLED) else 1

@@ -1,0 +1,499 @@
+"""The job registry, worker capacities and device leases, in Redis.
+
+Why a registry and not just Celery's messages: a worker killed outright
+leaves its message unacknowledged until the visibility timeout (longer than
+the longest job), so its job would wait hours. Here every running job
+heartbeats (a key with a TTL); a live worker's sweep finds jobs whose
+heartbeat expired and queues them again, counting attempts. Devices are
+leased the same way: a lease is a key with a TTL renewed by the job's
+heartbeat, so a crashed worker's leases free themselves.
+
+Keys (prefix `facenet:`):
+  job:<id>            hash: id, kind, status, spec (JSON), created, updated, started, finished,
+                      attempts, claimed (an attempt holds or held it), progress (JSON), mlflow_run_id, checkpoint, output, error, worker,
+                      host, device_type, npus, queue, cancel_requested, result (JSON), ...
+  job:<id>:hb         owner token of the attempt running it, TTL = heartbeat TTL
+  job:<id>:log        list of the trainer's log lines (the last LOG_LINES)
+  job:<id>:started    preprocessing stages in flight ("plan", "shard:<i>", "finalize")
+  job:<id>:hb:<stage> owner token of the task running that stage, TTL = heartbeat TTL
+  job:<id>:shards     indices of finished shards (the fan-in: the last one sends finalize)
+  job:<id>:deliveries times each preprocessing stage was started (a stage that kills its worker process
+                      every time fails the job after a bound instead of looping)
+  jobs                sorted set of job ids by creation time
+  jobs:active         ids of jobs not yet ended (what the sweep looks at, however many jobs are older)
+  worker:<node>       JSON capacity of a live worker, TTL = heartbeat TTL
+  lease:<node>:<dev>  "<job id>:<attempt token>" holding that device, TTL = heartbeat TTL
+
+An ended job's keys expire after the retention (FACENET_JOB_RETENTION_DAYS); the sweep drops ids of
+expired jobs from `jobs` and trims the history to FACENET_JOB_HISTORY ended jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import redis
+
+from facenet.errors import UserError
+
+PREFIX = "facenet:"
+# What `create` makes (12 hex digits); anything else naming a job (a message, a record) is not ours.
+JOB_ID = re.compile(r"[0-9a-f]{12}")
+LOG_LINES = 5000
+
+QUEUED, PREPROCESSING, RUNNING = "QUEUED", "PREPROCESSING", "RUNNING"
+SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset", "nodes")
+
+# Write a job's fields; a write that sets a status is refused once the job has ended (a late result must
+# not turn a cancelled job into a succeeded one). Ending a job takes it off the active set and starts
+# the expiry of its keys. KEYS: job hash, active set, the job's other keys; ARGV: id, new status or '',
+# retention seconds, field/value pairs.
+_UPDATE = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return -1 end
+local ended = {SUCCEEDED=true, FAILED=true, CANCELLED=true}
+if ARGV[2] ~= '' and ended[cur] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ended[ARGV[2]] then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
+end
+return 1
+"""
+
+# Claim a job for one attempt: refuse finished jobs and jobs another live attempt holds; count attempts.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return {'done', 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 0} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'busy', 0} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'claimed', '1')
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {'ok', attempts}
+"""
+
+# Move a claimed job back to QUEUED for its next attempt, exactly once: either the attempt holding it
+# gives it up (ARGV[3] = its token; its heartbeat goes in the same step), or a sweeper finds the holder's
+# heartbeat expired (ARGV[3] = ''). Several sweepers and the attempt itself may race; one wins.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'claimed') ~= '1' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'claimed', '0', 'updated', ARGV[1], 'message', ARGV[2])
+redis.call('HDEL', KEYS[1], 'trainer_pid')
+if holder then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# A preprocessing shard finished: record it, and tell exactly one caller when the last one is in.
+_SHARD_DONE = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[3], 'shard:' .. ARGV[1])
+redis.call('DEL', KEYS[4])
+local n = redis.call('SCARD', KEYS[1])
+redis.call('HSET', KEYS[2], 'shards_done', n)
+if n >= tonumber(ARGV[2]) and redis.call('HSETNX', KEYS[2], 'finalize_sent', '1') == 1 then return {n, 1} end
+return {n, 0}
+"""
+
+# A started stage whose heartbeat expired: exactly one sweeper gets to send it again.
+_STALLED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('SREM', KEYS[1], ARGV[1])
+"""
+
+# Take N free devices of one worker at once, or none.
+_LEASE = """
+local want = tonumber(ARGV[1])
+local free = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if not holder or holder == ARGV[2] then table.insert(free, i) end
+end
+if #free < want then return {} end
+local got = {}
+for j = 1, want do
+  redis.call('SET', KEYS[free[j]], ARGV[2], 'EX', tonumber(ARGV[3]))
+  table.insert(got, free[j] - 1)
+end
+return got
+"""
+
+# A gang: `want` devices on each of `nodes` workers, the first worker (the leader's own) among them, all at
+# once or none at all, so a job waiting for a gang holds nothing another job could be waiting for (two gang
+# jobs cannot deadlock). KEYS: every candidate worker's lease keys, worker after worker; ARGV: holder, ttl,
+# want, nodes, then the number of keys of each worker. Returns, per chosen worker, its index then the
+# positions of its leased keys, flattened with -1 after each worker; {} when the gang does not fit now.
+_GANG_LEASE = """
+local holder, ttl, want, nodes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local chosen, at = {}, 0
+for w = 5, #ARGV do
+  local n, free = tonumber(ARGV[w]), {}
+  for i = 1, n do
+    local h = redis.call('GET', KEYS[at + i])
+    if not h or h == holder then table.insert(free, at + i) end
+  end
+  if #free >= want and #chosen < nodes then
+    table.insert(chosen, {w - 5, free})
+  elseif w == 5 then
+    return {}
+  end
+  at = at + n
+end
+if #chosen < nodes then return {} end
+local out = {}
+for _, c in ipairs(chosen) do
+  table.insert(out, c[1])
+  for j = 1, want do
+    redis.call('SET', KEYS[c[2][j]], holder, 'EX', ttl)
+    table.insert(out, c[2][j])
+  end
+  table.insert(out, -1)
+end
+return out
+"""
+
+# Renew this attempt's heartbeat; one that expired while Redis was away (a restart longer than the TTL)
+# is taken back, with the job marked claimed and running again, unless another attempt holds it now or the
+# job ended. 1: renewed or taken back; 0: lost. KEYS: hb key, job hash; ARGV: token, ttl.
+_BEAT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) return 1 end
+if holder then return 0 end
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status or status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[2], 'claimed', '1', 'status', 'RUNNING')
+return 1
+"""
+
+# Keep leases: renewed while they hold ARGV[1], taken back when they expired (Redis was away) and nobody
+# took the device meanwhile; returns how many this holder has now.
+_HOLD = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder == ARGV[1] then
+    redis.call('EXPIRE', key, tonumber(ARGV[2]))
+    n = n + 1
+  elseif not holder then
+    redis.call('SET', key, ARGV[1], 'EX', tonumber(ARGV[2]))
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Renew (or drop) keys only while they still hold this job.
+_RENEW = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    if ARGV[2] == '0' then redis.call('DEL', key) else redis.call('EXPIRE', key, tonumber(ARGV[2])) end
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=30,
+                                health_check_interval=30)
+
+
+def registry_at(url: str, heartbeat_ttl: int = 30, retention_seconds: int = 30 * 86400,
+                timeout: float = 5.0) -> "Registry":
+    """The one way a process opens a registry: the Redis at `url` (nothing is sent yet)."""
+    return Registry(connect(url, timeout), heartbeat_ttl, retention_seconds)
+
+
+def registry_for(settings, timeout: float = 5.0) -> "Registry":
+    """The registry of `settings` (services.config.Settings): its Redis, heartbeat TTL and job retention."""
+    return registry_at(settings.redis_url, settings.heartbeat_ttl, settings.job_retention_seconds, timeout)
+
+
+def unreachable(url_display: str, exc: BaseException) -> UserError:
+    what = "wrong Redis password" if isinstance(exc, redis.AuthenticationError) else type(exc).__name__
+    return UserError(f"Redis at {url_display} is unreachable ({what}); start the stack with "
+                     "`facenet-cli stack up` or point FACENET_REDIS_URL at yours")
+
+
+ACTIVE_KEY = f"{PREFIX}jobs:active"
+JOB_SUBKEYS = (":log", ":log:n", ":started", ":shards", ":resends", ":deliveries", ":tasks")
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, heartbeat_ttl: int = 30, retention_seconds: int = 30 * 86400):
+        self.r = client
+        self.ttl = heartbeat_ttl
+        self.retention = retention_seconds
+        self._update = client.register_script(_UPDATE)
+        self._claim = client.register_script(_CLAIM)
+        self._requeue = client.register_script(_REQUEUE)
+        self._lease = client.register_script(_LEASE)
+        self._gang_lease = client.register_script(_GANG_LEASE)
+        self._renew = client.register_script(_RENEW)
+        self._beat = client.register_script(_BEAT)
+        self._hold = client.register_script(_HOLD)
+        self._shard_done = client.register_script(_SHARD_DONE)
+        self._stalled = client.register_script(_STALLED)
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    def create(self, kind: str, fields: dict) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        now = time.time()
+        record = {"id": job_id, "kind": kind, "status": QUEUED, "created": now, "updated": now, "attempts": 0,
+                  "cancel_requested": 0, **fields}
+        pipe = self.r.pipeline()
+        pipe.hset(self.key(job_id), mapping=_encode(record))
+        pipe.zadd(f"{PREFIX}jobs", {job_id: now})
+        pipe.sadd(ACTIVE_KEY, job_id)
+        pipe.execute()
+        return job_id
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.r.hgetall(self.key(job_id))
+        return _decode(raw) if raw else None
+
+    def find(self, prefix: str) -> dict:
+        """A job by its id or a unique prefix of it (UserError otherwise)."""
+        job = self.get(prefix)
+        if job:
+            return job
+        matches = [j for j in self.r.zrange(f"{PREFIX}jobs", 0, -1) if j.startswith(prefix)] if prefix else []
+        if len(matches) == 1:
+            return self.get(matches[0])
+        if not matches:
+            raise UserError(f"no job {prefix!r} (see `facenet-cli jobs`)")
+        raise UserError(f"job id {prefix!r} is ambiguous: {', '.join(matches[:5])}")
+
+    def update(self, job_id: str, **fields) -> bool:
+        """Write fields; False (nothing written) when the write sets a status and the job already ended,
+        or the job does not exist."""
+        fields["updated"] = time.time()
+        status = fields.get("status") or ""
+        k = self.key(job_id)
+        pairs = [x for kv in _encode(fields).items() for x in kv]
+        return self._update(keys=[k, ACTIVE_KEY] + [k + sub for sub in JOB_SUBKEYS],
+                            args=[job_id, status, self.retention, *pairs]) == 1
+
+    def active_ids(self) -> list[str]:
+        if self.r.set(ACTIVE_KEY + ":seeded", 1, nx=True):  # once per Redis: jobs from before the set existed
+            ids = self.r.zrange(f"{PREFIX}jobs", 0, -1)
+            live = [j["id"] for j in self.jobs_by_id(ids) if j["status"] not in TERMINAL]
+            if live:
+                self.r.sadd(ACTIVE_KEY, *live)
+        return sorted(self.r.smembers(ACTIVE_KEY))
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        return self.jobs_by_id(self.r.zrevrange(f"{PREFIX}jobs", 0, limit - 1))
+
+    def jobs_by_id(self, ids: list[str]) -> list[dict]:
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hgetall(self.key(job_id))
+        return [_decode(raw) for raw in pipe.execute() if raw]
+
+    def finish(self, job_id: str, status: str, **fields) -> bool:
+        """End the job (once: False when it had already ended, and nothing is written)."""
+        return self.update(job_id, status=status, finished=time.time(), **fields)
+
+    def delivered(self, job_id: str, stage: str) -> int:
+        """Count one more start of a preprocessing stage; returns how many there have been."""
+        return int(self.r.hincrby(self.key(job_id) + ":deliveries", stage, 1))
+
+    def prune(self, keep: int) -> int:
+        """Drop ids of expired jobs from the history and end the oldest ended jobs beyond `keep`; returns
+        how many ids were removed."""
+        ids = self.r.zrange(f"{PREFIX}jobs", 0, -1)
+        if not ids:
+            return 0
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hget(self.key(job_id), "status")
+        statuses = pipe.execute()
+        gone = [j for j, st in zip(ids, statuses) if st is None]
+        ended = [j for j, st in zip(ids, statuses) if st in TERMINAL]
+        extra = ended[:max(0, len(ended) - keep)]  # oldest first
+        if gone or extra:
+            pipe = self.r.pipeline()
+            pipe.zrem(f"{PREFIX}jobs", *(gone + extra))
+            for job_id in extra:
+                pipe.delete(self.key(job_id), *(self.key(job_id) + sub for sub in JOB_SUBKEYS))
+            pipe.execute()
+        return len(gone) + len(extra)
+
+    # ---- one attempt's liveness --------------------------------------------------------------------
+    def claim(self, job_id: str, token: str) -> tuple[str, int]:
+        state, attempts = self._claim(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[token, self.ttl])
+        return state, int(attempts)
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """Renew this attempt's heartbeat (taking it back if it lapsed while Redis was away); False if another
+        attempt took the job over or the job ended."""
+        return bool(self._beat(keys=[self.key(job_id) + ":hb", self.key(job_id)], args=[token, self.ttl]))
+
+    def release(self, job_id: str, token: str) -> None:
+        self._renew(keys=[self.key(job_id) + ":hb"], args=[token, 0])
+
+    def alive(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.key(job_id) + ":hb"))
+
+    def requeue(self, job_id: str, message: str, holder: str = "") -> bool:
+        """Put claimed job `job_id` back to QUEUED; True for exactly one caller. `holder`: the token of the
+        attempt giving the job up; '' for a sweeper, which wins only once the holder stopped heartbeating."""
+        return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"],
+                                  args=[time.time(), message, holder]))
+
+    def request_cancel(self, job_id: str) -> None:
+        self.update(job_id, cancel_requested=1)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.key(job_id), "cancel_requested") == "1"
+
+    # ---- preprocessing stages -----------------------------------------------------------------------
+    # Shards fan in here rather than in a Celery chord: a chord cannot recover a shard whose worker was
+    # killed (its message waits out the visibility timeout, days), while a stage that stops
+    # heartbeating here is found by the sweep and sent again.
+    def stage_start(self, job_id: str, stage: str, token: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.sadd(self.key(job_id) + ":started", stage)
+        pipe.set(self.key(job_id) + f":hb:{stage}", token, ex=self.ttl)
+        pipe.execute()
+
+    def stage_beat(self, job_id: str, stage: str, token: str) -> bool:
+        return bool(self._renew(keys=[self.key(job_id) + f":hb:{stage}"], args=[token, self.ttl]))
+
+    def stage_end(self, job_id: str, stage: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.srem(self.key(job_id) + ":started", stage)
+        pipe.delete(self.key(job_id) + f":hb:{stage}")
+        pipe.execute()
+
+    def shard_done(self, job_id: str, index: int, total: int) -> tuple[int, bool]:
+        """Record shard `index` finished; (shards done, whether this caller sends finalize)."""
+        k = self.key(job_id)
+        n, last = self._shard_done(keys=[k + ":shards", k, k + ":started", k + f":hb:shard:{index}"],
+                                   args=[index, total])
+        return int(n), bool(last)
+
+    def stalled_stages(self, job_id: str) -> list[str]:
+        """Stages in flight whose task stopped heartbeating; each is returned to exactly one caller."""
+        k = self.key(job_id)
+        return [st for st in sorted(self.r.smembers(k + ":started"))
+                if self._stalled(keys=[k + ":started", k + f":hb:{st}"], args=[st])]
+
+    # ---- logs --------------------------------------------------------------------------------------
+    def append_log(self, job_id: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        key = self.key(job_id) + ":log"
+        pipe = self.r.pipeline()
+        pipe.rpush(key, *lines)
+        pipe.ltrim(key, -LOG_LINES, -1)
+        pipe.incrby(key + ":n", len(lines))
+        pipe.execute()
+
+    def read_log(self, job_id: str, since: int = 0) -> tuple[list[str], int]:
+        """Lines after the first `since` ever written, and the new total (for `logs -f`)."""
+        key = self.key(job_id) + ":log"
+        total = int(self.r.get(key + ":n") or 0)
+        kept = self.r.llen(key)
+        first_kept = total - kept
+        start = max(since, first_kept) - first_kept
+        return self.r.lrange(key, start, -1), total
+
+    # ---- workers and devices -----------------------------------------------------------------------
+    def register_worker(self, node: str, info: dict) -> None:
+        self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl)
+
+    def unregister_worker(self, node: str) -> None:
+        self.r.delete(f"{PREFIX}worker:{node}")
+
+    def workers(self) -> list[dict]:
+        keys = sorted(self.r.scan_iter(f"{PREFIX}worker:*"))
+        values = self.r.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v]
+
+    def lease_keys(self, node: str, devices: list[int]) -> list[str]:
+        return [f"{PREFIX}lease:{node}:{d}" for d in devices]
+
+    def lease(self, node: str, devices: list[int], n: int, job_id: str) -> list[int]:
+        """N devices of `node` for `job_id`, all or none ([] when not enough are free)."""
+        got = self._lease(keys=self.lease_keys(node, devices), args=[n, job_id, self.ttl])
+        return [devices[i] for i in got]
+
+    def gang_lease(self, workers: list[tuple[str, list[int]]], want: int, nodes: int,
+                   holder: str) -> list[tuple[str, list[int]]]:
+        """`want` devices on each of `nodes` of `workers` ((node, device ids); the first is the leader's own and
+        always in the gang), all at once or none: [(node, leased ids)] in gang order, or [] when it does not
+        fit now (nothing is held then)."""
+        keys = [k for node, devices in workers for k in self.lease_keys(node, devices)]
+        flat = self._gang_lease(keys=keys, args=[holder, self.ttl, want, nodes, *[len(d) for _, d in workers]])
+        gang, offsets = [], [0]
+        for _, devices in workers:
+            offsets.append(offsets[-1] + len(devices))
+        current: list = []
+        for value in flat:
+            if value == -1:
+                w = current[0]
+                node, devices = workers[w]
+                gang.append((node, [devices[k - 1 - offsets[w]] for k in current[1:]]))
+                current = []
+            else:
+                current.append(int(value))
+        return gang
+
+    def renew_leases(self, node: str, devices: list[int], holder: str, drop: bool = False) -> int:
+        """Renew (taking back lapsed ones nobody took) or drop `holder`'s leases; how many it holds(held)."""
+        if drop:
+            return int(self._renew(keys=self.lease_keys(node, devices), args=[holder, 0]))
+        return int(self._hold(keys=self.lease_keys(node, devices), args=[holder, self.ttl]))
+
+    def leases(self, node: str, devices: list[int]) -> dict[int, str | None]:
+        values = self.r.mget(self.lease_keys(node, devices)) if devices else []
+        return dict(zip(devices, values))
+
+
+def _encode(fields: dict) -> dict:
+    out = {}
+    for k, v in fields.items():
+        if k in JSON_FIELDS:
+            out[k] = json.dumps(v)
+        elif v is None:
+            out[k] = ""
+        elif isinstance(v, bool):
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _decode(raw: dict) -> dict:
+    out: dict = {}
+    for k, v in raw.items():
+        if k in JSON_FIELDS:
+            out[k] = json.loads(v) if v else None
+        elif k in ("created", "updated", "started", "finished", "trainer_started", "preprocessed"):
+            out[k] = float(v) if v else None
+        elif k in ("attempts", "npus", "cancel_requested", "shards"):
+            out[k] = int(v) if v else 0
+        else:
+            out[k] = v if v != "" else None
+    return out
