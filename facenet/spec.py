@@ -27,6 +27,13 @@ LOSSES = ("softmax", "triplet", "arcface")
 COMPILE_MODES = ("off", "auto", "default", "reduce-overhead", "max-autotune")
 # Tags the service sets on every run; a user's tag must not overwrite them.
 RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
+# A queued job's fields the service decides, never the client (`submit-train` refuses a flag that sets one):
+# where it writes, that it resumes, where its events and summary go, its MLflow server and run.
+SERVICE_OWNED = ("output", "resume", "events", "json_out", "run_id", "mlflow_uri")
+# What the worker resolves or completes of what the client gave: paths checked against its data roots, its
+# own device type and ids, the job's experiment, the service's tags beside the user's.
+SERVICE_RESOLVED = ("data", "pretrained", "verify_pairs", "audit_samples", "device", "device_list", "experiment",
+                    "tags")
 
 # Upper bounds: far above any real run, low enough that a typo cannot ask for a million processes or a
 # 60000-pixel input. (name: (lowest, highest))
@@ -108,6 +115,17 @@ class TrainSpec:
     verify_every: int | None = None  # None: every epoch when there are pairs; 0: never
     verify_pairs: str | None = None  # None: DATA/test_pairs.txt or DATA/pairs.txt when present
     compile: str = "auto"  # torch.compile mode of the training step; auto: per device type (devices.py)
+
+    def placed(self, **decided: Any) -> "TrainSpec":
+        """This spec as the worker hands it to its trainer: a new spec with the fields the service decides
+        (SERVICE_OWNED, SERVICE_RESOLVED) set, checked as every spec is. The one place a queued job's spec
+        changes: a field outside those is a programming error here, not a user's."""
+        stray = sorted(set(decided) - set(SERVICE_OWNED) - set(SERVICE_RESOLVED))
+        if stray:
+            raise TypeError(f"TrainSpec.placed: {', '.join(stray)} are not the service's to decide")
+        spec = dataclasses.replace(self, **decided)
+        spec.validate()
+        return spec
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

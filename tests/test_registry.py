@@ -40,7 +40,7 @@ def test_claims_drop_duplicates_and_finished_jobs(reg):
     assert reg.claim(job, "attempt-1") == ("ok", 1)
     assert reg.claim(job, "attempt-2") == ("busy", 0)  # a duplicate message while the first attempt lives
     assert not reg.requeue(job, "lost")  # alive: nothing to requeue
-    assert not reg.requeue(job, "lost", holder="attempt-2")  # nor for anyone but its holder
+    assert not reg.requeue(job, "lost", token="attempt-2")  # nor for anyone but its holder
     time.sleep(2.5)  # attempt 1's heartbeat expired (its worker died)
     assert reg.requeue(job, "worker lost")
     assert not reg.requeue(job, "worker lost")  # exactly one sweeper wins
@@ -56,7 +56,7 @@ def test_an_attempt_gives_its_job_back_once_and_its_heartbeat_with_it(reg):
     job = reg.create("train", {"spec": {}, "device_type": "cpu", "npus": 1})
     assert reg.claim(job, "attempt-1") == ("ok", 1)
     reg.update(job, status="RUNNING", trainer_pid=1234)
-    assert reg.requeue(job, "attempt 1 stopped: hung; trying again", holder="attempt-1")
+    assert reg.requeue(job, "attempt 1 stopped: hung; trying again", token="attempt-1")
     record = reg.get(job)
     assert (record["status"], record["claimed"], record.get("trainer_pid")) == (QUEUED, "0", None)
     assert not reg.alive(job)  # the next message finds the job free, not held

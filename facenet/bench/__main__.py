@@ -10,7 +10,7 @@ import sys
 from facenet.errors import UserError
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m facenet.bench", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="build/bench.json", help="where the JSON results go")
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="auto", choices=("off", "auto", "default", "reduce-overhead", "max-autotune"),
                    help="also train ours compiled in this mode (auto: on cuda only; off: never)")
     p.add_argument("--detect-batch", type=int, default=32, help="photos per call of the batched MTCNN (detect)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = get_args_parser()
     args = p.parse_args(argv)
     only = {name.strip() for name in args.only.split(",")}
     unknown = only - {"train", "preprocess", "detect", "loader"}
@@ -83,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
     print(json.dumps(results, indent=2))
+    _print_tables(results)
+    print(f"written to {args.out}")
+    return 0
+
+
+def _print_tables(results: dict) -> None:
+    """The headline lines and the GPU table, from the results."""
     if "preprocess" in results:
         pre = results["preprocess"]
         print(f"preprocess: ours {pre['ours']['img_per_s']:.1f} img/s vs seed shape {pre['reference']['img_per_s']:.1f} "
@@ -110,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("facenet_pytorch_per_photo", "ours_per_photo", "ours_batched"):
             print(f"MTCNN {key:<26} {d[key]['photos_per_s']:>9.1f} photos/s  mean IoU vs CPU "
                   f"{d[key]['mean_iou_vs_cpu']}")
-    print(f"written to {args.out}")
-    return 0
 
 
 def _pct(x) -> str:

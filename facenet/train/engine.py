@@ -6,13 +6,12 @@ everything else is symmetric, and world size 1 runs the same code.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,13 +22,12 @@ from facenet.data import loader as data_loader
 from facenet.data.dataset import DatasetSplit, load_for_training
 from facenet.errors import UserError, one_line
 from facenet.model import build_model, resolve_pretrained
-from facenet.runenv import HEARTBEAT_ENV, mlflow_connect_seconds
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
 from facenet.train import distributed as dist
 from facenet.train.losses import Trainable, make_objective
-from facenet.train.metrics import EpochClock, EventLog, modelzoo_block
-from facenet.tracking import Tracker, resolve_uri
+from facenet.train.metrics import LIVENESS, EpochClock
+from facenet.train.report import Reporter, summary
 
 MAX_NAMED_BAD = 10
 
@@ -104,54 +102,111 @@ def run(spec: TrainSpec) -> dict:
         dist.shutdown()
 
 
+@dataclass
+class Run:
+    """One training run in this process: what the loop, the evaluation and the reporting share, in one small
+    object instead of a dozen parameters (`_prepare` builds it; the loaders and the run id come after)."""
+
+    spec: TrainSpec
+    info: dist.DistInfo
+    device: devices.Device
+    say: Console
+    roots: confine.Roots | None
+    data: DatasetSplit
+    amp: Amp
+    workers: int
+    model: torch.nn.Module
+    trainable: Trainable  # network + loss head: what DDP wraps
+    objective: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step: "Step"
+    compile_mode: str | None
+    pairs: object = None  # verification pairs, when there are any
+    verify_every: int = 0
+    resume_path: str | None = None
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    baseline: dict | None = None  # verification before training
+    run_id: str | None = None
+    train_loader: object = None
+    eval_loader: object = None
+    bad_paths: set = field(default_factory=set)
+    reported_bad: set = field(default_factory=set)
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.spec.batch_size // self.info.world_size
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.channels_last
+
+
 def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Console, t_start: float) -> dict:
-    torch_device = device.torch_device
+    r = _prepare(spec, info, device, say)
+    report = Reporter(r)
+    r.run_id = report.open()
+    r.train_loader, r.eval_loader = _loaders(r)
+    report.started(len(r.train_loader))
+    if r.pairs is not None and r.start_epoch == 0:
+        r.baseline = {"epoch": 0, **verify(r), "logged_ms": int(time.time() * 1000)}
+        report.baseline(r.baseline)
+    finished = False
+    try:
+        for epoch in range(r.start_epoch, spec.epochs):
+            record, n_eval = train_and_evaluate(r, epoch, report)
+            report.epoch(record, n_eval)
+            if info.is_main:
+                report.checkpointed(record, _save_checkpoint(r, epoch))
+            dist.barrier()
+        finished = True
+    finally:
+        if not finished:
+            report.failed()
+    result = summary(r, t_start)
+    if info.is_main:
+        final = os.path.join(spec.output, "model.pt")
+        ckpt_io.save_atomic({"model": r.model.state_dict(), "classes": r.data.classes, "spec": spec.to_dict(),
+                             "epoch": spec.epochs, "mlflow_run_id": r.run_id}, final)
+        report.finished(result, final)
+    return result
+
+
+def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Console) -> Run:
+    """The data, the model on its device (resumed from a checkpoint when there is one), the optimizer, the
+    compiled (or eager) step inside DDP, and the verification pairs; every derived quantity said."""
     roots = confine.Roots.from_env()  # set for queued jobs: every read is confined to the data roots
     data = load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size, roots)
-    per_rank_batch = spec.batch_size // info.world_size
     pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained, roots)
-    resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
     amp = make_amp(spec, device)
     workers = spec.workers if spec.workers is not None else data_loader.default_workers(info.world_size)
-    channels_last = device.channels_last
-
     say(f"{data.describe()}")
     say(f"{pretrained_note}")
     if amp.note:
         say(amp.note)
     say(f"device {device.type} x {info.world_size} ({device.dist_backend}), precision {amp.label}"
-        f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {channels_last}")
-    say(f"global batch {spec.batch_size} = {per_rank_batch} per process x {info.world_size}; "
+        f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {device.channels_last}")
+    say(f"global batch {spec.batch_size} = {spec.batch_size // info.world_size} per process x {info.world_size}; "
         f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
-
     if spec.loss == "triplet" and data.num_classes < 2:
         raise UserError(f"--loss triplet: {spec.data} has {data.num_classes} identity; triplets need 2 or more")
     pairs, verify_every = _verification_pairs(spec, data, roots, say)
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
-    model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(device.torch_device, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
     objective = make_objective(spec)
-    trainable = Trainable(model, spec.loss)  # network + loss head: what DDP wraps
+    trainable = Trainable(model, spec.loss)
     optimizer = device.make_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
-
-    start_epoch, history, run_id, baseline = 0, [], spec.run_id, None
-    if resume_path:
-        state = ckpt_io.load(resume_path)
-        _check_resumable(state, data, resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        amp.scaler.load_state_dict(state["scaler"])
-        start_epoch, history, baseline = state["epoch"], state.get("history", []), state.get("verify_baseline")
-        run_id = run_id or state.get("mlflow_run_id")
-        if info.is_main and state.get("rng"):
-            ckpt_io.set_rng_state(state["rng"])
-        say(f"resumed from {resume_path}: {start_epoch} epoch(s) done")
-    if start_epoch >= spec.epochs:
-        say(f"nothing to do: checkpoint already has {start_epoch} of {spec.epochs} epochs")
-
-    compile_mode, compile_note = device.compile_mode(spec.compile)
+    r = Run(spec, info, device, say, roots, data, amp, workers, model, trainable, objective, optimizer, scheduler,
+            step=None, compile_mode=None, pairs=pairs, verify_every=verify_every, run_id=spec.run_id,
+            resume_path=ckpt_io.resolve_resume(spec.resume, spec.output))
+    if r.resume_path:
+        _resume(r)
+    if r.start_epoch >= spec.epochs:
+        say(f"nothing to do: checkpoint already has {r.start_epoch} of {spec.epochs} epochs")
+    r.compile_mode, compile_note = device.compile_mode(spec.compile)
     say(compile_note)
     ddp_model = trainable
     if info.world_size > 1:
@@ -159,207 +214,83 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
         # Gradients live in DDP's buckets (no copy per step); every step uses the same parameters, which lets
         # DDP plan its reduction once (static_graph) where nothing compiles the step around it.
         ddp_model = DistributedDataParallel(trainable, device_ids=ids, gradient_as_bucket_view=True,
-                                            static_graph=compile_mode is None)
-    step = Step(ddp_model, objective, device, amp, compile_mode)
+                                            static_graph=r.compile_mode is None)
+    r.step = Step(ddp_model, objective, device, amp, r.compile_mode)
+    return r
 
-    tracker, events = None, EventLog(None)
-    if info.is_main:
-        try:  # an output path the spec names that cannot be written: said now, in one line, not a traceback later
-            os.makedirs(spec.output, exist_ok=True)
-            events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"), append=bool(resume_path))
-            if spec.json_out:
-                os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
-                if os.path.isdir(spec.json_out):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), spec.json_out)
-        except OSError as exc:
-            raise _unwritable(exc) from None
-        uri = resolve_uri(spec.mlflow_uri)
-        if uri:
-            tags = {"device_type": device.type, "npus": str(info.world_size), "amp": amp.label, **spec.tags}
-            # Standalone: a dead server is a configuration error, said at once. Under the service (which set
-            # FACENET_MLFLOW_CONNECT_SECONDS) the server may be restarting: wait for it.
-            tracker = Tracker(uri, spec.experiment, run_id, spec.run_name or spec.default_run_name(device.type), tags,
-                              connect_timeout=mlflow_connect_seconds())
-            run_id = tracker.run_id
-            tracker.start_system_metrics(float(os.environ.get("FACENET_SYSTEM_METRICS_INTERVAL", "10")),
-                                         resume=bool(resume_path), chips=_chip_monitors(device, spec))
-            if not resume_path:
-                tracker.log_params(_params(spec, data, device, info, amp, workers, compile_mode))
-            say(f"MLflow run {run_id} at {uri}")
-            for done in ([baseline] if baseline else []) + history:  # a kill between the checkpoint and the
-                # send would lose these: send again
-                _log_epoch(tracker, done)
-    run_id = dist.all_gather_object(run_id)[0]
 
+def _resume(r: Run) -> None:
+    """The whole training state from the checkpoint: model, optimizer, scheduler, scaler, epoch, history, RNG."""
+    state = ckpt_io.load(r.resume_path)
+    _check_resumable(state, r.data, r.resume_path)
+    r.model.load_state_dict(state["model"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.scheduler.load_state_dict(state["scheduler"])
+    r.amp.scaler.load_state_dict(state["scaler"])
+    r.start_epoch, r.history, r.baseline = state["epoch"], state.get("history", []), state.get("verify_baseline")
+    r.run_id = r.run_id or state.get("mlflow_run_id")
+    if r.info.is_main and state.get("rng"):
+        ckpt_io.set_rng_state(state["rng"])
+    r.say(f"resumed from {r.resume_path}: {r.start_epoch} epoch(s) done")
+
+
+def _loaders(r: Run):
+    """(the training loader: P x K identities for triplets, else shuffled; the held-out loader)."""
+    spec, info, pin = r.spec, r.info, r.device.pin_memory
     if spec.loss == "triplet":
-        train_loader = data_loader.identity_loader(data.train, per_rank_batch, spec.images_per_identity, info.rank,
-                                                   info.world_size, spec.seed, workers, spec.image_size, spec.augment,
-                                                   device.pin_memory, roots)
+        train = data_loader.identity_loader(r.data.train, r.per_rank_batch, spec.images_per_identity, info.rank,
+                                            info.world_size, spec.seed, r.workers, spec.image_size, spec.augment,
+                                            pin, r.roots)
     else:
-        train_loader = data_loader.train_loader(data.train, per_rank_batch, info.rank, info.world_size, spec.seed,
-                                                workers, spec.image_size, spec.augment, device.pin_memory, roots)
-    eval_loader = data_loader.eval_loader(data.test, per_rank_batch, info.rank, info.world_size,
-                                          workers, spec.image_size, device.pin_memory, roots)
-    bad_paths: set[str] = set()
-    reported_bad: set[str] = set()
-    events.emit("start", world_size=info.world_size, device=device.type, epochs=spec.epochs,
-                start_epoch=start_epoch, mlflow_run_id=run_id, steps_per_epoch=len(train_loader))
-    if pairs is not None and start_epoch == 0:
-        # The untrained (or pretrained) model's numbers, at step 0: what training has to beat.
-        baseline = {"epoch": 0, **_verify(model, pairs, spec, device, amp, channels_last, info, roots),
-                    "logged_ms": int(time.time() * 1000)}
-        say(f"verification before training: accuracy {baseline['verify_acc']:.4f}, VAL@FAR=1e-3 "
-            f"{baseline['val_far_1e-3']:.4f}, AUC {baseline['auc']:.4f}")
-        events.emit("verify", **baseline)
-        if tracker:
-            _log_epoch(tracker, baseline)
-    status = "FAILED"
-    try:
-        for epoch in range(start_epoch, spec.epochs):
-            # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
-            seed_everything(spec.seed + 1000 * epoch + info.rank)
-            train_loader.sampler.set_epoch(epoch)
-            audit = Audit(spec.audit_samples, info.rank, epoch,
-                          None if roots is None else confine.Roots(roots.roots + [spec.output]))
-            t_epoch = time.time()
-            stats = _train_epoch(step, train_loader, optimizer, amp, device, channels_last, spec,
-                                 epoch, events, say, bad_paths, info, audit)
-            train_seconds = time.time() - t_epoch
-            acc1, n_eval = None, 0
-            if objective.has_classifier:
-                acc1, n_eval = _evaluate(trainable, objective, eval_loader, amp, device, channels_last, bad_paths,
-                                         audit)
-            verification = {}
-            if pairs is not None and ((epoch + 1) % verify_every == 0 or epoch + 1 == spec.epochs):
-                verification = _verify(model, pairs, spec, device, amp, channels_last, info, roots)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            bad_paths = _share_bad_paths(bad_paths, reported_bad, say)
-            record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"], "acc1": acc1,
-                      "fps": stats["fps"], "fps_per_device": stats["fps"] / info.world_size, "lr": lr,
-                      "epoch_time": time.time() - t_epoch, "train_seconds": train_seconds,
-                      "train_images": stats["images"], "window_images": stats["window_images"],
-                      "window_seconds": stats["window_seconds"], "eval_images": n_eval,
-                      "bad_images": len(bad_paths), **verification}
-            memory = device.max_memory_mb()
-            if memory is not None:
-                record["device_memory_mb"] = memory
-            record["logged_ms"] = int(time.time() * 1000)  # the MLflow timestamp: a resend is then a duplicate
-            history.append(record)
-            acc_text = "n/a" if acc1 is None else f"{acc1:.4f}"
-            verify_text = f" | verify {verification['verify_acc']:.4f} auc {verification['auc']:.4f}" if verification else ""
-            say(f"Epoch {epoch + 1}/{spec.epochs} | loss {stats['loss']:.4f} | train acc {stats['train_acc']:.4f} | "
-                f"Acc@1 {acc_text} ({n_eval} held out){verify_text} | fps {stats['fps']:.1f} "
-                f"({stats['fps'] / info.world_size:.1f}/device) | lr {lr:g} | {record['epoch_time']:.1f}s")
-            events.emit("epoch", **record)
-            if info.is_main:
-                path = os.path.join(spec.output, ckpt_io.CHECKPOINT_NAME)
-                ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "scaler": amp.scaler.state_dict(),
-                                     "epoch": epoch + 1, "rng": ckpt_io.rng_state(), "history": history,
-                                     "verify_baseline": baseline,
-                                     "spec": spec.to_dict(), "classes": data.classes, "mlflow_run_id": run_id,
-                                     "writer_rank": info.rank},
-                                    path)
-                events.emit("checkpoint", epoch=epoch + 1, path=path)  # a supervisor may now resume from it
-                if tracker:
-                    _log_epoch(tracker, record)
-                    if spec.log_checkpoints == "every":
-                        tracker.log_artifact(path, "checkpoints")
-            dist.barrier()
-        status = "FINISHED"
-    finally:
-        if status != "FINISHED":
-            events.emit("failed")
-            if tracker:
-                tracker.close("FAILED", timeout=30, waiting=LIVENESS.beat)
-            events.close()
-
-    summary = _summary(spec, history, info, device, amp, t_start, run_id, data, bad_paths, compile_mode)
-    summary["verify_untrained"] = baseline and {k: baseline[k] for k in ("verify_acc", "val_far_1e-3", "auc", "eer")}
-    if info.is_main:
-        final = os.path.join(spec.output, "model.pt")
-        ckpt_io.save_atomic({"model": model.state_dict(), "classes": data.classes, "spec": spec.to_dict(),
-                             "epoch": spec.epochs, "mlflow_run_id": run_id}, final)
-        summary["model"] = final
-        if tracker:
-            tracker.log_metrics({"final_fps": summary["fps"], "final_acc1": summary["acc1"]}, step=spec.epochs)
-            if spec.log_checkpoints != "none":
-                tracker.log_artifact(summary["checkpoint"], "checkpoints")
-            tracker.log_text(json.dumps(summary, indent=2), "summary.json")
-            tracker.log_artifact(final, "final")
-            if spec.log_model:  # whatever the loss, the MLflow model maps face crops to unit embeddings
-                model.cpu().float().eval()
-                model.classify = False
-                example = np.zeros((1, 3, spec.image_size, spec.image_size), dtype=np.float32)
-                tracker.log_model(model, example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                                    "facenet-pytorch==2.5.3"])
-            report = tracker.close("FINISHED", waiting=LIVENESS.beat)  # log_model: ~15 s on 2 cores
-            summary["mlflow_lost_records"] = len(report.lost)
-            say(report.summary())
-        events.emit("end", **{k: v for k, v in summary.items() if k != "event"})
-        events.close()
-        if spec.json_out:
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
-                with open(spec.json_out, "w", encoding="utf-8") as fh:
-                    json.dump(summary, fh, indent=2)
-            except OSError as exc:
-                raise _unwritable(exc, spec.json_out) from None
-        say(json.dumps(summary))
-        say(modelzoo_block(summary["fps"], summary["train_acc"], summary["e2e_seconds"]))
-    return summary
+        train = data_loader.train_loader(r.data.train, r.per_rank_batch, info.rank, info.world_size, spec.seed,
+                                         r.workers, spec.image_size, spec.augment, pin, r.roots)
+    held_out = data_loader.eval_loader(r.data.test, r.per_rank_batch, info.rank, info.world_size, r.workers,
+                                       spec.image_size, pin, r.roots)
+    return train, held_out
 
 
-class Liveness:
-    """Touches the file FACENET_TRAINER_HEARTBEAT names (set by the service) from the training and evaluation loops, at
-    most every 2 s: a trainer whose loop stops (hung, stopped, a rank stuck) stops touching it, and the
-    service stops it after FACENET_TRAINER_STALL_SECONDS. Beaten by the loop itself, not a thread, so a
-    frozen loop cannot look alive."""
-
-    def __init__(self) -> None:
-        self.path: str | None = None  # read at the first beat, not at import
-        self.last = 0.0
-
-    def beat(self) -> None:
-        now = time.monotonic()
-        if now - self.last < 2.0:
-            return
-        self.last = now
-        if self.path is None:
-            self.path = os.environ.get(HEARTBEAT_ENV, "")
-        if self.path:
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                open(self.path, "a").close()
-            except OSError:
-                pass
-
-
-LIVENESS = Liveness()
-
-
-EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb",
-                 "verify_acc", "val_far_1e-3", "auc", "eer")
-
-
-def _chip_monitors(device: devices.Device, spec: TrainSpec) -> list:
-    """System-metric monitors of the chips this node's ranks hold (rank 0 logs them: node 0's chips, the ids
-    check_device_request gave the ranks), where the device row names one."""
-    if device.row.chip_monitor != "npu-smi":
-        return []
-    from facenet import npu_smi
-
-    ids = list(spec.device_list) if spec.device_list is not None else list(range(spec.npus_per_node))
-    return [lambda: npu_smi.monitor_class()(ids)]
+def train_and_evaluate(r: Run, epoch: int, report: Reporter) -> tuple[dict, int]:
+    """One epoch: train, evaluate on the held-out split, verify when due, step the schedule. Returns (the
+    epoch's record, which the history keeps and MLflow gets; held-out images evaluated)."""
+    spec, info = r.spec, r.info
+    # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
+    seed_everything(spec.seed + 1000 * epoch + info.rank)
+    r.train_loader.sampler.set_epoch(epoch)
+    audit = Audit(spec.audit_samples, info.rank, epoch,
+                  None if r.roots is None else confine.Roots(r.roots.roots + [spec.output]))
+    t_epoch = time.time()
+    stats = train_one_epoch(r, epoch, audit, report)
+    train_seconds = time.time() - t_epoch
+    acc1, n_eval = evaluate(r, audit) if r.objective.has_classifier else (None, 0)
+    verification = {}
+    if r.pairs is not None and ((epoch + 1) % r.verify_every == 0 or epoch + 1 == spec.epochs):
+        verification = verify(r)
+    lr = r.optimizer.param_groups[0]["lr"]
+    r.scheduler.step()
+    r.bad_paths = _share_bad_paths(r.bad_paths, r.reported_bad, r.say)
+    record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"], "acc1": acc1,
+              "fps": stats["fps"], "fps_per_device": stats["fps"] / info.world_size, "lr": lr,
+              "epoch_time": time.time() - t_epoch, "train_seconds": train_seconds,
+              "train_images": stats["images"], "window_images": stats["window_images"],
+              "window_seconds": stats["window_seconds"], "eval_images": n_eval,
+              "bad_images": len(r.bad_paths), **verification}
+    memory = r.device.max_memory_mb()
+    if memory is not None:
+        record["device_memory_mb"] = memory
+    record["logged_ms"] = int(time.time() * 1000)  # the MLflow timestamp: a resend is then a duplicate
+    r.history.append(record)
+    return record, n_eval
 
 
-def _log_epoch(tracker: Tracker, record: dict) -> None:
-    """One epoch's metrics at step = epoch. Logged after the checkpoint that holds the record; a resumed run
-    sends its history again with the same timestamps, which MLflow keeps once."""
-    tracker.log_metrics({k: record[k] for k in EPOCH_METRICS if record.get(k) is not None}, step=record["epoch"],
-                        timestamp_ms=record.get("logged_ms"))
+def _save_checkpoint(r: Run, epoch: int) -> str:
+    """Rank 0: the whole training state after `epoch`, atomically; returns its path."""
+    path = os.path.join(r.spec.output, ckpt_io.CHECKPOINT_NAME)
+    ckpt_io.save_atomic({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
+                         "scheduler": r.scheduler.state_dict(), "scaler": r.amp.scaler.state_dict(),
+                         "epoch": epoch + 1, "rng": ckpt_io.rng_state(), "history": r.history,
+                         "verify_baseline": r.baseline, "spec": r.spec.to_dict(), "classes": r.data.classes,
+                         "mlflow_run_id": r.run_id, "writer_rank": r.info.rank}, path)
+    return path
 
 
 class Step:
@@ -390,10 +321,12 @@ class Step:
         return loss, n_correct
 
 
-def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Device, channels_last: bool,
-                 spec: TrainSpec, epoch: int, events: EventLog, say: Console, bad_paths: set, info: dist.DistInfo,
-                 audit: Audit) -> dict:
+def train_one_epoch(r: Run, epoch: int, audit: "Audit", report: Reporter) -> dict:
+    """The training pass of one epoch, timed honestly (EpochClock: steady-state steps, device synchronized);
+    loss, accuracy and throughput all-reduced over ranks."""
+    step_fn, device, spec = r.step, r.device, r.spec
     step_fn.model.train()
+    loader = r.train_loader
     steps = len(loader)
     clock = EpochClock(spec.warmup_steps, steps)
     loss_sum = torch.zeros((), device=device.torch_device)
@@ -403,13 +336,13 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
         device.synchronize()
         clock.start()
     t_log, seen_at_log = time.perf_counter(), 0
-    for step, (x, y, bad, fed) in enumerate(data_loader.on_device(loader, device.torch_device, channels_last), 1):
+    for step, (x, y, bad, fed) in enumerate(data_loader.on_device(loader, device.torch_device, r.channels_last), 1):
         LIVENESS.beat()
-        bad_paths.update(bad)
+        r.bad_paths.update(bad)
         audit.fed(fed)
         if y.numel() == 0:
             raise _unreadable_batch(bad)
-        loss, n_correct = step_fn.train(x, y, optimizer)
+        loss, n_correct = step_fn.train(x, y, r.optimizer)
         n = y.numel()
         seen += n
         loss_sum += loss.detach().float() * n
@@ -423,12 +356,9 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
             device.synchronize()
             now = time.perf_counter()
             # Rank 0's recent rate x world size is a progress estimate only; the epoch FPS below is measured.
-            fps_now = (seen - seen_at_log) * info.world_size / max(now - t_log, 1e-9)
+            fps_now = (seen - seen_at_log) * r.info.world_size / max(now - t_log, 1e-9)
             t_log, seen_at_log = now, seen
-            loss_avg = loss_sum.item() / seen
-            acc = correct.item() / seen
-            say(f"Train | epoch {epoch + 1} | {step}/{steps} | loss: {loss_avg:.4f} | fps: {fps_now:.1f} | acc: {acc:.4f}")
-            events.emit("step", epoch=epoch + 1, step=step, steps=steps, loss=loss_avg, fps=fps_now, train_acc=acc)
+            report.step(epoch, step, steps, loss_sum.item() / seen, fps_now, correct.item() / seen)
     device.synchronize()
     clock.stop()
     audit.write_train()
@@ -438,12 +368,6 @@ def _train_epoch(step_fn: Step, loader, optimizer, amp: Amp, device: devices.Dev
     return {"loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
             "fps": images / window if window > 0 else 0.0, "window_images": int(images), "window_seconds": window,
             "images": int(seen_total)}
-
-
-def _unwritable(exc: OSError, path: str | None = None) -> UserError:
-    """`exc` from writing `path` (the file the error names, when the OSError has none: a full disk)."""
-    return UserError(f"cannot write {one_line(exc.filename or path or 'an output file')}: {exc.strerror or exc} "
-                     "(a path from --output, --events or --json-out)")
 
 
 def _unreadable_batch(bad: list[str]) -> UserError:
@@ -461,10 +385,11 @@ def _unreadable_batch(bad: list[str]) -> UserError:
 
 
 @torch.inference_mode()
-def _evaluate(model, objective, loader, amp: Amp, device: devices.Device, channels_last: bool, bad_paths: set,
-              audit: Audit):
+def evaluate(r: Run, audit: "Audit"):
     """Top-1 of the loss's classifier on the held-out split over all ranks. Returns (acc1 or None, images
-    evaluated). `model` is the Trainable (not DDP: ranks evaluate different images)."""
+    evaluated). It runs the Trainable, not DDP: ranks evaluate different images."""
+    model, objective, loader, amp, device = r.trainable, r.objective, r.eval_loader, r.amp, r.device
+    channels_last, bad_paths = r.channels_last, r.bad_paths
     model.eval()
     correct = torch.zeros((), device=device.torch_device, dtype=torch.long)
     total = 0
@@ -508,12 +433,14 @@ def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Root
     return pairs, every
 
 
-def _verify(model, pairs, spec: TrainSpec, device: devices.Device, amp: Amp, channels_last: bool,
-            info: dist.DistInfo, roots: confine.Roots | None) -> dict:
-    """LFW-protocol numbers on `pairs`, sharded: each rank embeds every world_size-th image, then every rank
-    gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding)."""
+def verify(r: Run) -> dict:
+    """LFW-protocol numbers on the run's pairs, sharded: each rank embeds every world_size-th image, then every
+    rank gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding)."""
     from facenet.evaluate import logged_metrics, score_pairs
     from facenet.verification.embed import embed_paths
+
+    model, pairs, spec, device, amp, info, roots = r.model, r.pairs, r.spec, r.device, r.amp, r.info, r.roots
+    channels_last = r.channels_last
 
     images = pairs.images()
     mine = images[info.rank::info.world_size]
@@ -573,48 +500,6 @@ def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:
     if state.get("classes") and state["classes"] != data.classes:
         raise UserError(f"--resume {path}: the checkpoint was trained on {len(state['classes'])} other identities; "
                         f"this dataset has {data.num_classes}")
-
-
-def _params(spec: TrainSpec, data: DatasetSplit, device: devices.Device, info: dist.DistInfo, amp: Amp,
-            workers: int, compile_mode: str | None) -> dict:
-    params = {k: v for k, v in spec.to_dict().items() if k not in ("tags",)}
-    params.update({"device_type": device.type, "world_size": info.world_size, "precision": amp.label,
-                   "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test),
-                   "dataset_layout": data.layout, "dataset_hash": data.manifest_hash, "loader_workers": workers,
-                   "per_device_batch": spec.batch_size // info.world_size, "compiled": compile_mode or "eager",
-                   **devices.versions()})
-    return params
-
-
-def _summary(spec: TrainSpec, history: list, info: dist.DistInfo, device: devices.Device, amp: Amp,
-             t_start: float, run_id: str | None, data: DatasetSplit, bad_paths: set, compile_mode: str | None) -> dict:
-    images = sum(h["window_images"] for h in history)
-    seconds = sum(h["window_seconds"] for h in history)
-    fps = images / seconds if seconds > 0 else 0.0
-    last = history[-1] if history else {}
-    return {
-        "fps": round(fps, 3),
-        "fps_per_device": round(fps / info.world_size, 3),
-        "acc1": last.get("acc1"),
-        "loss_function": spec.loss,
-        **{k: last.get(k) for k in ("verify_acc", "val_far_1e-3", "auc", "eer")},
-        "train_acc": last.get("train_acc"),
-        "loss": last.get("loss"),
-        "epochs": len(history),
-        "world_size": info.world_size,
-        "device": device.type,
-        "amp": amp.enabled,
-        "precision": amp.label,
-        "compiled": compile_mode or "eager",
-        "batch_size": spec.batch_size,
-        "num_classes": data.num_classes,
-        "bad_images": len(bad_paths),
-        "e2e_seconds": round(time.time() - t_start, 3),
-        "checkpoint": os.path.abspath(os.path.join(spec.output, ckpt_io.CHECKPOINT_NAME)),
-        "mlflow_run_id": run_id,
-        "fps_measured_over": {"images": images, "seconds": round(seconds, 3),
-                              "note": "all ranks, steady-state steps only, device synchronized"},
-    }
 
 
 def main_worker(spec: TrainSpec) -> int:

@@ -20,7 +20,7 @@ from facenet.model import resolve_pretrained
 from facenet.runenv import NODE_ADDRESS_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
-from facenet.train.options import spec_from_args
+from facenet.train.options import spec_and_file
 
 
 
@@ -87,18 +87,21 @@ def node_place(spec: TrainSpec) -> tuple[int, str | None]:
     return int(raw_rank), endpoint
 
 
-def launch_distributed(spec: TrainSpec, device_type: str) -> int:
+def launch_distributed(spec: TrainSpec, device_type: str, spec_file: str | None = None) -> int:
     """torchrun with npus / nnodes processes here. Over several nodes, torchrun's static rendezvous on node 0's
     endpoint (a c10d TCPStore there): node ranks are the ones given, so global rank 0 (checkpoints, MLflow)
     is always on node 0."""
     node_rank, endpoint = node_place(spec)
     os.makedirs(spec.output, exist_ok=True)
-    # One file per node: on a shared output folder two launchers must not rewrite a file the other's ranks read.
-    spec_path = os.path.join(os.path.abspath(spec.output), "spec.json" if spec.nnodes == 1 else f"spec.node{node_rank}.json")
-    from facenet.fsutil import atomic_write
+    spec_path = spec_file  # given as --spec FILE (a queued job's, written once by its worker): the ranks read it
+    if spec_path is None:
+        # One file per node: on a shared output folder two launchers must not rewrite a file the other's ranks read.
+        spec_path = os.path.join(os.path.abspath(spec.output),
+                                 "spec.json" if spec.nnodes == 1 else f"spec.node{node_rank}.json")
+        from facenet.fsutil import atomic_write
 
-    with atomic_write(spec_path) as fh:
-        fh.write(spec.to_json().encode())
+        with atomic_write(spec_path) as fh:
+            fh.write(spec.to_json().encode())
     env = dict(os.environ)
     local = spec.npus_per_node
     if device_type == "cpu" and "OMP_NUM_THREADS" not in env:
@@ -133,11 +136,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -
 
     watch_supervisor()
     try:
-        spec = spec_from_args(argv, prog)
+        spec, spec_file = spec_and_file(argv, prog)
         # One process (or a torchrun child) runs the same checks inside run(), so only the launcher of
         # N processes preflights: it must catch mistakes before N ranks each report them.
         if (spec.npus > 1 or spec.nnodes > 1) and "RANK" not in os.environ:
-            return launch_distributed(spec, preflight(spec))
+            return launch_distributed(spec, preflight(spec), spec_file)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

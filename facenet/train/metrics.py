@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from facenet.runenv import HEARTBEAT_ENV
+
 
 class EpochClock:
     """Times one epoch's steady state: from the end of step `warmup` to the last step.
@@ -64,3 +66,32 @@ def modelzoo_block(fps: float, train_acc: float | None, e2e_seconds: float) -> s
     return (f"Final Performance images/sec : {fps:.2f}\n"
             f"Final Train Accuracy : {acc}\n"
             f"E2E Training Duration sec : {int(round(e2e_seconds))}")
+
+
+class Liveness:
+    """Touches the file FACENET_TRAINER_HEARTBEAT names (set by the service) from the training and evaluation loops, at
+    most every 2 s: a trainer whose loop stops (hung, stopped, a rank stuck) stops touching it, and the
+    service stops it after FACENET_TRAINER_STALL_SECONDS. Beaten by the loop itself, not a thread, so a
+    frozen loop cannot look alive."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None  # read at the first beat, not at import
+        self.last = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last < 2.0:
+            return
+        self.last = now
+        if self.path is None:
+            self.path = os.environ.get(HEARTBEAT_ENV, "")
+        if self.path:
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                open(self.path, "a").close()
+            except OSError:
+                pass
+
+
+LIVENESS = Liveness()

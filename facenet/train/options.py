@@ -8,6 +8,7 @@ seed's command lines keep working.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from facenet.errors import UserError
@@ -137,17 +138,27 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
 
 def spec_from_args(argv: list[str] | None = None, prog: str = "python -m facenet.train") -> TrainSpec:
     """Parse argv into a validated TrainSpec (UserError on bad values)."""
+    return spec_and_file(argv, prog)[0]
+
+
+def spec_and_file(argv: list[str] | None = None, prog: str = "python -m facenet.train") -> tuple[TrainSpec, str | None]:
+    """(the spec, the absolute path of its `--spec FILE`, or None when flags gave it)."""
     args = get_args_parser(prog).parse_args(argv)
-    if args.spec:
-        return TrainSpec.from_file(args.spec)  # a regular file of at most MAX_SPEC_BYTES, never a FIFO waited on
+    if args.spec:  # a regular file of at most MAX_SPEC_BYTES, never a FIFO waited on
+        return TrainSpec.from_file(args.spec), os.path.abspath(args.spec)
+    return spec_from_namespace(args, argv), None
+
+
+def spec_from_namespace(args: argparse.Namespace, argv: list[str] | None) -> TrainSpec:
+    """The spec the flags of a parser built on get_args_parser() give (extra flags of such a parser, like
+    submit-train's queue options, are left out); the checks `python -m facenet.train` makes, in one place."""
     if not args.data:
         raise UserError("--data is required (the dataset root)")
-    values = vars(args)
-    for seed_only in ("spec", "epochs_per_save", "multiprocessing_distributed"):
-        values.pop(seed_only)
-    per_node = values.pop("npus_per_node")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSpec)}
+    per_node = args.npus_per_node
     if per_node is not None:
-        if "--npus" in (argv or []) and values["npus"] != per_node * values["nnodes"]:
+        npus_given = any(a == "--npus" or a.startswith("--npus=") for a in argv or [])
+        if npus_given and values["npus"] != per_node * values["nnodes"]:
             raise UserError(f"--npus {values['npus']} disagrees with --npus-per-node {per_node} x --nnodes "
                             f"{values['nnodes']}; give one of them")
         values["npus"] = per_node * values["nnodes"]

@@ -31,6 +31,45 @@ def _epochs(events_path: str) -> list[dict]:
         return [e for e in map(json.loads, fh) if e["event"] == "epoch"]
 
 
+def _result(args, data: str, runs: dict, logged: list[int], status: str) -> dict:
+    """The JSON result: throughput of the epochs trained while MLflow was down (and while it restarted, and
+    after) beside the same epochs of the baseline run, and whether every epoch reached MLflow after all."""
+    base, out_run = runs["baseline"], runs["outage"]
+    base_fps = {e["epoch"]: e["fps"] for e in base["epochs"]}
+    # Epochs trained entirely while the server was down, before its restart began: they started after the kill
+    # and ended before `stack up` started a new server (whose start-up takes CPU from the trainer on a small host).
+    during = [e for e in out_run["epochs"]
+              if e["time"] - e["epoch_time"] >= out_run["down_at"] and e["time"] <= out_run["restart_at"]]
+    restart = [e for e in out_run["epochs"]
+               if e["time"] > out_run["restart_at"] and e["time"] - e["epoch_time"] < out_run["up_at"]]
+    after = [e for e in out_run["epochs"] if e["time"] - e["epoch_time"] >= out_run["up_at"]]
+    mean = lambda xs: round(statistics.fmean(xs), 2) if xs else None  # noqa: E731
+    during_fps = mean([e["fps"] for e in during])
+    base_same = mean([base_fps[e["epoch"]] for e in during])
+    result = {
+        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "job": {"epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size, "data": data,
+                "device": "cpu", "amp": True},
+        "outage_seconds": round(out_run["up_at"] - out_run["down_at"], 1),
+        "server_restart_seconds": round(out_run["up_at"] - out_run["restart_at"], 1),
+        "epochs_during_outage": [e["epoch"] for e in during],
+        "epochs_during_server_restart": [e["epoch"] for e in restart],
+        "fps": {"baseline_same_epochs": base_same, "during_outage": during_fps,
+                "during_server_restart": mean([e["fps"] for e in restart]),
+                "baseline_same_epochs_as_restart": mean([base_fps[e["epoch"]] for e in restart]),
+                "outage_run_after_return": mean([e["fps"] for e in after]),
+                "baseline_run": base["summary"]["fps"], "outage_run": out_run["summary"]["fps"]},
+        "ratio_during_outage_to_baseline": round(during_fps / base_same, 4) if during_fps and base_same else None,
+        "per_epoch_fps": {"baseline": [e["fps"] for e in base["epochs"]],
+                          "outage": [e["fps"] for e in out_run["epochs"]]},
+        "mlflow_after_return": {"epochs_logged": len(logged), "epochs": args.epochs,
+                                "all_epochs": logged == list(range(1, args.epochs + 1)), "status": status,
+                                "lost_records": out_run["summary"].get("mlflow_lost_records"),
+                                "trainer_said_it_retried": out_run["retried"]},
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.bench.outage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,41 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         cli("stack", "down")
         shutil.rmtree(state, ignore_errors=True)
 
-    base, out_run = runs["baseline"], runs["outage"]
-    base_fps = {e["epoch"]: e["fps"] for e in base["epochs"]}
-    # Epochs trained entirely while the server was down, before its restart began: they started after the kill
-    # and ended before `stack up` started a new server (whose start-up takes CPU from the trainer on a small host).
-    during = [e for e in out_run["epochs"]
-              if e["time"] - e["epoch_time"] >= out_run["down_at"] and e["time"] <= out_run["restart_at"]]
-    restart = [e for e in out_run["epochs"]
-               if e["time"] > out_run["restart_at"] and e["time"] - e["epoch_time"] < out_run["up_at"]]
-    after = [e for e in out_run["epochs"] if e["time"] - e["epoch_time"] >= out_run["up_at"]]
-    mean = lambda xs: round(statistics.fmean(xs), 2) if xs else None  # noqa: E731
-    during_fps = mean([e["fps"] for e in during])
-    base_same = mean([base_fps[e["epoch"]] for e in during])
-    result = {
-        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "job": {"epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size, "data": data,
-                "device": "cpu", "amp": True},
-        "outage_seconds": round(out_run["up_at"] - out_run["down_at"], 1),
-        "server_restart_seconds": round(out_run["up_at"] - out_run["restart_at"], 1),
-        "epochs_during_outage": [e["epoch"] for e in during],
-        "epochs_during_server_restart": [e["epoch"] for e in restart],
-        "fps": {"baseline_same_epochs": base_same, "during_outage": during_fps,
-                "during_server_restart": mean([e["fps"] for e in restart]),
-                "baseline_same_epochs_as_restart": mean([base_fps[e["epoch"]] for e in restart]),
-                "outage_run_after_return": mean([e["fps"] for e in after]),
-                "baseline_run": base["summary"]["fps"], "outage_run": out_run["summary"]["fps"]},
-        "ratio_during_outage_to_baseline": round(during_fps / base_same, 4) if during_fps and base_same else None,
-        "per_epoch_fps": {"baseline": [e["fps"] for e in base["epochs"]],
-                          "outage": [e["fps"] for e in out_run["epochs"]]},
-        "mlflow_after_return": {"epochs_logged": len(logged), "epochs": args.epochs,
-                                "all_epochs": logged == list(range(1, args.epochs + 1)), "status": status,
-                                "lost_records": out_run["summary"].get("mlflow_lost_records"),
-                                "trainer_said_it_retried": out_run["retried"]},
-    }
+    result = _result(args, data, runs, logged, status)
     write_result(args.out, result, {k: v for k, v in result.items() if k != "per_epoch_fps"})
-    ok = result["mlflow_after_return"]["all_epochs"] and status == "FINISHED" and during
+    ok = result["mlflow_after_return"]["all_epochs"] and status == "FINISHED" and result["epochs_during_outage"]
     return 0 if ok else 1
 
 

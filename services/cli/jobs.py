@@ -133,47 +133,36 @@ def _submit_parser():
     return p
 
 
-SERVICE_OWNED = ("output", "resume", "events", "json_out", "run_id", "mlflow_uri", "spec")
-
-
 @click.command("submit-train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                                "help_option_names": []}, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def submit_train(args: tuple[str, ...]) -> None:
     """Queue a training job: every `train` option plus --device-type, --preprocess-from, --wait, --json."""
-    from facenet.errors import UserError
+    from facenet.errors import InputError, UserError
     from facenet.preprocess.plan import Params
-    from facenet.spec import TrainSpec
-    from facenet.train.options import get_args_parser
+    from facenet.spec import SERVICE_OWNED
+    from facenet.train.options import get_args_parser, spec_from_namespace
     from services.config import load_settings
     from services.queue.jobs import check_train_submission, open_registry, submit_train as submit, view
 
     ns = _submit_parser().parse_args(list(args))
     defaults = vars(get_args_parser().parse_args(["--data", "x"]))
-    from facenet.errors import InputError
-
-    for name in SERVICE_OWNED:
+    for name in (*SERVICE_OWNED, "spec"):  # --spec FILE would replace every flag, the service's too
         if getattr(ns, name, None) != defaults.get(name):
             fail(InputError(f"--{name.replace('_', '-')}: chosen by the service for queued jobs; "
-                             "use `facenet-cli train` to set it yourself"))
+                            "use `facenet-cli train` to set it yourself"))
     if not ns.data:
         fail(InputError("--data is required (the dataset root; with --preprocess-from, where the crops go)"))
-    values = {k: v for k, v in vars(ns).items() if k in {f.name for f in __import__("dataclasses").fields(TrainSpec)}}
-    values["tags"] = dict(values.get("tags") or [])
-    if ns.npus_per_node is not None:
-        values["npus"] = ns.npus_per_node * ns.nnodes
-    if values.get("pretrained") in ("none", ""):
-        values["pretrained"] = None
     device_type = ns.device_type or (ns.device if ns.device != "auto" else "auto")
     try:
         # Every value and path is checked before Redis is even asked: bad input queues nothing.
-        spec = TrainSpec(**values)
+        spec = spec_from_namespace(ns, list(args))
         params = Params(image_size=ns.image_size, shard_size=ns.shard_size, detect_size=ns.detect_size,
                         min_face_frac=ns.min_face_frac, holdout=ns.holdout, seed=ns.seed)
         settings = load_settings()
-        check_train_submission(settings, spec, device_type, ns.preprocess_from, params)
+        submission = check_train_submission(settings, spec, device_type, ns.preprocess_from, params, ns.experiment)
         reg = open_registry(settings)
-        job = submit(settings, reg, spec, device_type, ns.preprocess_from, params, ns.experiment)
+        job = submit(settings, reg, submission)
     except UserError as exc:
         fail(exc)
     if not ns.wait:
@@ -213,9 +202,9 @@ def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min
         params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
                         min_face_frac=min_face_frac, holdout=holdout, seed=seed)
         settings = load_settings()
-        check_preprocess_submission(settings, raw, out, params)
+        submission = check_preprocess_submission(settings, raw, out, params)
         reg = open_registry(settings)
-        job = submit(settings, reg, raw, out, params)
+        job = submit(settings, reg, submission)
     except UserError as exc:
         fail(exc)
     if wait:

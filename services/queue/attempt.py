@@ -11,7 +11,6 @@ same MLflow run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -23,7 +22,7 @@ import uuid
 from typing import Callable
 
 from facenet.errors import UserError
-from facenet.fsutil import remove_stale_temp_files
+from facenet.fsutil import atomic_write, remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
 from facenet.runenv import worker_devices
 from facenet.tracking import LOGIN_HINT, refused_login
@@ -131,68 +130,36 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     per_node = spec.npus_per_node
     if per_node > len(devices):
         raise UserError(f"--npus {spec.npus}: worker {node} has {len(devices)} {device_type} device(s)")
-    spec.data = check_path_allowed(spec.data, settings.data_roots, "--data")
-    if not os.path.isdir(spec.data):
-        raise UserError(f"--data {spec.data}: no such directory on worker {node}")
+    data = check_path_allowed(spec.data, settings.data_roots, "--data")
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data}: no such directory on worker {node}")
     output = job_output(settings, job_id)
-    spec = dataclasses.replace(spec, **check_job_paths(spec, settings.data_roots, output))
+    paths = {"data": data, **check_job_paths(spec, settings.data_roots, output)}
 
-    # Wait for devices without giving up the message: the job keeps its place, cancel still works.
-    # A job over several nodes waits for its whole gang at once (gang.py): it holds nothing while it waits.
-    while True:
-        if spec.nnodes == 1:
-            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
-            team = [(node, got)] if got else []
-        else:
-            team = _retrying(lambda: reg.gang_lease(gang.candidates(reg, node, devices, device_type, per_node),
-                                                    per_node, spec.nnodes, beat.holder))
-        if team:
-            got, beat.leased, beat.gang = team[0][1], team[0][1], team if spec.nnodes > 1 else []
-            break
-        if _retrying(lambda: reg.cancel_requested(job_id)):
-            _cancel_before_start(settings, reg, job_id)
-            return {"job": job_id, "status": CANCELLED}
-        wanted = (f"{spec.npus} free {device_type} device(s) on {node}" if spec.nnodes == 1 else
-                  f"{spec.nnodes} {device_type} workers with {per_node} free device(s) each, {node} among them")
-        _retrying(lambda: reg.update(job_id, message=f"waiting for {wanted}"))
-        time.sleep(1.0)
-
+    got = _wait_for_devices(settings, reg, job_id, spec, node, devices, device_type, beat)
+    if got is None:
+        return {"job": job_id, "status": CANCELLED}
     os.makedirs(output, exist_ok=True)
     resumed = attempts > 1
     reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
                host=socket.gethostname(), devices=got, output=output,
                nodes=[n for n, _ in beat.gang] if beat.gang else [node],
                message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
-    run_id = job.get("mlflow_run_id")
-    if settings.mlflow_uri and not run_id:
-        user_tags = {k: v for k, v in spec.tags.items() if k not in RESERVED_TAGS}
-        tags = {**user_tags, "job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
-                "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname()}
-        name = f"{spec.default_run_name(device_type)}-{job_id}"
-        # MLflow restarting is no reason to fail a job: wait for it (the job keeps its devices and place).
-        run_id = _while_mlflow_away(settings, reg, job_id, lambda: mlflow_runs.find_or_create_run(
-            settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags, job_id))
-        reg.update(job_id, mlflow_run_id=run_id)
-        _while_mlflow_away(settings, reg, job_id, lambda: _log_manifest(settings, run_id, spec.data, output))
-
-    spec.device = device_type
-    spec.device_list = got if device_type in ("npu", "cuda") else None
-    spec.output = output
-    spec.resume = "auto"
-    spec.events = os.path.join(output, "events.jsonl")
-    spec.json_out = os.path.join(output, "summary.json")
-    spec.mlflow_uri = settings.mlflow_uri
-    spec.run_id = run_id
-    spec.experiment = job.get("experiment") or settings.experiment
-    spec.tags = {**spec.tags, "job_id": job_id, "attempts": str(attempts)}
+    run_id = job.get("mlflow_run_id") or _job_run(settings, reg, job, spec, device_type, data, output)
+    # What the service decides for the trainer, in one place (TrainSpec.placed); node 0's spec is written once,
+    # each other node's (its own devices) once by gang.assign.
+    spec = spec.placed(**paths, device=device_type, device_list=got if device_type in ("npu", "cuda") else None,
+                       output=output, resume="auto", events=os.path.join(output, "events.jsonl"),
+                       json_out=os.path.join(output, "summary.json"), mlflow_uri=settings.mlflow_uri, run_id=run_id,
+                       experiment=job.get("experiment") or settings.experiment,
+                       tags={**spec.tags, "job_id": job_id, "attempts": str(attempts)})
     spec_path = os.path.join(output, "spec.json")
     endpoint = None
     if beat.gang:
         endpoint = gang.advertised_endpoint()
-        gang.assign(reg, job_id, beat.holder, beat.gang, endpoint, TrainSpec.from_dict(spec.to_dict()), output,
-                     device_type, job.get("task_id"))
-    with open(spec_path, "w", encoding="utf-8") as fh:
-        fh.write(spec.to_json())
+        gang.assign(reg, job_id, beat.holder, beat.gang, endpoint, spec, output, device_type, job.get("task_id"))
+    with atomic_write(spec_path) as fh:
+        fh.write(spec.to_json().encode())
     if os.path.exists(spec.json_out):
         os.remove(spec.json_out)  # a summary left by an earlier attempt must not pass for this one's
 
@@ -204,12 +171,11 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
     follower = _Follower(reg, job_id, spec.events, proc, log)
     follower.start()
-    outcome = _watch(reg, job_id, proc, beat, follower, report, settings)
+    outcome, detail = _watch(reg, job_id, proc, beat, follower, report, settings)
     reap_attempt(beat.holder)  # before another attempt may resume into the same output folder
     follower.join(timeout=30)
     log.close()
     remove_stale_temp_files(output)  # a checkpoint half-written by a trainer killed mid-save
-
     if outcome == "lost":  # another attempt owns the job now (or its leases lapsed); leave its record alone
         print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)
         return {"job": job_id, "skipped": "taken over"}
@@ -218,35 +184,46 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
         # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash: not the
         # job's own input (that exits 2 with an `error:` line and fails at once). Resume from the checkpoint.
         outcome = "killed" if rc < 0 else "crashed"
-    if outcome in ("stalled", "overtime", "killed", "crashed", "node lost"):
-        why = {"node lost": getattr(follower, "node_lost", "a node of the job was lost"),
+    _log_training_log(settings, run_id, log_path)
+    if outcome == "cancelled":
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
+        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
+                                     trainer_pid=None))
+        return {"job": job_id, "status": CANCELLED}
+    if outcome != "done":
+        why = {"node lost": detail,
                "stalled": f"the trainer wrote nothing for {settings.trainer_stall_seconds} s (hung?; "
                           "FACENET_TRAINER_STALL_SECONDS)",
                "overtime": f"the job ran past FACENET_MAX_JOB_SECONDS ({settings.max_job_seconds} s)",
                "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)",
                "crashed": f"the trainer exited with code {rc}: {follower.error_line()}"}[outcome]
-        _log_training_log(settings, run_id, log_path)
-        if outcome != "overtime" and attempts < settings.max_attempts:
-            # Another attempt resumes from the last checkpoint. The same step drops this attempt's heartbeat,
-            # or the new message would find the job held and drop itself. (False: a sweeper got there first
-            # because this heartbeat had lapsed; it sent the message.)
-            requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", holder=beat.token)
-            return {"job": job_id, "requeued": why}
-        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")
-        error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
-        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
-        return {"job": job_id, "status": FAILED, "error": error}
-    if outcome == "cancelled":
-        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
-        _log_training_log(settings, run_id, log_path)
-        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
-                                     trainer_pid=None))
-        return {"job": job_id, "status": CANCELLED}
-    # summary.json is written (atomically) when training is complete: a trainer killed after it succeeded.
-    summary = _read_json(spec.json_out)
-    _log_training_log(settings, run_id, log_path)
+        return _stopped(settings, reg, job, attempts, beat, outcome, why)
+    return _finished(settings, reg, job_id, spec.json_out, rc, follower.error_line())
+
+
+def _stopped(settings: Settings, reg: Registry, job: dict, attempts: int, beat: Heartbeat, outcome: str,
+             why: str) -> dict:
+    """A trainer that did not finish (stalled, overtime, killed, crashed, a node lost): another attempt resumes
+    from the last checkpoint while attempts are left (never past the job's time limit); else the job fails."""
+    job_id = job["id"]
+    if outcome != "overtime" and attempts < settings.max_attempts:
+        # The same step drops this attempt's heartbeat, or the new message would find the job held and drop
+        # itself. (False: a sweeper got there first because this heartbeat had lapsed; it sent the message.)
+        requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", token=beat.token)
+        return {"job": job_id, "requeued": why}
+    mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")
+    error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
+    _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+    return {"job": job_id, "status": FAILED, "error": error}
+
+
+def _finished(settings: Settings, reg: Registry, job_id: str, summary_path: str, rc: int | None,
+              error_line: str | None) -> dict:
+    """A trainer that exited by itself: SUCCEEDED with its summary's numbers, or FAILED with its error line.
+    summary.json is written (atomically) when training is complete: a trainer killed after it succeeded."""
+    summary = _read_json(summary_path)
     if summary is None:
-        error = follower.error_line() or f"trainer exited with code {rc}"
+        error = error_line or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
         mlflow_runs.end_job_run(settings.mlflow_uri, _retrying(lambda: reg.get(job_id)), "FAILED")
@@ -259,10 +236,53 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     return {"job": job_id, "status": SUCCEEDED, **{k: result[k] for k in ("fps", "acc1")}}
 
 
+def _wait_for_devices(settings: Settings, reg: Registry, job_id: str, spec: TrainSpec, node: str, devices: list[int],
+                      device_type: str, beat: Heartbeat) -> list[int] | None:
+    """Lease this attempt's devices (a gang's on all its nodes at once, gang.py: it holds nothing while it
+    waits), waiting without giving up the message: the job keeps its place and cancel still works. Returns
+    node 0's devices, or None when the job was cancelled meanwhile."""
+    per_node = spec.npus_per_node
+    while True:
+        if spec.nnodes == 1:
+            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
+            team = [(node, got)] if got else []
+        else:
+            team = _retrying(lambda: reg.gang_lease(gang.candidates(reg, node, devices, device_type, per_node),
+                                                    per_node, spec.nnodes, beat.holder))
+        if team:
+            beat.leased, beat.gang = team[0][1], team if spec.nnodes > 1 else []
+            return team[0][1]
+        if _retrying(lambda: reg.cancel_requested(job_id)):
+            _cancel_before_start(settings, reg, job_id)
+            return None
+        wanted = (f"{spec.npus} free {device_type} device(s) on {node}" if spec.nnodes == 1 else
+                  f"{spec.nnodes} {device_type} workers with {per_node} free device(s) each, {node} among them")
+        _retrying(lambda: reg.update(job_id, message=f"waiting for {wanted}"))
+        time.sleep(1.0)
+
+
+def _job_run(settings: Settings, reg: Registry, job: dict, spec: TrainSpec, device_type: str, data: str,
+             output: str) -> str | None:
+    """The job's MLflow run, created on its first attempt (none without a server), with the data set's manifest
+    attached. MLflow restarting is no reason to fail a job: wait for it (the job keeps its devices and place)."""
+    if not settings.mlflow_uri:
+        return None
+    job_id = job["id"]
+    user_tags = {k: v for k, v in spec.tags.items() if k not in RESERVED_TAGS}
+    tags = {**user_tags, "job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
+            "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname()}
+    name = f"{spec.default_run_name(device_type)}-{job_id}"
+    run_id = _while_mlflow_away(settings, reg, job_id, lambda: mlflow_runs.find_or_create_run(
+        settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags, job_id))
+    reg.update(job_id, mlflow_run_id=run_id)
+    _while_mlflow_away(settings, reg, job_id, lambda: _log_manifest(settings, run_id, data, output))
+    return run_id
+
+
 def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, follower: "_Follower",
-           report: Callable[[dict], None], settings: Settings) -> str:
-    """Follow the trainer until it exits; 'done', 'cancelled', 'lost', 'stalled' (no output for the stall
-    limit) or 'overtime' (past the longest a job may run)."""
+           report: Callable[[dict], None], settings: Settings) -> tuple[str, str]:
+    """Follow the trainer until it exits: ('done', ''), ('cancelled', ''), ('lost', ''), ('stalled', '') (no
+    output for the stall limit), ('overtime', '') (past the longest a job may run) or ('node lost', which)."""
     import redis
 
     last_progress = None
@@ -273,30 +293,29 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
             proc.wait(timeout=0.5)
             follower.poll_events()
             _retrying(lambda: _push_progress(reg, job_id, follower, report, last_progress))
-            return "done"
+            return "done", ""
         except subprocess.TimeoutExpired:
             pass
         follower.poll_events()
         if beat.lost.is_set():
             stop_group(proc, grace=0 if beat.stop_now else KILL_GRACE_SECONDS)
-            return "lost"
+            return "lost", ""
         if beat.gang:
             gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at))
             if gone:
-                follower.node_lost = f"worker {', '.join(node for _, node in gone)} of the job's nodes was lost"
                 stop_group(proc, grace=0)
-                return "node lost"
+                return "node lost", f"worker {', '.join(node for _, node in gone)} of the job's nodes was lost"
         if time.time() - follower.alive_at() > settings.trainer_stall_seconds:
             stop_group(proc)
-            return "stalled"
+            return "stalled", ""
         if time.time() > deadline:
             stop_group(proc)
-            return "overtime"
+            return "overtime", ""
         try:
             last_progress = _push_progress(reg, job_id, follower, report, last_progress)
             if reg.cancel_requested(job_id):
                 stop_group(proc)
-                return "cancelled"
+                return "cancelled", ""
         except redis.RedisError:
             continue  # Redis restarting: training goes on; progress catches up when it is back
 

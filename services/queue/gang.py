@@ -63,21 +63,26 @@ def advertised_endpoint() -> str:
     return f"{host}:{free_port()}"
 
 
+def node_part(holder: str, rank: int) -> str:
+    """Node `rank`'s part of the attempt whose lease holder is `holder`: what its trainer's processes carry
+    (ATTEMPT_ENV), what is reaped when it ends, what Flower knows it by."""
+    return f"{holder}#node{rank}"
+
+
 def node_task_id(holder: str, rank: int) -> str:
     """The id Flower knows node `rank`'s part of attempt `holder` by (the same from the agent and the leader)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"facenet:{holder}#node{rank}"))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"facenet:{node_part(holder, rank)}"))
 
 
 def assign(reg: Registry, job_id: str, holder: str, gang, endpoint: str, spec, output: str,
            device_type: str, task_id: str | None = None) -> None:
-    """Write each follower's spec (its own devices) and assignment."""
+    """Write each follower's spec (node 0's, placed on its own devices) and assignment."""
     from facenet.fsutil import atomic_write
 
     for rank, (node, devices) in enumerate(gang[1:], 1):
-        spec.device_list = devices if device_type in ("npu", "cuda") else None
         spec_path = os.path.join(output, f"spec.node{rank}.json")
         with atomic_write(spec_path) as fh:
-            fh.write(spec.to_json().encode())
+            fh.write(spec.placed(device_list=devices if device_type in ("npu", "cuda") else None).to_json().encode())
         reg.r.set(assignment_key(node), json.dumps({
             "job": job_id, "holder": holder, "rank": rank, "nnodes": len(gang), "endpoint": endpoint,
             "spec": spec_path, "output": output, "devices": devices, "device_type": device_type,
@@ -201,7 +206,7 @@ class Agent(threading.Thread):
         # The follower's own runs folder (shared with the leader's), never a folder the assignment names.
         a = {**a, "output": job_output(settings, a["job"])}
         a["spec"] = os.path.join(a["output"], f"spec.node{int(a['rank'])}.json")
-        env = attempt_env(settings, f"{a['holder']}#node{a['rank']}", self.node, a["devices"],
+        env = attempt_env(settings, node_part(a["holder"], a["rank"]), self.node, a["devices"],
                           os.path.join(a["output"], f"heartbeat.node{a['rank']}"), a["rank"], a["endpoint"])
         log = open(os.path.join(a["output"], f"train.node{a['rank']}.log"), "a", encoding="utf-8", buffering=1)
         self.proc = start_trainer(a["spec"], env, a["output"])
@@ -235,7 +240,7 @@ class Agent(threading.Thread):
                              if why else ("task-revoked", {"terminated": True, "signum": 9, "expired": False}))
             else:  # it had ended on its own since the last tick
                 self._exited(self.proc.returncode)
-            reap_attempt(f"{a['holder']}#node{a['rank']}")
+            reap_attempt(node_part(a["holder"], a["rank"]))
             try:  # said ended: withdraw() need not speak for this node
                 self._say(self.proc.returncode, ended=True)
             except Exception:  # Redis away: withdraw() says it for this node

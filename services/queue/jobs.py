@@ -95,11 +95,30 @@ def check_job_spec(spec: TrainSpec, settings: Settings) -> None:
     check_job_paths(spec, settings.data_roots, os.path.join(settings.runs_dir, "job"))  # checks; changes nothing
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSubmission:
+    """A train submission every check passed: the spec as the client gave it, and the request's values
+    resolved (--data, --preprocess-from). What `submit_train` queues; nothing checks it twice."""
+    spec: TrainSpec
+    device_type: str
+    data: str
+    raw: str | None = None
+    params: object | None = None
+    experiment: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSubmission:
+    raw: str
+    out: str
+    params: object
+
+
 def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str = "auto",
-                           preprocess_from: str | None = None, params=None) -> tuple[str, str | None]:
+                           preprocess_from: str | None = None, params=None,
+                           experiment: str | None = None) -> TrainSubmission:
     """Every check of a train submission that needs no Redis: values, the device count, tags, paths. The CLI
-    runs it before it connects, so bad input queues nothing and names itself even with Redis down. Returns
-    (--data, --preprocess-from) resolved."""
+    runs it before it connects, so bad input queues nothing and names itself even with Redis down."""
     spec.validate()
     if params is not None:
         params.validate()
@@ -107,55 +126,55 @@ def check_train_submission(settings: Settings, spec: TrainSpec, device_type: str
         check_npu_count(device_type, spec.npus, spec.nnodes)
     check_job_spec(spec, settings)
     if preprocess_from:
-        return (check_path_allowed(spec.data, settings.data_roots, "--data"),
-                _check_local_path(preprocess_from, settings, "--preprocess-from"))
-    return _check_local_path(spec.data, settings, "--data"), None
+        data = check_path_allowed(spec.data, settings.data_roots, "--data")
+        raw = _check_local_path(preprocess_from, settings, "--preprocess-from")
+    else:
+        data, raw = _check_local_path(spec.data, settings, "--data"), None
+    return TrainSubmission(spec, device_type, data, raw, params, experiment)
 
 
-def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> tuple[str, str]:
-    """The preprocessing counterpart of `check_train_submission`; returns (RAW, OUT) resolved."""
+def check_preprocess_submission(settings: Settings, raw: str, out: str, params) -> PreprocessSubmission:
+    """The preprocessing counterpart of `check_train_submission`: RAW and OUT resolved."""
     params.validate()
-    return _check_local_path(raw, settings, "RAW"), check_path_allowed(out, settings.data_roots, "OUT")
+    return PreprocessSubmission(_check_local_path(raw, settings, "RAW"),
+                                check_path_allowed(out, settings.data_roots, "OUT"), params)
 
 
-def submit_train(settings: Settings, reg: Registry, spec: TrainSpec, device_type: str = "auto",
-                 preprocess_from: str | None = None, params=None, experiment: str | None = None) -> dict:
-    """Validate, create the job record and queue its first task; returns the job."""
-    data, raw = check_train_submission(settings, spec, device_type, preprocess_from, params)
+def submit_train(settings: Settings, reg: Registry, sub: TrainSubmission) -> dict:
+    """Create the job record of a checked submission and queue its first task; returns the job. What the
+    record's spec says is what the client asked, with --data resolved, the device type picked and the node
+    count a request larger than one worker needs; the worker decides the rest (TrainSpec.placed)."""
+    spec = sub.spec
     if spec.nnodes == 1:  # --npus 16 on workers of 8 devices: a gang of 2
-        spec.nnodes = nodes_needed(reg, device_type, spec.npus)
-    device_type = pick_device_type(reg, device_type, spec.npus, spec.nnodes)
+        spec = dataclasses.replace(spec, nnodes=nodes_needed(reg, sub.device_type, spec.npus))
+    device_type = pick_device_type(reg, sub.device_type, spec.npus, spec.nnodes)
     from services.queue import mlflow_runs
 
     mlflow_runs.check_reachable(settings.mlflow_uri)
-    fields = {"device_type": device_type, "npus": spec.npus, "experiment": experiment or settings.experiment}
-    if preprocess_from:
+    fields = {"device_type": device_type, "npus": spec.npus, "experiment": sub.experiment or settings.experiment}
+    if sub.raw:
         if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
             raise UserError("--preprocess-from: no preprocessing worker is registered")
-        fields["preprocess_from"], fields["preprocess_out"] = raw, data
-        fields["params"] = dataclasses.asdict(params or _default_params())
-    spec.data = data
-    spec.device = device_type
-    fields["spec"] = spec.to_dict()
+        fields["preprocess_from"], fields["preprocess_out"] = sub.raw, sub.data
+        fields["params"] = dataclasses.asdict(sub.params or _default_params())
+    fields["spec"] = dataclasses.replace(spec, data=sub.data, device=device_type).to_dict()
     job_id = reg.create("train", fields)
     reg.update(job_id, output=os.path.join(settings.runs_dir, job_id))
     from services.queue.send import send_stage, send_train
 
-    if preprocess_from:
+    if sub.raw:
         reg.update(job_id, status=PREPROCESSING, message="planning shards")
-        reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
-        return reg.get(job_id)
+        task_id = send_stage(job_id, "plan", reg)
     else:
         task_id = send_train(job_id, device_type)
     reg.update(job_id, task_id=task_id, submitted=time.time())
     return reg.get(job_id)
 
 
-def submit_preprocess(settings: Settings, reg: Registry, raw: str, out: str, params) -> dict:
-    raw, out = check_preprocess_submission(settings, raw, out, params)
+def submit_preprocess(settings: Settings, reg: Registry, sub: PreprocessSubmission) -> dict:
     if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
         raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
-    fields = {"preprocess_from": raw, "preprocess_out": out, "params": dataclasses.asdict(params)}
+    fields = {"preprocess_from": sub.raw, "preprocess_out": sub.out, "params": dataclasses.asdict(sub.params)}
     job_id = reg.create("preprocess", fields)
     from services.queue.send import send_stage
 

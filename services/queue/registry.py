@@ -355,11 +355,11 @@ class Registry:
     def alive(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id) + ":hb"))
 
-    def requeue(self, job_id: str, message: str, holder: str = "") -> bool:
-        """Put claimed job `job_id` back to QUEUED; True for exactly one caller. `holder`: the token of the
-        attempt giving the job up; '' for a sweeper, which wins only once the holder stopped heartbeating."""
+    def requeue(self, job_id: str, message: str, token: str = "") -> bool:
+        """Put claimed job `job_id` back to QUEUED; True for exactly one caller. `token`: the attempt token of
+        the attempt giving the job up; '' for a sweeper, which wins only once that attempt stopped heartbeating."""
         return bool(self._requeue(keys=[self.key(job_id), self.key(job_id) + ":hb"],
-                                  args=[time.time(), message, holder]))
+                                  args=[time.time(), message, token]))
 
     def request_cancel(self, job_id: str) -> None:
         self.update(job_id, cancel_requested=1)
@@ -434,9 +434,10 @@ class Registry:
     def lease_keys(self, node: str, devices: list[int]) -> list[str]:
         return [f"{PREFIX}lease:{node}:{d}" for d in devices]
 
-    def lease(self, node: str, devices: list[int], n: int, job_id: str) -> list[int]:
-        """N devices of `node` for `job_id`, all or none ([] when not enough are free)."""
-        got = self._lease(keys=self.lease_keys(node, devices), args=[n, job_id, self.ttl])
+    def lease(self, node: str, devices: list[int], n: int, holder: str) -> list[int]:
+        """N devices of `node` for lease holder `holder` (<job id>:<attempt token>), all or none ([] when not
+        enough are free)."""
+        got = self._lease(keys=self.lease_keys(node, devices), args=[n, holder, self.ttl])
         return [devices[i] for i in got]
 
     def gang_lease(self, workers: list[tuple[str, list[int]]], want: int, nodes: int,

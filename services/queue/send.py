@@ -14,11 +14,11 @@ def send_train(job_id: str, device_type: str) -> str:
     return app.send_task(TRAIN_TASK, args=[job_id], queue=train_queue(device_type)).id
 
 
-def requeue_train(reg: Registry, job: dict, message: str, holder: str = "") -> bool:
+def requeue_train(reg: Registry, job: dict, message: str, token: str = "") -> bool:
     """Queue train job `job` again for its next attempt (which resumes from the checkpoint): called by the
-    attempt that gives it up (`holder` = its token) and by sweepers that find its heartbeat gone. Exactly
+    attempt that gives it up (`token`: its attempt token) and by sweepers that find its heartbeat gone. Exactly
     one caller moves it back to QUEUED and sends the one new message; False for the others."""
-    if not reg.requeue(job["id"], message, holder):
+    if not reg.requeue(job["id"], message, token):
         return False
     reg.update(job["id"], task_id=send_train(job["id"], job["device_type"]))
     return True
