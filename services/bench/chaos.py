@@ -140,10 +140,10 @@ class Chaos:
 
     def registry(self):
         """A registry on the stack's Redis (it reconnects by itself after a restart)."""
-        from services.queue.registry import Registry, connect
+        from services.queue.registry import registry_at
 
         if self._registry is None:
-            self._registry = Registry(connect(self.stack["redis_url"], timeout=2), heartbeat_ttl=6)
+            self._registry = registry_at(self.stack["redis_url"], heartbeat_ttl=6, timeout=2)
         return self._registry
 
     def start_extra(self, name: str) -> None:

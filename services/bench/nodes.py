@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 
+from facenet.runenv import cpu_share
 from services.bench.jobs import private_stack, write_result
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     one, two = runs["1 node"], runs["2 nodes"]
     result = {
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "threads_per_node": max(1, (os.cpu_count() or 1) // 2)},
+                 "threads_per_node": cpu_share(2)},
         "job": {"epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size, "data": data,
                 "device": "cpu", "amp": "bf16"},
         "runs": runs,
