@@ -17,9 +17,9 @@ header, and whatever is decoded is one [3, H, W] uint8 image.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
-
+import heapq
 import io
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -190,18 +190,28 @@ class IdentityBatchSampler(Sampler[int]):
         self.by_label: dict[int, list[int]] = {}
         for i, label in enumerate(labels):
             self.by_label.setdefault(label, []).append(i)
-        # How many batches the dealing below makes depends only on each person's group count, not on the
-        # shuffles: count them once, so every epoch (and every rank) has the same length.
-        left = sorted((-(-len(v) // per_identity) for v in self.by_label.values()), reverse=True)
-        batches = 0
-        while left and left[0] > 0:
-            left = sorted([n - 1 for n in left[:self.p]] + left[self.p:], reverse=True)
-            batches += 1
+        # How many batches the dealing makes depends only on each person's group count, not on the shuffles
+        # or the ties: count them once, so every epoch (and every rank) has the same length.
+        groups = {label: -(-len(v) // per_identity) for label, v in self.by_label.items()}
+        batches = sum(1 for _ in self._deal(groups, {label: 0 for label in groups}))
         self.steps = -(-batches // world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _deal(self, groups: dict[int, int], tie: dict[int, int]) -> Iterator[list[int]]:
+        """The people of each batch: the P with the most groups left, ties broken by `tie` (one shuffle of the
+        people per epoch). A heap of (groups left, tie, person): P pops and at most P pushes a batch, so an
+        epoch is O(groups x log people), not a sort of every person per batch."""
+        heap = [(-n, tie[label], label) for label, n in groups.items() if n > 0]
+        heapq.heapify(heap)
+        while heap:
+            taken = [heapq.heappop(heap) for _ in range(min(self.p, len(heap)))]
+            yield [label for _, _, label in taken]
+            for n, rank, label in taken:
+                if n < -1:
+                    heapq.heappush(heap, (n + 1, rank, label))
 
     def _batches(self) -> list[list[int]]:
         g = torch.Generator()
@@ -217,12 +227,11 @@ class IdentityBatchSampler(Sampler[int]):
                 groups.append(group)
             left[label] = groups
         labels = sorted(left)
+        tie = dict(zip(labels, torch.randperm(len(labels), generator=g).tolist()))
         batches: list[list[int]] = []
         dealt: list[list[int]] = []
-        while any(left.values()):
-            tie = dict(zip(labels, torch.randperm(len(labels), generator=g).tolist()))
-            ranked = sorted((lab for lab in labels if left[lab]), key=lambda lab: (-len(left[lab]), tie[lab]))
-            batch = [left[lab].pop() for lab in ranked[:self.p]]
+        for people in self._deal({label: len(left[label]) for label in labels}, tie):
+            batch = [left[label].pop() for label in people]
             dealt += batch
             fill = 0
             while len(batch) < self.p:  # fewer people left than P: reuse groups already dealt this epoch

@@ -11,6 +11,7 @@ still reused).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -67,10 +68,12 @@ class Plan:
     # counts them with the rejects.
     refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def plan_id(self) -> str:
         """A hash of everything the plan says, its folders included: a job records it at planning, and a
-        plan file that was changed afterwards (whoever can write OUT) no longer matches."""
+        plan file that was changed afterwards (whoever can write OUT) no longer matches. Computed once per
+        Plan object (a plan is never changed in place: with_shard_size makes a new one): at VGGFace2's 3.3M
+        items one hash is seconds, and finalize and every shard read the id."""
         h = hashlib.sha256(json.dumps([self.raw, self.out, dataclasses.asdict(self.params), self.layout,
                                        self.items, self.refused]).encode())
         return h.hexdigest()[:16]
