@@ -179,6 +179,7 @@ def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: 
     roots = confine.Roots.from_env()  # set for queued jobs: every read is confined to the data roots
     data = load_for_training(spec.data, spec.holdout, spec.seed, spec.batch_size, roots)
     pretrained_file, pretrained_note = resolve_pretrained(spec.pretrained, roots)
+    resume_path = ckpt_io.resolve_resume(spec.resume, spec.output)
     amp = make_amp(spec, device)
     workers = spec.workers if spec.workers is not None else data_loader.default_workers(info.world_size)
     say(f"{data.describe()}")
@@ -201,7 +202,7 @@ def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
     r = Run(spec, info, device, say, roots, data, amp, workers, model, trainable, objective, optimizer, scheduler,
             step=None, compile_mode=None, pairs=pairs, verify_every=verify_every, run_id=spec.run_id,
-            resume_path=ckpt_io.resolve_resume(spec.resume, spec.output))
+            resume_path=resume_path)
     if r.resume_path:
         _resume(r)
     if r.start_epoch >= spec.epochs:
