@@ -16,3 +16,16 @@ def one_line(text: object) -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def clipped(text: object, limit: int = 80) -> str:
+    """`text` on one line (one_line) and at most `limit` characters, "..." marking a cut: how a value or a
+    name from outside is quoted in a message."""
+    s = one_line(text)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text (its type's name when it has none), clipped: what a one-line
+    error quotes of a library's exception."""
+    return clipped((str(exc).strip().splitlines() or [type(exc).__name__])[0], limit)

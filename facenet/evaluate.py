@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from facenet import weights
-from facenet.errors import UserError
+from facenet.errors import UserError, first_line
 from facenet.verification import metrics as vm
 from facenet.verification.embed import distances, embed_paths
 from facenet.verification.pairs import PairSet, find_pairs
@@ -70,7 +70,7 @@ def _download_from_run(run_id: str, mlflow_uri: str | None, workdir: str) -> str
     try:
         client.get_run(run_id)
     except Exception as exc:
-        raise UserError(f"--model runs:/{run_id}: no such run at {mlflow_uri} ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"--model runs:/{run_id}: no such run at {mlflow_uri} ({first_line(exc)})") from None
     for artifact in ("final/model.pt", "checkpoints/checkpoint.pt"):
         try:
             return client.download_artifacts(run_id, artifact, workdir)
@@ -95,7 +95,7 @@ def load_model(path: str, run_id: str | None = None) -> LoadedModel:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"--model {path}: not InceptionResnetV1 weights ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"--model {path}: not InceptionResnetV1 weights ({first_line(exc)})") from None
     return LoadedModel(model, path, int(spec.get("image_size", 160)), list(obj.get("classes") or []),
                        run_id or obj.get("mlflow_run_id"), obj.get("epoch", spec.get("epochs")))
 
@@ -226,7 +226,7 @@ def _log_to_run(report: dict, png: str, mlflow_uri: str | None) -> str:
     except UserError as exc:
         return f"not logged to run {run_id}: {exc}"
     except Exception as exc:
-        return f"not logged to run {run_id}: {str(exc).splitlines()[0][:200]}"
+        return f"not logged to run {run_id}: {first_line(exc, 200)}"
     return f"logged to MLflow run {run_id} (eval_* metrics, evaluation/roc.png)"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from facenet import confine
+from facenet.errors import first_line
 
 # A photo of a face needs nothing like this many pixels; anything above is a bomb or an error. JPEGs are
 # decoded at a reduced scale (a few MB whatever their size); other formats decode whole, so their cap
@@ -51,7 +52,7 @@ def load_rgb(path: str, max_side: int = 2000, roots: confine.Roots | None = None
     except confine.Refused as exc:
         return Loaded(None, reject=f"refused ({str(exc).split(': ', 1)[-1]})")
     except OSError as exc:
-        return Loaded(None, reject=f"unreadable ({_short(exc)})")
+        return Loaded(None, reject=f"unreadable ({first_line(exc, 120)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,13 +80,13 @@ def load_rgb(path: str, max_side: int = 2000, roots: confine.Roots | None = None
         found = re.search(r"\((\d+) pixels\)", str(exc))
         return Loaded(None, reject=f"decompression bomb ({found.group(1)} pixels)" if found else "decompression bomb")
     except (OSError, SyntaxError, ValueError) as exc:  # PIL: "image file is truncated", broken chunks
-        return Loaded(None, reject=f"corrupt or truncated ({_short(exc)})")
+        return Loaded(None, reject=f"corrupt or truncated ({first_line(exc, 120)})")
     except Exception as exc:  # a decoder bug must not end the shard either
-        return Loaded(None, reject=f"unreadable ({type(exc).__name__}: {_short(exc)})")
+        return Loaded(None, reject=f"unreadable ({type(exc).__name__}: {first_line(exc, 120)})")
     try:
         rgb, converted = to_rgb(img)
     except Exception as exc:
-        return Loaded(None, reject=f"unsupported image mode {img.mode} ({_short(exc)})")
+        return Loaded(None, reject=f"unsupported image mode {img.mode} ({first_line(exc, 120)})")
     return Loaded(rgb, scale, size, converted)
 
 
@@ -148,6 +149,3 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), label
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:120] if text else type(exc).__name__

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from facenet import confine
-from facenet.errors import InputError, UserError, one_line
+from facenet.errors import InputError, UserError, clipped, first_line
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 OPTIMIZERS = ("adam", "sgd")
@@ -139,7 +139,7 @@ class TrainSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
-            names = ", ".join(_shown_text(str(k), 40) for k in unknown[:10])
+            names = ", ".join(clipped(str(k), 40) for k in unknown[:10])
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise InputError(f"unknown training option(s): {names}{more}")
         if "data" not in data:
@@ -155,7 +155,7 @@ class TrainSpec:
         try:
             data = json.loads(text)
         except ValueError as exc:  # JSONDecodeError, and an integer of more than 4300 digits
-            raise InputError(f"training spec is not valid JSON: {_short(exc)}") from None
+            raise InputError(f"training spec is not valid JSON: {first_line(exc)}") from None
         except RecursionError:
             raise InputError("training spec is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
@@ -171,7 +171,7 @@ class TrainSpec:
             # Resolved first: open_regular refuses a final symlink, and a link to a spec is the user's to follow.
             data = confine.read_bytes(os.path.realpath(path), None, "--spec", MAX_SPEC_BYTES)
         except OSError as exc:  # missing, unreadable (a FIFO, folder or oversized file is confine.Refused)
-            raise InputError(f"{where}: {exc.strerror or _short(exc)}") from None
+            raise InputError(f"{where}: {exc.strerror or first_line(exc)}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -353,21 +353,15 @@ def _encodable(text: str) -> bool:
     return True
 
 
-# Values echoed in an error are cut to one short line: a spec file can hold a megabyte string, an integer of
-# 4000 digits or a line break where a name was expected.
-SHOWN_CHARS = 80
-
-
-def _shown_text(text: str, limit: int = SHOWN_CHARS) -> str:
-    text = one_line(text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+# Values echoed in an error are cut to one short line (errors.clipped): a spec file can hold a megabyte string,
+# an integer of 4000 digits or a line break where a name was expected.
 
 
 def _shown_value(value: Any) -> str:
     """`value` as a flag's value in a message: 0, nan, adam."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"(an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits)"  # str() fails past 4300
-    return _shown_text(str(value))
+    return clipped(str(value))
 
 
 def _shown_repr(value: Any) -> str:
@@ -375,7 +369,7 @@ def _shown_repr(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return _shown_value(value)
     try:
-        return _shown_text(repr(value))
+        return clipped(repr(value))
     except (RecursionError, ValueError):  # a deeply nested list; a list holding a 5000-digit integer
         return f"(a {type(value).__name__})"
 
@@ -384,5 +378,3 @@ def _json_kind(value: Any) -> str:
     return {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(value), "a number")
 
 
-def _short(exc: BaseException) -> str:
-    return _shown_text((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)

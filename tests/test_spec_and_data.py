@@ -107,3 +107,13 @@ def test_train_sampler_covers_every_image_in_whole_batches():
     assert list(again) == shards[0]
     again.set_epoch(1)
     assert list(again) != shards[0]
+
+
+def test_quoted_text_is_one_short_line():
+    """errors.clipped / first_line, which every message quoting outside text goes through: control characters
+    escaped, long text cut with a mark, an exception without text named by its type."""
+    from facenet.errors import clipped, first_line
+
+    assert clipped("a\nb") == "a\\nb" and clipped("x" * 100, 10) == "xxxxxxx..." and clipped("short") == "short"
+    assert first_line(ValueError("")) == "ValueError" and first_line(OSError("one\ntwo")) == "one"
+    assert len(first_line(RuntimeError("y" * 500), 120)) == 120

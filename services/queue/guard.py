@@ -27,6 +27,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from facenet.errors import clipped
 from services.config import DEVICE_TYPES
 from services.queue.names import PREPROCESS_QUEUE, train_queue, unfit_queue
 from services.queue.tasks import BadMessage, _check_args, finalize_dataset, plan_dataset, preprocess_shard, train
@@ -58,8 +59,7 @@ def tasks_for(queue: str) -> dict[str, int] | None:
 
 
 def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 48 else text[:45] + "..."
+    return clipped(repr(value), 48)
 
 
 def _none_or_uuid(value) -> bool:
