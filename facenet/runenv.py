@@ -25,14 +25,16 @@ RDZV_ENDPOINT_ENV = "FACENET_RDZV_ENDPOINT"
 # The address other nodes reach this node at (a host with several NICs): the rendezvous a leading node
 # advertises, and the NIC the collective library binds (devices.collective_env).
 NODE_ADDRESS_ENV = "FACENET_NODE_ADDRESS"
-# How many processes the ModelZoo scripts start (scripts/*.sh).
-NPROC_ENV = "FACENET_NPROC"
 
 # Set on a worker (compose, the local stack) --------------------------------------------------------------
 DEVICE_TYPE_ENV = "FACENET_DEVICE_TYPE"
 DEVICES_ENV = "FACENET_DEVICES"
 # The threads of one CPU device when several workers share a host (local "nodes"); default: cpu_share.
 CPU_THREADS_ENV = "FACENET_CPU_THREADS"
+
+# Set by hand ----------------------------------------------------------------------------------------------
+# How many processes the ModelZoo scripts start (scripts/*.sh).
+NPROC_ENV = "FACENET_NPROC"
 
 
 def parse_devices(text: str) -> list[int]:

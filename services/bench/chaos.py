@@ -34,6 +34,7 @@ import psutil
 
 from facenet.samples import copy_subset
 from facenet.fsutil import free_port
+from facenet.runenv import ATTEMPT_ENV, LEASE_ENV
 from services.procs import stop_group, wait_ended
 from services.queue.registry import TERMINAL
 
@@ -194,7 +195,7 @@ class Chaos:
                 except psutil.Error:
                     continue
                 self.trainers_seen.add(p.pid)
-                lease, attempt = env.get("FACENET_LEASE"), env.get("FACENET_ATTEMPT")
+                lease, attempt = env.get(LEASE_ENV), env.get(ATTEMPT_ENV)
                 if not lease or not attempt:
                     self.trainers_without_env.add(p.pid)
                     continue
@@ -394,7 +395,7 @@ class Chaos:
         for p in self.trainers():
             try:
                 leftover_processes.append({"pid": p.pid, "cmdline": " ".join(p.cmdline()),
-                                           "attempt": p.environ().get("FACENET_ATTEMPT")})
+                                           "attempt": p.environ().get(ATTEMPT_ENV)})
             except psutil.Error:  # it stopped just now
                 continue
         time.sleep(6)  # + the heartbeat TTL: a lease nobody renews has expired by now

@@ -31,14 +31,12 @@ import time
 import uuid
 
 from facenet.fsutil import free_port
+from facenet.runenv import NODE_ADDRESS_ENV
 from services.procs import stop_group
 from services.queue.events import send_task_events
 from services.queue.names import NODE_TASK
 from services.queue.registry import PREFIX, Registry, registry_for
 from services.queue.trainer import attempt_env, job_output, pump_output, reap_attempt, start_trainer
-
-NODE_ADDRESS_ENV = "FACENET_NODE_ADDRESS"  # the address other nodes reach this worker's rendezvous at
-
 
 def assignment_key(node: str) -> str:
     return f"{PREFIX}gang:{node}"

@@ -16,6 +16,8 @@ import time
 
 from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
+from facenet.runenv import DEVICE_TYPE_ENV, worker_devices
+
 from services.config import load_settings
 from services.queue.registry import registry_for
 from services.queue.sweep import sweep
@@ -43,10 +45,8 @@ def _start_housekeeping(sender=None, **_):
     unfit = os.environ.get(UNFIT_ENV)  # its doctor failed (entrypoints.check_before_taking_jobs)
     if unfit:
         # Registered without capacity (no job, no gang part comes here), saying what failed and for which type.
-        info.update(unfit=unfit, unfit_type=os.environ.get("FACENET_DEVICE_TYPE", "cpu"))
+        info.update(unfit=unfit, unfit_type=os.environ.get(DEVICE_TYPE_ENV, "cpu"))
     elif any(q.startswith("train.") for q in queues):
-        from facenet.runenv import worker_devices
-
         device_type, devices = worker_devices()
         info.update(device_type=device_type, devices=devices)
     stop = threading.Event()

@@ -19,6 +19,7 @@ import time
 from facenet.confine import parse_roots
 from facenet.errors import UserError
 from facenet.fsutil import free_port
+from facenet.runenv import CPU_THREADS_ENV, DEVICE_TYPE_ENV, DEVICES_ENV, NODE_ADDRESS_ENV
 from services.config import (STACK_FILE, check_roots_hold_no_state, default_data_roots, export_mlflow_login,
                              read_stack_file)
 from services.procs import stop_group
@@ -168,9 +169,9 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
                    "FLOWER_BASIC_AUTH": f"{sec['FLOWER_USER']}:{sec['FLOWER_PASSWORD']}"},
         "worker-preprocess": {"FACENET_WORKER_NAME": "preprocess@%h"},
         # One host: a gang's rendezvous (services.queue.gang) is on loopback, like every other service here.
-        **{f"worker-cpu{n}": {"FACENET_DEVICE_TYPE": "cpu", "FACENET_DEVICES": cpu_devices,
-                              "FACENET_WORKER_NAME": f"cpu{n}@%h", "FACENET_NODE_ADDRESS": "127.0.0.1",
-                              "FACENET_CPU_THREADS": threads}
+        **{f"worker-cpu{n}": {DEVICE_TYPE_ENV: "cpu", DEVICES_ENV: cpu_devices,
+                              "FACENET_WORKER_NAME": f"cpu{n}@%h", NODE_ADDRESS_ENV: "127.0.0.1",
+                              CPU_THREADS_ENV: threads}
            for n in [""] + [str(i) for i in range(2, device_workers + 1)]},
     }
     for d in ("mlflow", "flower", "redis"):
