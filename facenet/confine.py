@@ -242,6 +242,16 @@ def read_bytes(path: str, roots: Roots | None, what: str = "file", max_bytes: in
         return fh.read()
 
 
+def read_range(path: str, roots: Roots | None, what: str, offset: int, length: int) -> bytes:
+    """`length` bytes of `path` from `offset` (fewer where the file ends): one part of a big file (a plan's
+    items, a packed shard) read without reading the rest."""
+    fd = open_regular(path, roots, what)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 def read_text(path: str, roots: Roots | None, what: str = "file", max_bytes: int = 1 << 30,
               single_link: bool = False) -> str:
     return read_bytes(path, roots, what, max_bytes, single_link).decode("utf-8")

@@ -104,7 +104,7 @@ def test_a_symlinked_state_folder_in_out_writes_nothing_outside(tree, sample_roo
                     raw / "p")
     (root / "out").mkdir()
     os.symlink(outside, root / "out" / ".preprocess")
-    plan = make_plan(str(raw), str(root / "out"), Params(), roots)
+    plan = make_plan(str(raw), str(root / "out"), Params(), roots).with_shard_size(1)
     with pytest.raises(confine.Refused, match="outside the data roots"):
         save_plan(plan, roots)
     assert sorted(os.listdir(outside)) == ["secrets.env"]
@@ -114,14 +114,35 @@ def test_the_plan_is_checked_not_trusted(tmp_path):
     from facenet.errors import UserError
     from facenet.preprocess.plan import Params, Plan
 
+    from facenet.preprocess.plan import load_plan, save_plan
+
     plan = Plan("/data/raw", "/data/out", Params(shard_size=8), [("train", "a", "1.jpg")], "folders")
     moved = Plan("/etc", "/data/out", Params(shard_size=8), [("train", "a", "1.jpg")], "folders")
     assert plan.plan_id != moved.plan_id  # RAW and OUT are part of what the job recorded
     for bad_item in (["train", "..", "x"], ["train", "a/../../etc", "passwd"], ["nope", "a", "b"]):
-        doc = json.loads(plan.to_json())
-        doc["items"] = [bad_item]
+        # A version-1 plan (items inline) is checked as it is read ...
+        legacy = {"raw": plan.raw, "out": plan.out, "params": json.loads(plan.to_json())["params"],
+                  "layout": plan.layout, "items": [bad_item]}
         with pytest.raises(UserError, match="plan is corrupt"):
-            Plan.from_json(json.dumps(doc))
+            Plan.from_json(json.dumps(legacy))
+        # ... and a saved plan's items when a shard reads them, even when the hashes were forged to match.
+        out = tmp_path / f"out-{bad_item[1].replace('/', '_')}"
+        forged = Plan("/data/raw", str(out), Params(shard_size=8), [tuple(bad_item)], "folders")
+        save_plan(forged)
+        with pytest.raises(UserError, match="plan is corrupt"):
+            load_plan(str(out)).shard_items(0)
+    out = tmp_path / "edited"
+    save_plan(Plan("/data/raw", str(out), Params(shard_size=8), [("train", "a", "1.jpg")], "folders"))
+    (items,) = (out / ".preprocess").glob("plan-*.items")
+    items.write_text("train\tb\t1.jpg\n")  # another person's photo, same length
+    loaded = load_plan(str(out))
+    with pytest.raises(UserError, match="do not match the plan"):
+        loaded.shard_items(0)
+    header = json.loads((out / ".preprocess" / "plan.json").read_text())
+    header["count"] = 9
+    (out / ".preprocess" / "plan.json").write_text(json.dumps(header))
+    with pytest.raises(UserError, match="plan is corrupt"):
+        load_plan(str(out))
 
 
 def test_crops_and_hashes_refuse_devices_fifos_and_symlinks(tree):

@@ -1,11 +1,13 @@
 """Planning: the raw image list, split into shards that any worker can run from the plan alone.
 
-The plan is a JSON file in OUT/.preprocess/ holding the parameters and the
-sorted list of (split, identity, file). A shard is a pure function of (plan,
-index): items [index * shard_size, (index + 1) * shard_size). Its id (a
-hash of parameters and list) names the shard records, so a changed raw tree
-or changed settings never reuse stale records (finished crops on disk are
-still reused).
+The plan is OUT/.preprocess/plan.json, a header holding the parameters, the
+byte offset and hash of each shard's items, and plan-<id>.items beside it,
+the sorted list of (split, identity, file) one per line. A shard is a pure
+function of (plan, index): items [index * shard_size, (index + 1) *
+shard_size), read alone from the items file by whichever worker runs it. The
+plan's id (a hash of the header, which covers every item through the shard
+hashes) names the shard records, so a changed raw tree or changed settings
+never reuse stale records (finished crops on disk are still reused).
 """
 
 from __future__ import annotations
@@ -57,25 +59,47 @@ class Params:
             raise InputError(f"--seed {self.seed}: must be in [0, 2^32)")
 
 
+PLAN_VERSION = 2
+
+
 @dataclass
 class Plan:
+    """What to preprocess. The planner holds `items` in memory; a plan read back from OUT (a worker, finalize)
+    holds only its header, and each shard's items are read from the items file when that shard runs (see
+    `save_plan`): at VGGFace2's 3.3M items every process holding them all was 1.15 GiB and 24 s each."""
+
     raw: str
     out: str
     params: Params
-    items: list[tuple[str, str, str]]  # (split, identity, file name)
+    items: list[tuple[str, str, str]] | None  # (split, identity, file name); None in a plan read from OUT
     layout: str  # "vggface2" (RAW/{train,test}/<id>) or "folders" (RAW/<id>)
     # Entries of RAW not planned, with the reason (symbolic links leaving the data roots); the manifest
     # counts them with the rejects.
     refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    stored: "_StoredItems | None" = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.items) if self.items is not None else self.stored.count
+
+    @functools.cached_property
+    def shard_hashes(self) -> list[str]:
+        """A hash of each shard's lines in the items file: the plan's id covers every item through them,
+        and a shard read back is checked against its own."""
+        if self.stored is not None:
+            return self.stored.hashes
+        return [hashlib.sha256(_encode(self.shard_items(i))).hexdigest()[:32] for i in range(self.num_shards)]
 
     @functools.cached_property
     def plan_id(self) -> str:
         """A hash of everything the plan says, its folders included: a job records it at planning, and a
         plan file that was changed afterwards (whoever can write OUT) no longer matches. Computed once per
-        Plan object (a plan is never changed in place: with_shard_size makes a new one): at VGGFace2's 3.3M
-        items one hash is seconds, and finalize and every shard read the id."""
-        h = hashlib.sha256(json.dumps([self.raw, self.out, dataclasses.asdict(self.params), self.layout,
-                                       self.items, self.refused]).encode())
+        Plan object from the header (the items enter by their shards' hashes), so reading it costs the
+        same at 3.3M items as at 300; a plan is never changed in place (with_shard_size makes a new one)."""
+        if not self.params.shard_size:
+            raise ValueError("shard size not resolved (call with_shard_size first)")
+        h = hashlib.sha256(json.dumps([PLAN_VERSION, self.raw, self.out, dataclasses.asdict(self.params), self.layout,
+                                       self.count, self.refused, self.shard_hashes]).encode())
         return h.hexdigest()[:16]
 
     def with_shard_size(self, workers: int) -> "Plan":
@@ -83,18 +107,24 @@ class Plan:
         spread over all workers and big ones stay at 256-image units of work."""
         if self.params.shard_size:
             return self
-        size = min(256, max(8, -(-len(self.items) // (8 * max(1, workers)))))
+        size = min(256, max(8, -(-self.count // (8 * max(1, workers)))))
         return dataclasses.replace(self, params=dataclasses.replace(self.params, shard_size=size))
 
     @property
     def num_shards(self) -> int:
-        return -(-len(self.items) // self.params.shard_size) if self.params.shard_size else 0
+        return -(-self.count // self.params.shard_size) if self.params.shard_size else 0
+
+    def shard_len(self, index: int) -> int:
+        size = self.params.shard_size
+        return max(0, min(size, self.count - index * size))
 
     def shard_items(self, index: int) -> list[tuple[str, str, str]]:
         if not self.params.shard_size:
             raise ValueError("shard size not resolved (call with_shard_size first)")
         if not 0 <= index < self.num_shards:
             raise UserError(f"shard {index}: the plan has shards 0..{self.num_shards - 1}")
+        if self.items is None:
+            return self.stored.read(index, self.shard_len(index))
         size = self.params.shard_size
         return self.items[index * size:(index + 1) * size]
 
@@ -112,26 +142,86 @@ class Plan:
             name = stem + ".png"
         return f"{split}/{identity}/{name}"
 
+    @property
+    def items_name(self) -> str:
+        return f"plan-{self.plan_id}.items"
+
     def to_json(self) -> str:
-        return json.dumps({"raw": self.raw, "out": self.out, "params": dataclasses.asdict(self.params),
-                           "layout": self.layout, "items": self.items, "refused": self.refused,
-                           "plan_id": self.plan_id})
+        """The header: everything but the items, which lie in `items_name` beside it, one per line."""
+        offsets = [0]
+        if self.stored is not None:
+            offsets = self.stored.offsets
+        else:
+            for i in range(self.num_shards):
+                offsets.append(offsets[-1] + len(_encode(self.shard_items(i))))
+        return json.dumps({"version": PLAN_VERSION, "raw": self.raw, "out": self.out,
+                           "params": dataclasses.asdict(self.params), "layout": self.layout, "count": self.count,
+                           "refused": self.refused, "items_file": self.items_name, "offsets": offsets,
+                           "shard_hashes": self.shard_hashes, "plan_id": self.plan_id})
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        """Parse and check a plan: every item must name a plain file in a plain folder (no `..`, no `/`)."""
+    def from_json(cls, text: str, roots: confine.Roots | None = None) -> "Plan":
+        """Parse and check a plan's header; each shard's items are checked (plain names, no `..`, no `/`, the
+        shard's hash) when they are read. A plan written before version 2 holds its items inline and keeps
+        the id it had, so a job planned before an upgrade finds its shard records."""
         try:
             d = json.loads(text)
-            plan = cls(d["raw"], d["out"], Params(**d["params"]), [tuple(i) for i in d["items"]], d["layout"],
-                       [tuple(r) for r in d.get("refused", [])])
-            ok = plan.layout in ("vggface2", "folders") and all(
-                len(item) == 3 and item[0] in ("train", "test") and all(_plain_name(part) for part in item)
-                for item in plan.items)
+            if "items" in d:
+                return _legacy_plan(d)
+            params = Params(**d["params"])
+            stored = _StoredItems(os.path.join(state_dir(d["out"]), d["items_file"]), int(d["count"]),
+                                  [int(o) for o in d["offsets"]], [str(h) for h in d["shard_hashes"]], roots)
+            plan = cls(d["raw"], d["out"], params, None, d["layout"], [tuple(r) for r in d.get("refused", [])],
+                       stored)
+            ok = (d["version"] == PLAN_VERSION and plan.layout in ("vggface2", "folders") and params.shard_size > 0
+                  and _plain_name(d["items_file"]) and len(stored.offsets) == plan.num_shards + 1
+                  and len(stored.hashes) == plan.num_shards and d["items_file"] == plan.items_name)
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"preprocessing plan is corrupt ({type(exc).__name__}: {exc})") from None
         if not ok:
-            raise UserError("preprocessing plan is corrupt (an item is not split/identity/file)")
+            raise UserError("preprocessing plan is corrupt (its header does not add up)")
         return plan
+
+
+@dataclass
+class _StoredItems:
+    """A saved plan's items file: shard i is bytes offsets[i]:offsets[i + 1], one `split TAB identity TAB name`
+    line per item (names are printable, so hold no tab or line break)."""
+
+    path: str
+    count: int
+    offsets: list[int]
+    hashes: list[str]
+    roots: confine.Roots | None
+
+    def read(self, index: int, length: int) -> list[tuple[str, str, str]]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        data = confine.read_range(self.path, self.roots, "preprocessing plan", start, end - start)
+        if hashlib.sha256(data).hexdigest()[:32] != self.hashes[index]:
+            raise UserError(f"{self.path}: shard {index}'s items do not match the plan (the file was changed)")
+        items = [tuple(line.split("\t")) for line in data.decode("utf-8").split("\n")[:-1]]
+        if len(items) != length or not all(_plain_item(item) for item in items):
+            raise UserError("preprocessing plan is corrupt (an item is not split/identity/file)")
+        return items
+
+
+def _encode(items) -> bytes:
+    return "".join(f"{s}\t{i}\t{n}\n" for s, i, n in items).encode()
+
+
+def _plain_item(item) -> bool:
+    return len(item) == 3 and item[0] in ("train", "test") and all(_plain_name(part) for part in item)
+
+
+def _legacy_plan(d: dict) -> Plan:
+    """A version-1 plan (items inline in plan.json), with the id version 1 gave it."""
+    plan = Plan(d["raw"], d["out"], Params(**d["params"]), [tuple(i) for i in d["items"]], d["layout"],
+                [tuple(r) for r in d.get("refused", [])])
+    if plan.layout not in ("vggface2", "folders") or not all(_plain_item(item) for item in plan.items):
+        raise UserError("preprocessing plan is corrupt (an item is not split/identity/file)")
+    plan.__dict__["plan_id"] = hashlib.sha256(json.dumps(
+        [plan.raw, plan.out, dataclasses.asdict(plan.params), plan.layout, d["items"], d.get("refused", [])]).encode()).hexdigest()[:16]
+    return plan
 
 
 def _plain_name(part) -> bool:
@@ -228,15 +318,29 @@ def _list_identities(folder: str, roots: confine.Roots | None, refused: list, pr
 
 
 def save_plan(plan: Plan, roots: confine.Roots | None = None) -> str:
-    """Write OUT/.preprocess/plan.json atomically (identical content from concurrent planners)."""
-    path = os.path.join(state_dir(plan.out), "plan.json")
+    """Write the items file, then OUT/.preprocess/plan.json, each atomically (identical content from concurrent
+    planners). The items file is named by the plan's id, so a planner of other items never rewrites the one
+    a running job reads; those of earlier plans are removed."""
+    folder = state_dir(plan.out)
+    confine.write_bytes(os.path.join(folder, plan.items_name), _encode(plan.items), roots, "preprocessing state")
+    path = os.path.join(folder, "plan.json")
     confine.write_bytes(path, plan.to_json().encode(), roots, "preprocessing state")
+    for name, kind in confine.scandir(folder, roots, "preprocessing state"):
+        if kind == "file" and name.startswith("plan-") and name.endswith(".items") and name != plan.items_name:
+            dir_fd = confine.open_dir(folder, roots, "preprocessing state")
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dir_fd)
     return path
 
 
 def load_plan(out: str, roots: confine.Roots | None = None) -> Plan:
+    """The plan saved in OUT: its header, and its items read shard by shard (confined by `roots`)."""
     path = os.path.join(state_dir(os.path.abspath(out)), "plan.json")
     try:
-        return Plan.from_json(confine.read_text(path, roots, "preprocessing plan"))
+        return Plan.from_json(confine.read_text(path, roots, "preprocessing plan"), roots)
     except FileNotFoundError:
         raise UserError(f"{path}: no preprocessing plan (run the planner first)") from None

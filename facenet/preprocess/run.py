@@ -18,13 +18,14 @@ _DEVICE = "cpu"
 _ROOTS: confine.Roots | None = None
 
 
-def _init_worker(plan_json: str, device: str, threads: int, roots: list[str] | None) -> None:
+def _init_worker(plan_header: str, device: str, threads: int, roots: list[str] | None) -> None:
+    """A pool process: the plan's header only (each shard reads its own items from the saved plan)."""
     import torch
 
     global _PLAN, _DEVICE, _ROOTS
     torch.set_num_threads(threads)
-    _PLAN, _DEVICE = Plan.from_json(plan_json), device
     _ROOTS = None if roots is None else confine.Roots(roots)
+    _PLAN, _DEVICE = Plan.from_json(plan_header, _ROOTS), device
 
 
 def _shard_task(index: int) -> dict:
@@ -54,20 +55,21 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
     # Finished shards are skipped here, before any worker (and its MTCNN) is started.
     pending = [i for i in range(plan.num_shards) if load_shard_record(plan, i, roots) is None]
     root_list = None if roots is None else roots.roots
-    skipped = len(plan.items) - sum(len(plan.shard_items(i)) for i in pending)
+    skipped = plan.count - sum(plan.shard_len(i) for i in pending)
     processed = 0
     workers = max(1, min(workers, len(pending)))
     threads = max(1, cpu_cores() // workers)
     pool = None
+    header = plan.to_json()
     if workers == 1:
-        _init_worker(plan.to_json(), device, threads, root_list)
+        _init_worker(header, device, threads, root_list)
         results = map(_shard_task, pending)
     else:
         # spawn, not fork: a caller that already ran torch (the queue worker, the benchmark) has an
         # OpenMP pool that a forked child deadlocks on. Each worker builds its own MTCNN on first use.
-        pool = mp.get_context("spawn").Pool(workers, _init_worker, (plan.to_json(), device, threads, root_list))
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (header, device, threads, root_list))
         results = pool.imap_unordered(_shard_task, pending)
-    bar = _progress(len(plan.items), progress)
+    bar = _progress(plan.count, progress)
     bar.update(skipped)
     try:
         for res in results:

@@ -119,8 +119,9 @@ _PLANS: dict[tuple[str, str], object] = {}
 
 
 def _plan_of(job: dict, roots):
-    """The job's plan, read from OUT once per worker process (a VGGFace2 plan is ~200 MB of JSON, too
-    big to travel in every shard's message), checked against the id the planner recorded."""
+    """The job's plan header, read from OUT once per worker process and checked against the id the planner
+    recorded; each shard reads its own items from the plan's items file (a VGGFace2 plan is ~200 MB, which
+    every pool process held a copy of)."""
     from facenet.preprocess.plan import load_plan
 
     key = (job["preprocess_out"], job["plan_id"])
@@ -168,8 +169,8 @@ def plan_dataset(self, job_id: str) -> dict:
         except Exception as exc:
             return _fail(reg, job_id, exc)
         reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, plan_id=plan.plan_id,
-                   progress={"shards": plan.num_shards, "shards_done": 0, "images": len(plan.items)},
-                   message=f"{len(plan.items)} images in {plan.num_shards} shards")
+                   progress={"shards": plan.num_shards, "shards_done": 0, "images": plan.count},
+                   message=f"{plan.count} images in {plan.num_shards} shards")
         for i in range(plan.num_shards):
             send_stage(job_id, f"shard:{i}", reg)
     return {"job": job_id, "shards": plan.num_shards}
