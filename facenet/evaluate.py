@@ -120,11 +120,12 @@ def score_pairs(pairs: PairSet, images: list[str], embeddings: np.ndarray, unrea
 
 def verify(model: torch.nn.Module, pairs: PairSet, device: torch.device, image_size: int, metric: str = "euclidean",
            flip: bool = False, batch_size: int = 128, workers: int = 0, channels_last: bool = False,
-           autocast=contextlib.nullcontext, far_target: float = FAR_TARGET, progress=None) -> dict:
-    """Embed every image of `pairs` once and score the pairs (`score_pairs`), with the ROC points."""
+           autocast=contextlib.nullcontext, far_target: float = FAR_TARGET, progress=None, source=None) -> dict:
+    """Embed every image of `pairs` once and score the pairs (`score_pairs`), with the ROC points. `source`: a
+    pack's pair images, read from its shards."""
     images = pairs.images()
     emb, bad = embed_paths(model, images, device, image_size, batch_size, flip, workers, channels_last,
-                           autocast, progress=progress)
+                           autocast, progress=progress, source=source)
     out, d, same = score_pairs(pairs, images, emb, bad, metric, far_target)
     fpr, tpr, _ = vm.roc(d, same)
     out.update({"metric": metric, "flip": flip, "images": len(images), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}})
@@ -141,11 +142,11 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
         raise UserError(f"--distance {metric}: choose euclidean or cosine")
     _check_batch_size(batch_size)
     data = os.path.abspath(data)
-    pairs = find_pairs(data, pairs_file and os.path.abspath(pairs_file), seed)
+    pairs, source = _pairs_of(data, pairs_file, seed)
     with tempfile.TemporaryDirectory(prefix="facenet-eval-") as tmp:
         loaded, device, path, run_id = _prepare(model_ref, device_type, mlflow_uri, tmp)
         result = verify(loaded.model, pairs, device.torch_device, loaded.image_size, metric, flip, batch_size,
-                        workers, device.channels_last, progress=progress)
+                        workers, device.channels_last, progress=progress, source=source)
         people = pairs.people()
         seen = people & set(loaded.classes)
         report = {"model": model_ref, "model_file": path if not run_id else f"runs:/{run_id}/" + os.path.relpath(path, tmp),
@@ -157,6 +158,23 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
         report["roc_png"] = plot
         report["logged_to_mlflow"] = _log_to_run(report, png, mlflow_uri) if log and loaded.run_id else None
     return report
+
+
+def _pairs_of(data: str, pairs_file: str | None, seed: int):
+    """(the pairs, the pack's pair images or None): a pack's own test_pairs.txt is read from its shards."""
+    from facenet.data import packfile
+
+    if pairs_file or not packfile.is_pack(data):
+        return find_pairs(data, pairs_file and os.path.abspath(pairs_file), seed), None
+    from facenet.data.dataset import load_dataset
+    from facenet.verification.pairs import read_pairs
+
+    source = load_dataset(data).pair_images
+    if source is None:
+        raise UserError(f"--data {data}: this pack holds no verification pairs (its data set had no test_pairs.txt); "
+                        "name a pairs file with --pairs")
+    return read_pairs(os.path.join(data, "test_pairs.txt"), data, None, "verification pairs",
+                      {p for p, _ in source}), source
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 from facenet import confine
+from facenet.data import packfile
 from facenet.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -28,14 +29,81 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 Sample = tuple[str, int]  # (absolute path, class index)
 
 
+class Samples:
+    """A sequence of (path, label) samples held in three numpy arrays: the paths (relative to `base`) as one
+    UTF-8 blob, where each ends, and the labels. Loader worker processes are forked with the dataset; a Python
+    list of 3M tuples there is copied page by page as the workers touch its reference counts (0.5 GiB a
+    worker at VGGFace2's size), arrays never are. Indexing makes the (path, label) tuple on the fly."""
+
+    def __init__(self, base: str, rels: list[str], labels: list[int]):
+        import numpy as np
+
+        if len(rels) != len(labels):
+            raise ValueError(f"{len(rels)} paths but {len(labels)} labels")
+        encoded = [rel.encode("utf-8", "surrogateescape") for rel in rels]
+        self.base = base
+        self._ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+
+    @classmethod
+    def of(cls, samples: list[Sample]) -> "Samples":
+        """From (absolute path, label) pairs (paths kept as given: the base is empty)."""
+        return cls("", [path for path, _ in samples], [label for _, label in samples])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rel(self, index: int) -> str:
+        start = int(self._ends[index - 1]) if index else 0
+        return self._blob[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, index: int) -> Sample:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        rel = self.rel(index)
+        return (os.path.join(self.base, rel) if self.base else rel), int(self.labels[index])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        try:
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        except TypeError:
+            return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Samples({len(self)} under {self.base or '/'})"
+
+    reader = None  # a packfile.PackedReader when the images lie in a pack's shards, not in files
+
+    def select(self, paths: list[str]) -> "Samples | None":
+        """These paths as Samples (labels: their positions in `paths`), read as these are read; None when a
+        path is not one of these samples (then it is read as a file)."""
+        import numpy as np
+
+        where = {path: k for k, (path, _) in enumerate(self)}
+        if not all(path in where for path in paths):
+            return None
+        picked = np.array([where[path] for path in paths], dtype=np.int64)
+        sub = Samples(self.base, [self.rel(int(k)) for k in picked], list(range(len(paths))))
+        sub.reader = self.reader.subset(picked) if self.reader is not None else None
+        return sub
+
+
 @dataclass
 class DatasetSplit:
     root: str
-    layout: str  # "lists" or "folders"
+    layout: str  # "lists", "folders" or "packed"
     classes: list[str]
-    train: list[Sample]
-    test: list[Sample]
+    train: Samples
+    test: Samples
     manifest_hash: str | None = None
+    pair_images: Samples | None = None  # a pack's verification images (read from its shards)
 
     @property
     def num_classes(self) -> int:
@@ -58,14 +126,17 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
     if not os.path.isdir(root):
         raise UserError(f"--data {root}: not a directory")
     train_list = os.path.join(root, "train_list.txt")
-    if os.path.isfile(train_list):
+    if packfile.is_pack(root):  # a pack holds its split as it was made (facenet/pack.py)
+        split = _from_pack(root, roots)
+    elif os.path.isfile(train_list):
         split = _from_lists(root, train_list, os.path.join(root, "test_list.txt"), roots)
     else:
         # The seed's tree (ROOT/train/<identity>, ROOT/test/<identity>) without lists: train on ROOT/train.
         train_dir = os.path.join(root, "train")
         folder = train_dir if os.path.isdir(train_dir) and identity_dirs(train_dir, roots) else root
         split = _from_folders(root, folder, holdout, seed, roots)
-    split.manifest_hash = _manifest_hash(root, roots)
+    if split.layout != "packed":
+        split.manifest_hash = _manifest_hash(root, roots)
     if split.num_classes < 2:
         raise UserError(f"--data {root}: found {split.num_classes} identity; classification needs at least 2")
     if not split.train:
@@ -107,7 +178,9 @@ def list_images(folder: str, roots: confine.Roots | None = None) -> list[str]:
 
 
 def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: confine.Roots | None) -> DatasetSplit:
-    classes, train, test = [], [], []
+    classes: list[str] = []
+    train: tuple[list[str], list[int]] = ([], [])
+    test: tuple[list[str], list[int]] = ([], [])
     for name in identity_dirs(folder, roots):
         confine.check(os.path.join(folder, name), roots, "identity folder")
         files = list_images(os.path.join(folder, name), roots)
@@ -119,13 +192,13 @@ def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: conf
         rng = random.Random(f"{seed}:{name}")
         rng.shuffle(files)
         n_test = int(round(len(files) * holdout)) if len(files) > 1 else 0
-        paths = [os.path.join(folder, name, f) for f in files]
-        test += [(p, label) for p in paths[:n_test]]
-        train += [(p, label) for p in paths[n_test:]]
+        for (rels, labels), part in ((test, files[:n_test]), (train, files[n_test:])):
+            rels += [f"{name}/{f}" for f in part]
+            labels += [label] * len(part)
     if not classes:
         raise UserError(f"--data {root}: no identity sub-folders with images "
                         f"(expected ROOT/<identity>/<image> or ROOT/train_list.txt)")
-    return DatasetSplit(root, "folders", classes, train, test)
+    return DatasetSplit(root, "folders", classes, Samples(folder, *train), Samples(folder, *test))
 
 
 def _from_lists(root: str, train_list: str, test_list: str, roots: confine.Roots | None) -> DatasetSplit:
@@ -140,17 +213,17 @@ def _from_lists(root: str, train_list: str, test_list: str, roots: confine.Roots
     missing = [i for i in range(n) if i not in names]
     if missing:
         raise UserError(f"{train_list}: class indices must be 0..{n - 1}; {len(missing)} unused (first: {missing[0]})")
-    train_labels = {label for _, label in train}
-    unseen = sorted({label for _, label in test} - train_labels)
+    unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
     if unseen:
         raise UserError(f"{test_list}: class {unseen[0]} ({names[unseen[0]]}) has no training images")
     return DatasetSplit(root, "lists", [names[i] for i in range(n)], train, test)
 
 
-def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots | None) -> list[Sample]:
+def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots | None) -> Samples:
     """Parse one list file; `names` maps class index -> identity name, shared across lists."""
     by_name = {v: k for k, v in names.items()}
-    samples = []
+    rels: list[str] = []
+    labels: list[int] = []
     folders_seen: set[str] = set()
     text = confine.read_metadata(path, roots, "list file", 1 << 30).decode("utf-8", errors="replace")
     for lineno, raw in enumerate(text.split("\n"), 1):
@@ -182,8 +255,34 @@ def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots
             raise UserError(f"{path}:{lineno}: class index {label} is negative")
         names.setdefault(label, identity)
         by_name.setdefault(identity, label)
-        samples.append((os.path.join(root, rel), label))
-    return samples
+        rels.append(rel)
+        labels.append(label)
+    return Samples(root, rels, labels)
+
+
+def _from_pack(root: str, roots: confine.Roots | None) -> DatasetSplit:
+    """A pack's split: its lists, their images read from its shards (facenet/data/packfile.py)."""
+    head = packfile.read_header(root, roots)
+    names = dict(enumerate(str(c) for c in head["classes"]))
+    shards = [s["name"] for s in head["shards"]]
+    parts = {}
+    for part in ("train", "test"):
+        samples = _read_list(root, os.path.join(root, packfile.LISTS[part]), names, roots)
+        samples.reader = packfile.PackedReader(root, shards, packfile.read_index(root, roots, part, len(samples)))
+        parts[part] = samples
+    if len(names) != len(head["classes"]):
+        raise UserError(f"{root}: its lists name {len(names)} classes, its {packfile.PACK_FILE} {len(head['classes'])}")
+    pairs_list = os.path.join(root, packfile.LISTS["pairs"])
+    pair_images = None
+    if os.path.isfile(pairs_list):
+        rels = [line for line in confine.read_metadata(pairs_list, roots, "list file", 1 << 30).decode().split("\n")
+                if line]
+        if any(os.path.isabs(rel) or ".." in rel.split("/") for rel in rels):
+            raise UserError(f"{pairs_list}: paths must be relative to the pack")
+        pair_images = Samples(root, rels, list(range(len(rels))))
+        pair_images.reader = packfile.PackedReader(root, shards, packfile.read_index(root, roots, "pairs", len(rels)))
+    return DatasetSplit(root, "packed", [names[i] for i in range(len(names))], parts["train"], parts["test"],
+                        head.get("manifest_hash"), pair_images)
 
 
 def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:

@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from facenet import confine
-from facenet.data.dataset import Sample
+from facenet.data.dataset import Sample, Samples
 from facenet.fsutil import cpu_cores
 from facenet.images import animated, to_rgb
 
@@ -44,12 +44,14 @@ MAX_PIXELS = 4096 * 4096
 FAST_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
-def decode(path: str, image_size: int, roots: confine.Roots | None = None) -> torch.Tensor:
-    """Read one still image as uint8 RGB CHW at image_size x image_size. Raises on unreadable or refused
-    files, and on animated or multi-page ones (ValueError naming the frames)."""
+def decode(path: str, image_size: int, roots: confine.Roots | None = None, data: bytes | None = None) -> torch.Tensor:
+    """Read one still image as uint8 RGB CHW at image_size x image_size (from `data`, its bytes, when given:
+    a packed image). Raises on unreadable or refused files, and on animated or multi-page ones (ValueError
+    naming the frames)."""
     from PIL import Image
 
-    data = confine.read_bytes(path, roots, "image", MAX_FILE_BYTES)
+    if data is None:
+        data = confine.read_bytes(path, roots, "image", MAX_FILE_BYTES)
     try:
         with Image.open(io.BytesIO(data)) as header:  # reads the header (and a GIF's frame headers) only
             width, height = header.size
@@ -81,9 +83,9 @@ def _decode_with_pil(img) -> torch.Tensor:
 
 
 class FaceImages(Dataset):
-    """(uint8 image, label, bad paths) triples over a list of samples."""
+    """(uint8 image, label, bad paths) triples over samples (a `Samples`, or a list of (path, label))."""
 
-    def __init__(self, samples: list[Sample], image_size: int = 160, augment: bool = False,
+    def __init__(self, samples: "Samples | list[Sample]", image_size: int = 160, augment: bool = False,
                  replace_bad: bool = True, roots: confine.Roots | None = None):
         self.samples = samples
         self.roots = roots
@@ -97,10 +99,13 @@ class FaceImages(Dataset):
     def __getitem__(self, index: int):
         bad = []
         tries = MAX_REPLACEMENTS if self.replace_bad else 1
+        reader = getattr(self.samples, "reader", None)
         for k in range(tries):
-            path, label = self.samples[(index + k) % len(self.samples)]
+            at = (index + k) % len(self.samples)
+            path, label = self.samples[at]
             try:
-                img = decode(path, self.image_size, self.roots)
+                data = reader.read(at, path, self.roots, MAX_FILE_BYTES) if reader is not None else None
+                img = decode(path, self.image_size, self.roots, data)
             except Exception:  # corrupt, truncated, not an image, vanished: named by the trainer
                 bad.append(path)
                 continue
@@ -182,14 +187,17 @@ class IdentityBatchSampler(Sampler[int]):
     shape, every rank takes the same number of steps. Use with batch_size = P x K and drop_last.
     """
 
-    def __init__(self, labels: list[int], rank: int, world_size: int, batch_size: int, per_identity: int, seed: int):
+    def __init__(self, labels, rank: int, world_size: int, batch_size: int, per_identity: int, seed: int):
         if batch_size % per_identity:
             raise ValueError(f"batch {batch_size} is not a multiple of {per_identity} images per identity")
         self.rank, self.world_size, self.k, self.seed = rank, world_size, per_identity, seed
         self.p = batch_size // per_identity
-        self.by_label: dict[int, list[int]] = {}
-        for i, label in enumerate(labels):
-            self.by_label.setdefault(label, []).append(i)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        order = np.argsort(labels, kind="stable")  # each person's images in index order, as a loop would list them
+        people, starts = np.unique(labels[order], return_index=True)
+        ends = list(starts[1:]) + [len(order)]
+        self.by_label: dict[int, list[int]] = {int(label): order[a:b].tolist()
+                                               for label, a, b in zip(people, starts, ends)}
         # How many batches the dealing makes depends only on each person's group count, not on the shuffles
         # or the ties: count them once, so every epoch (and every rank) has the same length.
         groups = {label: -(-len(v) // per_identity) for label, v in self.by_label.items()}
@@ -280,7 +288,7 @@ def default_workers(world_size: int) -> int:
     return 0 if per_process <= 2 else min(8, per_process - 1)
 
 
-def train_loader(samples: list[Sample], batch_size: int, rank: int, world_size: int, seed: int,
+def train_loader(samples: "Samples | list[Sample]", batch_size: int, rank: int, world_size: int, seed: int,
                  workers: int, image_size: int, augment: bool, pin_memory: bool,
                  roots: confine.Roots | None = None) -> DataLoader:
     """Shuffled, rank-sharded loader over the training subset; call sampler.set_epoch each epoch.
@@ -294,16 +302,17 @@ def train_loader(samples: list[Sample], batch_size: int, rank: int, world_size: 
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
 
 
-def identity_loader(samples: list[Sample], batch_size: int, per_identity: int, rank: int, world_size: int,
+def identity_loader(samples: "Samples | list[Sample]", batch_size: int, per_identity: int, rank: int, world_size: int,
                     seed: int, workers: int, image_size: int, augment: bool, pin_memory: bool,
                     roots: confine.Roots | None = None) -> DataLoader:
     """P people x K images per batch (see IdentityBatchSampler); `batch_size` is this process's."""
     dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
-    sampler = IdentityBatchSampler([label for _, label in samples], rank, world_size, batch_size, per_identity, seed)
+    labels = samples.labels if isinstance(samples, Samples) else [label for _, label in samples]
+    sampler = IdentityBatchSampler(labels, rank, world_size, batch_size, per_identity, seed)
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
 
 
-def eval_loader(samples: list[Sample], batch_size: int, rank: int, world_size: int,
+def eval_loader(samples: "Samples | list[Sample]", batch_size: int, rank: int, world_size: int,
                 workers: int, image_size: int, pin_memory: bool, roots: confine.Roots | None = None) -> DataLoader:
     dataset = FaceImages(samples, image_size, augment=False, replace_bad=False, roots=roots)
     sampler = StridedSampler(len(dataset), rank, world_size)

@@ -425,7 +425,9 @@ def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Root
                             "name a pairs file with --verify-pairs")
         say("verification: no test_pairs.txt or pairs.txt in the data root (--verify-pairs FILE adds one); off")
         return None, 0
-    pairs = read_pairs(path, spec.data, roots, "--verify-pairs" if spec.verify_pairs else "verification pairs")
+    packed = {p for p, _ in data.pair_images} if data.pair_images is not None and not spec.verify_pairs else None
+    pairs = read_pairs(path, spec.data, roots, "--verify-pairs" if spec.verify_pairs else "verification pairs",
+                       packed)
     people = pairs.people()
     seen = len(people & set(data.classes))
     every = spec.verify_every or 1
@@ -447,7 +449,7 @@ def verify(r: Run) -> dict:
     mine = images[info.rank::info.world_size]
     emb, bad = embed_paths(model, mine, device.torch_device, spec.image_size, batch_size=max(32, spec.batch_size // info.world_size),
                            channels_last=channels_last, autocast=lambda: device.autocast(amp.enabled, amp.dtype),
-                           roots=roots, progress=lambda *_: LIVENESS.beat())
+                           roots=roots, progress=lambda *_: LIVENESS.beat(), source=r.data.pair_images)
     full = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
     unreadable: set[str] = set()
     for rank, part, part_bad in dist.all_gather_object((info.rank, emb, bad)):

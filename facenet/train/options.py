@@ -42,7 +42,8 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", "--data_dir", "--data_path", dest="data", metavar="DIR",
-                   help="dataset root: ROOT/{train,test}_list.txt, or ROOT/<identity>/<image> folders")
+                   help="dataset root: ROOT/{train,test}_list.txt, ROOT/<identity>/<image> folders, "
+                        "or a pack of either (facenet-cli pack)")
     g.add_argument("--holdout", type=float, default=d.holdout,
                    help="fraction of each identity's images held out for Acc@1 (folder layout only)")
     g.add_argument("--augment", action="store_true", help="random flip + small crop at train time (off in the recipe)")

@@ -31,12 +31,15 @@ def embedding_mode(model: torch.nn.Module):
 def embed_paths(model: torch.nn.Module, paths: list[str], device: torch.device, image_size: int,
                 batch_size: int = 128, flip: bool = False, workers: int = 0, channels_last: bool = False,
                 autocast=contextlib.nullcontext, roots: confine.Roots | None = None,
-                progress=None) -> tuple[np.ndarray, list[str]]:
+                progress=None, source=None) -> tuple[np.ndarray, list[str]]:
     """(embeddings float32 [len(paths), 512] in the order of `paths`, unreadable paths). A row whose
     image could not be read is all zeros; the caller drops what uses it and names it. With `flip`, each
     embedding is the normalised sum of the image's and its mirror image's (insightface's test-time
-    flip). `progress(images done since the last call, total)` is called after each batch."""
-    samples = [(p, i) for i, p in enumerate(paths)]
+    flip). `progress(images done since the last call, total)` is called after each batch. `source` (a
+    pack's `pair_images`) reads the paths it holds from the pack's shards."""
+    samples = source.select(paths) if source is not None else None  # a pack's images, read from its shards
+    if samples is None:
+        samples = [(p, i) for i, p in enumerate(paths)]
     loader = DataLoader(FaceImages(samples, image_size, augment=False, replace_bad=False, roots=roots),
                         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     out = np.zeros((len(paths), 512), dtype=np.float32)

@@ -60,9 +60,11 @@ def identity_of(path: str) -> str:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: str = "--pairs") -> PairSet:
+def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: str = "--pairs",
+               present: set[str] | None = None) -> PairSet:
     """Read a pairs file in our format or LFW's (told apart by the first line). Every image it names
-    must exist; the error names the first missing one and the line. `what`: the option named in errors."""
+    must exist (be one of `present`, a pack's images, when given); the error names the first missing one
+    and the line. `what`: the option named in errors."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     text = confine.read_metadata(path, roots, what, 64 << 20).decode("utf-8", errors="replace")
@@ -79,8 +81,8 @@ def read_pairs(path: str, root: str, roots: confine.Roots | None = None, what: s
         raise UserError(f"{what} {path}: no pairs in it")
     for p in pairs:
         for image in (p.a, p.b):
-            if not os.path.isfile(image):
-                raise UserError(f"{what} {path}: {image} does not exist")
+            if not (image in present if present is not None else os.path.isfile(image)):
+                raise UserError(f"{what} {path}: {image} does not exist" + (" in the pack" if present else ""))
     if len({p.fold for p in pairs}) < 2:
         raise UserError(f"{what} {path}: every pair is in one fold; the LFW protocol needs 2 or more (each fold's "
                         "threshold is chosen on the others)")

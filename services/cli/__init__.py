@@ -15,7 +15,7 @@ def cli() -> None:
     """FaceNet Stack: train FaceNet on Ascend NPUs, NVIDIA GPUs or CPUs."""
 
 
-for command in (local.train, local.preprocess, local.evaluate, local.embed, local.doctor, jobs.submit_train,
+for command in (local.train, local.preprocess, local.pack, local.evaluate, local.embed, local.doctor, jobs.submit_train,
                 jobs.submit_preprocess, jobs.status, jobs.logs, jobs.cancel, jobs.jobs, jobs.workers, runs.runs,
                 stack.stack):
     cli.add_command(command)

@@ -1,0 +1,217 @@
+"""`facenet-cli pack OUT --data ROOT`: a data set's crops as a few large tar shards with an index.
+
+The format is described in facenet/data/packfile.py (the reading side) and
+docs/datasets.md. The split is the one `load_dataset(ROOT)` gives the trainer
+(lists as written, or a folder tree's seeded hold-out), in the same order, so
+a pack feeds every rank the samples the folder would. Deterministic: the
+same data set packs to the same bytes (members carry no times or owners).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+
+import numpy as np
+
+from facenet import confine
+from facenet.data import packfile
+from facenet.data.dataset import load_dataset
+from facenet.data.loader import MAX_FILE_BYTES
+from facenet.errors import UserError
+from facenet.verification.pairs import format_pairs, pairs_file_in, read_pairs
+
+DEFAULT_SHARD_BYTES = 1 << 30
+SHARD_NAME = "shard-{:06d}.tar"
+UNREADABLE_NAMED = 100  # pack.json names this many unreadable images (and counts them all)
+
+
+class _Hashing:
+    """The file a tar shard is written to, hashed as it is written (a shard is never read back to hash it)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+class _Shards:
+    """Writes members into shard-NNNNNN.tar files of about `limit` bytes each; `add` gives (shard, offset)."""
+
+    def __init__(self, out: str, limit: int, roots: confine.Roots | None):
+        self.out, self.limit, self.roots = out, limit, roots
+        self.done: list[dict] = []
+        self._open = None
+
+    def _start(self) -> None:
+        name = SHARD_NAME.format(len(self.done))
+        ctx = confine.confined_write(os.path.join(self.out, name), self.roots, "pack shard")
+        fh = ctx.__enter__()
+        hashing = _Hashing(fh)
+        self._open = (name, ctx, hashing, tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT))
+
+    def add(self, rel: str, data: bytes) -> tuple[int, int]:
+        if self._open is None:
+            self._start()
+        tar = self._open[3]
+        info = tarfile.TarInfo(rel)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
+        # addfile leaves the data padded to whole 512-byte blocks at the end: it starts that far back.
+        at = (len(self.done), tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+        tar.members.clear()  # the index keeps what is needed; 3M TarInfo objects would not be bounded
+        if tar.offset >= self.limit:
+            self.close()
+        return at
+
+    def close(self) -> None:
+        if self._open is None:
+            return
+        name, ctx, hashing, tar = self._open
+        tar.close()
+        size = hashing.tell()
+        ctx.__exit__(None, None, None)
+        self.done.append({"name": name, "bytes": size, "sha256": hashing.sha.hexdigest()})
+        self._open = None
+
+
+def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: float = 0.2, seed: int = 123456,
+         roots: confine.Roots | None = None, progress: bool = True) -> dict:
+    """Pack data root DATA into OUT; returns the summary (pack.json says the rest). A rerun over a finished
+    pack of the same data set does nothing; OUT must otherwise be new, empty or an earlier pack."""
+    if not 1 << 20 <= shard_bytes <= 1 << 40:
+        raise UserError(f"--shard-bytes {shard_bytes}: must be between 1 MiB and 1 TiB")
+    t0 = time.perf_counter()
+    split = load_dataset(data, holdout, seed, roots)
+    if split.layout == "packed":
+        raise UserError(f"--data {data}: is a pack already")
+    root = split.root
+    out = confine.check(out, roots, "OUT")
+    if out == root or out.startswith(root + os.sep) or root.startswith(out + os.sep):
+        raise UserError(f"{out}: the pack and the data set {root} must not hold one another")
+    done = _finished(out, split.manifest_hash, roots)
+    if done is not None:
+        return {**done, "skipped": True, "seconds": round(time.perf_counter() - t0, 3)}
+    _check_out(out, roots)
+    pairs_path = pairs_file_in(root)
+    pairs = read_pairs(pairs_path, root, roots, "verification pairs") if pairs_path else None
+    parts = {"train": [(os.path.relpath(p, root), label) for p, label in split.train],
+             "test": [(os.path.relpath(p, root), label) for p, label in split.test],
+             "pairs": [(os.path.relpath(p, root), -1) for p in (pairs.images() if pairs else [])]}
+    total = sum(len(v) for v in parts.values())
+    confine.ensure_dir(out, roots, "OUT")
+    shards = _Shards(out, shard_bytes, roots)
+    index: dict[str, np.ndarray] = {}
+    unreadable: list[dict] = []
+    packed: dict[str, tuple[int, int, int, bytes]] = {}  # rel -> entry: an image in two lists is stored once
+    bar = _progress(total, progress)
+    try:
+        for part, rows in parts.items():
+            entries = np.zeros(len(rows), dtype=[("shard", np.int32), ("offset", np.int64), ("size", np.int64),
+                                                 ("sha256", np.uint8, 32)])
+            for k, (rel, _) in enumerate(rows):
+                if rel not in packed:
+                    packed[rel] = _add(shards, root, rel, roots, unreadable)
+                entries[k] = packed[rel]
+                bar.update(1)
+            for name in packfile.INDEX_FIELDS:
+                index[f"{part}_{name}"] = entries[name]
+    finally:
+        bar.close()
+    shards.close()
+    _remove_other_shards(out, {s["name"] for s in shards.done}, roots)
+    _write_lists(out, parts, pairs, root, index, roots)
+    header = {"format": packfile.PACK_FORMAT, "version": packfile.PACK_VERSION, "source": root,
+              "source_layout": split.layout, "manifest_hash": split.manifest_hash,
+              "split": "as listed" if split.layout == "lists" else {"holdout": holdout, "seed": seed},
+              "classes": split.classes, "counts": {part: len(rows) for part, rows in parts.items()},
+              "bytes": sum(s["bytes"] for s in shards.done), "shards": shards.done,
+              "unreadable": len(unreadable), "unreadable_named": unreadable[:UNREADABLE_NAMED]}
+    confine.write_bytes(os.path.join(out, packfile.PACK_FILE), (json.dumps(header, indent=1) + "\n").encode(),
+                        roots, "pack header")  # last: says the pack is whole
+    seconds = time.perf_counter() - t0
+    return {**_summary(out, header), "skipped": False, "seconds": round(seconds, 3),
+            "img_per_s": round(total / seconds, 1) if seconds > 0 else 0.0}
+
+
+def _add(shards: _Shards, root: str, rel: str, roots, unreadable: list) -> tuple[int, int, int, np.ndarray]:
+    """One image into the shards: its index entry, or size -1 (named in pack.json) when it cannot be read,
+    which the loader then treats as the folder loader treats an unreadable file."""
+    try:
+        data = confine.read_bytes(os.path.join(root, rel), roots, "image", MAX_FILE_BYTES)
+    except (OSError, confine.Refused) as exc:
+        unreadable.append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:200]})
+        return -1, 0, -1, np.zeros(32, dtype=np.uint8)
+    shard, offset = shards.add(rel, data)
+    return shard, offset, len(data), np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+
+
+def _write_lists(out: str, parts: dict, pairs, root: str, index: dict, roots) -> None:
+    for part in ("train", "test"):
+        text = "".join(f"{rel} {label}\n" for rel, label in parts[part])
+        confine.write_bytes(os.path.join(out, packfile.LISTS[part]), text.encode(), roots, "pack list")
+    if pairs is not None:
+        text = "".join(f"{rel}\n" for rel, _ in parts["pairs"])
+        confine.write_bytes(os.path.join(out, packfile.LISTS["pairs"]), text.encode(), roots, "pack list")
+        confine.write_bytes(os.path.join(out, "test_pairs.txt"), format_pairs(pairs.pairs, root).encode(), roots,
+                            "pack list")
+    buf = io.BytesIO()
+    np.savez(buf, **index)
+    confine.write_bytes(os.path.join(out, packfile.INDEX_FILE), buf.getvalue(), roots, "pack index")
+
+
+def _finished(out: str, manifest_hash: str | None, roots) -> dict | None:
+    """The summary of a whole pack of this same data set already in OUT, else None."""
+    if manifest_hash is None or not packfile.is_pack(out):
+        return None
+    try:
+        header = packfile.read_header(out, roots)
+    except UserError:
+        return None
+    return _summary(out, header) if header.get("manifest_hash") == manifest_hash else None
+
+
+def _check_out(out: str, roots) -> None:
+    """OUT is new, empty, or holds only a pack's files (an earlier or unfinished pack, rewritten)."""
+    if not os.path.isdir(out):
+        return
+    ours = set(packfile.LISTS.values()) | {packfile.PACK_FILE, packfile.INDEX_FILE, "test_pairs.txt"}
+    other = [name for name, _ in confine.scandir(out, roots, "OUT")
+             if name not in ours and not (name.startswith("shard-") and name.endswith(".tar"))
+             and ".tmp-" not in name]
+    if other:
+        raise UserError(f"{out}: holds {len(other)} files that are not a pack's (first: {sorted(other)[0]}); "
+                        "pack into a new or empty folder")
+
+
+def _remove_other_shards(out: str, keep: set[str], roots) -> None:
+    """An earlier pack's shards that this one does not name (it had more)."""
+    dir_fd = confine.open_dir(out, roots, "OUT")
+    try:
+        for name, kind in confine.scandir(out, roots, "OUT"):
+            if kind == "file" and name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+                os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _summary(out: str, header: dict) -> dict:
+    return {"out": out, "source": header["source"], "manifest_hash": header["manifest_hash"],
+            "shards": len(header["shards"]), "bytes": header["bytes"], **header["counts"],
+            "classes": len(header["classes"]), "unreadable": header["unreadable"]}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="pack", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
