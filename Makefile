@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
+.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify bench-scale demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,12 @@ bench-nodes: install
 
 bench-verify: install
 	$(PY) -m facenet.bench.verify_bench --out build/bench_verify.json
+
+# Data preparation (plan, shard records, finalize, dataset, samplers, loader, pairs) against the number of
+# photos on a synthetic VGGFace2-layout tree of hard links: time, peak RSS and fitted exponent per stage.
+# BENCH_SCALE_ARGS='--photos 2k,100k,1M,3.31M' for the full curve (default 2k).
+bench-scale: install
+	$(PY) -m facenet.bench.scale --out $(BENCH_DIR)/bench_scale.json $(BENCH_SCALE_ARGS)
 
 demo: install
 	$(PY) -m services.stack.demo

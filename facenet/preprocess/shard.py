@@ -15,17 +15,24 @@ import io
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 from facenet import confine
-from facenet.preprocess.faces import DetectorSettings, FaceCropper
 from facenet.images import conversion_of, load_rgb
 from facenet.preprocess.plan import Plan, state_dir
 
-_CROPPERS: dict[DetectorSettings, FaceCropper] = {}
+if TYPE_CHECKING:
+    from facenet.preprocess.faces import DetectorSettings, FaceCropper
+
+# The detector (and torch) load on first use: finalize and the shard checks read records only, and torch's
+# import alone is ~860 MB of RSS, more than finalize needs at VGGFace2's size.
+_CROPPERS: "dict[DetectorSettings, FaceCropper]" = {}
 
 
 def cropper_for(plan: Plan, device: str) -> FaceCropper:
     """The process's MTCNN for these settings, built on first use and kept (never one per image)."""
+    from facenet.preprocess.faces import DetectorSettings, FaceCropper
+
     p = plan.params
     settings = DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac, device=device)
     if settings not in _CROPPERS:
