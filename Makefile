@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify bench-scale demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
+.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify bench-scale bench-pack demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ bench-verify: install
 # BENCH_SCALE_ARGS='--photos 2k,100k,1M,3.31M' for the full curve (default 2k).
 bench-scale: install
 	$(PY) -m facenet.bench.scale --out $(BENCH_DIR)/bench_scale.json $(BENCH_SCALE_ARGS)
+
+# The loader alone from files and from a pack (facenet-cli pack) of the same crops, in one process.
+# BENCH_PACK_ARGS='--cold' drops the page cache before each pass (root only).
+bench-pack: install
+	$(PY) -m facenet.bench.pack_bench --out $(BENCH_DIR)/bench_pack.json $(BENCH_PACK_ARGS)
 
 demo: install
 	$(PY) -m services.stack.demo

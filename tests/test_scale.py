@@ -177,3 +177,15 @@ def test_training_on_a_pack_verifies_on_its_pairs(orl_faces, packed_orl, tmp_pat
         reports.append(json.loads(e.stdout))
     for key in ("accuracy", "auc", "pairs", "images"):
         assert reports[0][key] == reports[1][key], key
+
+
+def test_the_pack_benchmark_reads_both_ways(tmp_path):
+    out = tmp_path / "bench_pack.json"
+    r = subprocess.run([sys.executable, "-m", "facenet.bench.pack_bench", "--images", "300", "--repeats", "1",
+                        "--work", str(tmp_path / "w"), "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = read_json(out)
+    assert report["train_images"] == 240 and report["pack"]["shards"] == 1
+    for row in report["passes"].values():
+        assert row["files"] > 0 and row["packed"] > 0 and row["packed_vs_files"] == round(row["packed"] / row["files"], 3)
