@@ -105,38 +105,34 @@ def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: f
     _check_out(out, roots)
     pairs_path = pairs_file_in(root)
     pairs = read_pairs(pairs_path, root, roots, "verification pairs") if pairs_path else None
-    parts = {"train": [(os.path.relpath(p, root), label) for p, label in split.train],
-             "test": [(os.path.relpath(p, root), label) for p, label in split.test],
-             "pairs": [(os.path.relpath(p, root), -1) for p in (pairs.images() if pairs else [])]}
-    total = sum(len(v) for v in parts.values())
+    sources = {"train": split.train, "test": split.test}
+    if pairs is not None:
+        sources["pairs"] = [(path, -1) for path in pairs.images()]
+    total = sum(len(v) for v in sources.values())
     confine.ensure_dir(out, roots, "OUT")
     shards = _Shards(out, shard_bytes, roots)
     index: dict[str, np.ndarray] = {}
-    unreadable: list[dict] = []
-    packed: dict[str, tuple[int, int, int, bytes]] = {}  # rel -> entry: an image in two lists is stored once
+    unreadable = {"count": 0, "named": []}
     bar = _progress(total, progress)
     try:
-        for part, rows in parts.items():
-            entries = np.zeros(len(rows), dtype=[("shard", np.int32), ("offset", np.int64), ("size", np.int64),
-                                                 ("sha256", np.uint8, 32)])
-            for k, (rel, _) in enumerate(rows):
-                if rel not in packed:
-                    packed[rel] = _add(shards, root, rel, roots, unreadable)
-                entries[k] = packed[rel]
-                bar.update(1)
-            for name in packfile.INDEX_FIELDS:
-                index[f"{part}_{name}"] = entries[name]
+        for part, samples in sources.items():
+            index.update(_pack_part(part, samples, root, out, shards, roots, unreadable, bar))
     finally:
         bar.close()
     shards.close()
     _remove_other_shards(out, {s["name"] for s in shards.done}, roots)
-    _write_lists(out, parts, pairs, root, index, roots)
+    if pairs is not None:
+        confine.write_bytes(os.path.join(out, "test_pairs.txt"), format_pairs(pairs.pairs, root).encode(), roots,
+                            "pack list")
+    buf = io.BytesIO()
+    np.savez(buf, **index)
+    confine.write_bytes(os.path.join(out, packfile.INDEX_FILE), buf.getvalue(), roots, "pack index")
     header = {"format": packfile.PACK_FORMAT, "version": packfile.PACK_VERSION, "source": root,
               "source_layout": split.layout, "manifest_hash": split.manifest_hash,
               "split": "as listed" if split.layout == "lists" else {"holdout": holdout, "seed": seed},
-              "classes": split.classes, "counts": {part: len(rows) for part, rows in parts.items()},
+              "classes": split.classes, "counts": {part: len(sources.get(part, ())) for part in packfile.LISTS},
               "bytes": sum(s["bytes"] for s in shards.done), "shards": shards.done,
-              "unreadable": len(unreadable), "unreadable_named": unreadable[:UNREADABLE_NAMED]}
+              "unreadable": unreadable["count"], "unreadable_named": unreadable["named"]}
     confine.write_bytes(os.path.join(out, packfile.PACK_FILE), (json.dumps(header, indent=1) + "\n").encode(),
                         roots, "pack header")  # last: says the pack is whole
     seconds = time.perf_counter() - t0
@@ -144,30 +140,35 @@ def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: f
             "img_per_s": round(total / seconds, 1) if seconds > 0 else 0.0}
 
 
-def _add(shards: _Shards, root: str, rel: str, roots, unreadable: list) -> tuple[int, int, int, np.ndarray]:
-    """One image into the shards: its index entry, or size -1 (named in pack.json) when it cannot be read,
-    which the loader then treats as the folder loader treats an unreadable file."""
+ENTRY = np.dtype([("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("sha256", np.uint8, 32)])
+
+
+def _pack_part(part: str, samples, root: str, out: str, shards: _Shards, roots, unreadable: dict,
+               bar) -> dict[str, np.ndarray]:
+    """One list's images into the shards, its list file written as they go: nothing per image is kept but
+    its index entry (a list of 2.5M lines and a dict of what was packed were ~1 GB at VGGFace2's size)."""
+    entries = np.zeros(len(samples), dtype=ENTRY)
+    with confine.confined_write(os.path.join(out, packfile.LISTS[part]), roots, "pack list") as fh:
+        for k, (path, label) in enumerate(samples):
+            rel = os.path.relpath(path, root)
+            entries[k] = _add(shards, root, rel, roots, unreadable)
+            fh.write(f"{rel}\n".encode() if part == "pairs" else f"{rel} {label}\n".encode())
+            bar.update(1)
+    return {f"{part}_{name}": entries[name] for name in packfile.INDEX_FIELDS}
+
+
+def _add(shards: _Shards, root: str, rel: str, roots, unreadable: dict) -> tuple[int, int, int, np.ndarray]:
+    """One image into the shards: its index entry, or size -1 (counted, the first ones named in pack.json)
+    when it cannot be read, which the loader then treats as the folder loader treats an unreadable file."""
     try:
         data = confine.read_bytes(os.path.join(root, rel), roots, "image", MAX_FILE_BYTES)
     except (OSError, confine.Refused) as exc:
-        unreadable.append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:200]})
+        unreadable["count"] += 1
+        if len(unreadable["named"]) < UNREADABLE_NAMED:
+            unreadable["named"].append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:200]})
         return -1, 0, -1, np.zeros(32, dtype=np.uint8)
     shard, offset = shards.add(rel, data)
     return shard, offset, len(data), np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
-
-
-def _write_lists(out: str, parts: dict, pairs, root: str, index: dict, roots) -> None:
-    for part in ("train", "test"):
-        text = "".join(f"{rel} {label}\n" for rel, label in parts[part])
-        confine.write_bytes(os.path.join(out, packfile.LISTS[part]), text.encode(), roots, "pack list")
-    if pairs is not None:
-        text = "".join(f"{rel}\n" for rel, _ in parts["pairs"])
-        confine.write_bytes(os.path.join(out, packfile.LISTS["pairs"]), text.encode(), roots, "pack list")
-        confine.write_bytes(os.path.join(out, "test_pairs.txt"), format_pairs(pairs.pairs, root).encode(), roots,
-                            "pack list")
-    buf = io.BytesIO()
-    np.savez(buf, **index)
-    confine.write_bytes(os.path.join(out, packfile.INDEX_FILE), buf.getvalue(), roots, "pack index")
 
 
 def _finished(out: str, manifest_hash: str | None, roots) -> dict | None:
