@@ -21,8 +21,7 @@ import numpy as np
 
 from facenet import confine
 from facenet.data import packfile
-from facenet.data.dataset import load_dataset
-from facenet.data.loader import MAX_FILE_BYTES
+from facenet.data.dataset import MAX_IMAGE_BYTES, load_dataset
 from facenet.errors import UserError
 from facenet.verification.pairs import format_pairs, pairs_file_in, read_pairs
 
@@ -161,7 +160,7 @@ def _add(shards: _Shards, root: str, rel: str, roots, unreadable: dict) -> tuple
     """One image into the shards: its index entry, or size -1 (counted, the first ones named in pack.json)
     when it cannot be read, which the loader then treats as the folder loader treats an unreadable file."""
     try:
-        data = confine.read_bytes(os.path.join(root, rel), roots, "image", MAX_FILE_BYTES)
+        data = confine.read_bytes(os.path.join(root, rel), roots, "image", MAX_IMAGE_BYTES)
     except (OSError, confine.Refused) as exc:
         unreadable["count"] += 1
         if len(unreadable["named"]) < UNREADABLE_NAMED:

@@ -25,6 +25,8 @@ from facenet import confine
 from facenet.data import packfile
 from facenet.errors import UserError
 
+# The largest training image read (a face crop is ~10 KB): the loader and `facenet-cli pack` refuse bigger files.
+MAX_IMAGE_BYTES = 32 << 20
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 Sample = tuple[str, int]  # (absolute path, class index)

@@ -28,14 +28,14 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from facenet import confine
-from facenet.data.dataset import Sample, Samples
+from facenet.data.dataset import MAX_IMAGE_BYTES, Sample, Samples
 from facenet.fsutil import cpu_cores
 from facenet.images import animated, to_rgb
 
 MAX_REPLACEMENTS = 16
 # Training images are face crops (160 x 160 from preprocessing); these caps refuse, from the header and
 # before any pixel is decoded, a small file that would decode to gigabytes.
-MAX_FILE_BYTES = 32 << 20
+MAX_FILE_BYTES = MAX_IMAGE_BYTES
 MAX_PIXELS = 4096 * 4096
 # What torchvision decodes straight to a tensor (libjpeg-turbo, libpng, libwebp): the fast path. Each reads one
 # image whatever the file holds: decode_jpeg the primary image of an MPO (phones' 2-frame JPEGs), decode_png the
