@@ -135,24 +135,35 @@ def verify(model: torch.nn.Module, pairs: PairSet, device: torch.device, image_s
 def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: str = "euclidean",
              flip: bool = False, device_type: str = "auto", batch_size: int = 128, workers: int = 0,
              mlflow_uri: str | None = None, log: bool = True, plot: str | None = None, seed: int = 0,
-             progress=None) -> dict:
+             progress=None, bin_file: str | None = None) -> dict:
     """`facenet-cli evaluate`: the report as a dict (see `format_report`); logs to the model's MLflow run
-    when it came from one and `log` is set; writes the ROC curve to `plot` when given."""
+    when it came from one and `log` is set; writes the ROC curve to `plot` when given. With `bin_file` (an
+    insightface verification set, facenet/verification/binset.py) its pairs are scored instead of DATA's,
+    and logged as eval_<set>_* (eval_lfw_verify_acc for lfw.bin)."""
     if metric not in ("euclidean", "cosine"):
         raise UserError(f"--distance {metric}: choose euclidean or cosine")
     _check_batch_size(batch_size)
-    data = os.path.abspath(data)
-    pairs, source = _pairs_of(data, pairs_file, seed)
+    if bin_file:
+        from facenet.verification.binset import BinImages, bin_pairs, read_bin
+
+        data = os.path.abspath(bin_file)
+        bins, issame = read_bin(data)
+        pairs, source = bin_pairs(data, issame), BinImages(data, bins)
+    else:
+        data = os.path.abspath(data)
+        pairs, source = _pairs_of(data, pairs_file, seed)
     with tempfile.TemporaryDirectory(prefix="facenet-eval-") as tmp:
         loaded, device, path, run_id = _prepare(model_ref, device_type, mlflow_uri, tmp)
         result = verify(loaded.model, pairs, device.torch_device, loaded.image_size, metric, flip, batch_size,
                         workers, device.channels_last, progress=progress, source=source)
-        people = pairs.people()
+        people = set() if bin_file else pairs.people()  # a .bin names no one
         seen = people & set(loaded.classes)
         report = {"model": model_ref, "model_file": path if not run_id else f"runs:/{run_id}/" + os.path.relpath(path, tmp),
                   "mlflow_run_id": loaded.run_id, "epoch": loaded.epoch, "image_size": loaded.image_size,
-                  "device": device.type, "data": data, "pairs_source": pairs.source, "identities": len(people),
-                  "identities_seen_in_training": len(seen) if loaded.classes else None, **result}
+                  "device": device.type, "data": data, "pairs_source": pairs.source,
+                  "identities": None if bin_file else len(people),
+                  "identities_seen_in_training": len(seen) if loaded.classes and not bin_file else None,
+                  "set": bin_set_name(bin_file) if bin_file else None, **result}
         png = plot or os.path.join(tmp, "roc.png")
         plot_roc(report, png)
         report["roc_png"] = plot
@@ -237,15 +248,23 @@ def _log_to_run(report: dict, png: str, mlflow_uri: str | None) -> str:
         check_reachable(mlflow_uri)
         client = MlflowClient(mlflow_uri)
         now, step = int(time.time() * 1000), int(report["epoch"] or 0)
-        client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(v), now, step) for k, v in logged_metrics(report).items()])
-        client.log_artifact(run_id, png, "evaluation")
+        prefix, folder = ("eval_", "evaluation") if not report.get("set") else \
+            (f"eval_{report['set']}_", f"evaluation/{report['set']}")
+        client.log_batch(run_id, metrics=[Metric(prefix + k, float(v), now, step) for k, v in logged_metrics(report).items()])
+        client.log_artifact(run_id, png, folder)
         client.log_text(run_id, json.dumps({k: v for k, v in report.items() if k != "roc"}, indent=2),
-                        "evaluation/report.json")
+                        f"{folder}/report.json")
     except UserError as exc:
         return f"not logged to run {run_id}: {exc}"
     except Exception as exc:
         return f"not logged to run {run_id}: {first_line(exc, 200)}"
-    return f"logged to MLflow run {run_id} (eval_* metrics, evaluation/roc.png)"
+    return f"logged to MLflow run {run_id} ({prefix}* metrics, {folder}/roc.png)"
+
+
+def bin_set_name(path: str) -> str:
+    """A verification set's name in metric names: the file's stem, lower-case, [a-z0-9_] only."""
+    stem = os.path.splitext(os.path.basename(path))[0].lower()
+    return re.sub(r"[^a-z0-9_]", "_", stem) or "bin"
 
 
 def logged_metrics(result: dict) -> dict[str, float]:
@@ -263,7 +282,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"model     {r['model']} (epoch {r['epoch'] if r['epoch'] is not None else '?'}, {r['image_size']} px, on {r['device']})",
         f"pairs     {r['pairs_source']}",
-        f"people    {r['identities']}: {seen_text}",
+        f"people    {r['identities']}: {seen_text}" if r["identities"] is not None else
+        "people    not named by the set (an insightface .bin)",
         f"scored    {r['pairs']} pairs ({r['same_pairs']} same, {r['different_pairs']} different), {r['folds']} folds, "
         f"{r['metric']} distance{', flipped images added' if r['flip'] else ''}",
     ]

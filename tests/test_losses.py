@@ -78,6 +78,24 @@ def test_evaluate_a_run_from_mlflow_gives_the_numbers_training_logged(trained, s
     assert run.data.metrics["eval_verify_acc"] == pytest.approx(report["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/roc.png", "evaluation/report.json"}
+    # The same pairs as an insightface .bin: logged beside, under the set's name.
+    import pickle
+
+    from facenet.verification.pairs import read_pairs
+
+    pairs = sorted(read_pairs(os.path.join(sample_split, "test_pairs.txt"), sample_split).pairs, key=lambda p: p.fold)
+    bins = [open(path, "rb").read() for p in pairs for path in (p.a, p.b)]
+    (tmp_path / "Sample-Set.bin").write_bytes(pickle.dumps((bins, [p.same for p in pairs]), protocol=2))
+    res = subprocess.run([sys.executable, "-m", "services.cli", "evaluate", "--model",
+                          f"runs:/{summary['mlflow_run_id']}/model", "--bin", str(tmp_path / "Sample-Set.bin"),
+                          "--device", "cpu", "--json"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    binned = json.loads(res.stdout)
+    assert binned["set"] == "sample_set" and binned["auc"] == pytest.approx(report["auc"], abs=1e-6)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["eval_sample_set_verify_acc"] == pytest.approx(binned["accuracy"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/sample_set")} == \
+        {"evaluation/sample_set/roc.png", "evaluation/sample_set/report.json"}
 
 
 def test_runs_compare_puts_the_losses_side_by_side(trained, mlflow_server, tmp_path):

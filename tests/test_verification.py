@@ -284,3 +284,74 @@ def test_embed_writes_npz_and_parquet(untrained_model, orl_faces, tmp_path):
     assert json.loads(table.schema.metadata[b"facenet"])["image_size"] == 96
     bad = cli("embed", "--model", untrained_model, folder, str(tmp_path / "e.csv"))
     assert bad.returncode != 0 and "name it .npz or .parquet" in bad.stderr
+
+
+# ---- insightface .bin verification sets ------------------------------------------------------------------------
+def _python2_bin(bins: list[bytes], issame: list[bool]) -> bytes:
+    """A .bin as insightface's Python 2 tooling wrote lfw.bin: protocol 2, each image a (SHORT_)BINSTRING,
+    the flags NEWTRUE/NEWFALSE, a TUPLE2 of the two lists."""
+    import struct
+
+    out = bytearray(b"\x80\x02]q\x00(")  # PROTO 2, EMPTY_LIST, BINPUT, MARK
+    for b in bins:
+        out += (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+    out += b"e](" + b"".join(b"\x88" if s else b"\x89" for s in issame) + b"e\x86."  # APPENDS, TUPLE2, STOP
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def orl_pairs_as_bins(orl_faces, tmp_path_factory):
+    """ORL's unseen people's pairs as .bin files in the formats such files come in, pairs ordered by fold."""
+    import pickle
+
+    pairs = read_pairs(os.path.join(orl_faces, "test_pairs.txt"), orl_faces)
+    ordered = sorted(pairs.pairs, key=lambda p: p.fold)
+    bins = [open(path, "rb").read() for p in ordered for path in (p.a, p.b)]
+    issame = [p.same for p in ordered]
+    folder = tmp_path_factory.mktemp("bins")
+    (folder / "lfw.bin").write_bytes(_python2_bin(bins, issame))
+    (folder / "agedb_30.bin").write_bytes(pickle.dumps((bins, np.array(issame)), protocol=4))
+    return folder, len(issame)
+
+
+def test_evaluate_scores_insightface_bins_as_the_folder(untrained_model, orl_faces, orl_pairs_as_bins):
+    folder, n = orl_pairs_as_bins
+    res = cli("evaluate", "--model", untrained_model, "--bin", str(folder / "lfw.bin"), "--bin",
+              str(folder / "agedb_30.bin"), "--device", "cpu", "--json", "--no-log")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lfw, agedb = json.loads(res.stdout)
+    ours = json.loads(cli("evaluate", "--model", untrained_model, "--data", orl_faces, "--device", "cpu", "--json",
+                          "--no-log").stdout)
+    for report, name in ((lfw, "lfw"), (agedb, "agedb_30")):
+        assert report["set"] == name and report["pairs"] == n == ours["pairs"] and report["folds"] == 10
+        assert report["identities"] is None and report["pairs_source"].startswith(f"{name}.bin ({n} pairs")
+        assert report["auc"] == pytest.approx(ours["auc"], abs=1e-6)  # the same bytes, the same embeddings
+    assert lfw["accuracy"] == agedb["accuracy"]
+    flipped = json.loads(cli("evaluate", "--model", untrained_model, "--bin", str(folder / "lfw.bin"), "--flip",
+                             "--device", "cpu", "--json", "--no-log").stdout)
+    assert flipped["flip"] and flipped["auc"] != lfw["auc"]
+
+
+def test_a_bin_that_is_not_a_verification_set_is_refused_without_running_it(untrained_model, tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cases = {"payload.bin": pickle.dumps(([b"a", b"b"], Payload()), protocol=2),
+             "eval.bin": pickle.dumps(([b"a", b"b"], [True]), protocol=2)
+             .replace(b"\x80\x02", b"\x80\x02cbuiltins\neval\n(X\x01\x00\x00\x001tR0", 1),
+             "ints.bin": pickle.dumps(([b"a", b"b"], np.array([1])), protocol=4),
+             "odd.bin": pickle.dumps(([b"a", b"b", b"c"], [True]), protocol=4),
+             "text.bin": b"not a pickle at all"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        res = cli("evaluate", "--model", untrained_model, "--bin", str(tmp_path / name), "--device", "cpu")
+        assert res.returncode != 0 and "Traceback" not in res.stderr, name
+        assert f"--bin {tmp_path / name}:" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "names posix.system" in cli("evaluate", "--model", untrained_model, "--bin", str(tmp_path / "payload.bin"),
+                                       "--device", "cpu").stderr
+    assert not marker.exists()

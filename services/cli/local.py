@@ -175,8 +175,11 @@ def _embedding_command(as_json: bool, run):
 
 @click.command()
 @click.option("--model", "model_ref", required=True, help=MODEL_HELP)
-@click.option("--data", required=True, type=click.Path(), help="data root: a preprocessing OUT (its test_pairs.txt), "
+@click.option("--data", type=click.Path(), help="data root: a preprocessing OUT (its test_pairs.txt), a pack, "
               "an LFW folder (its pairs.txt), or a folder of identity folders (pairs generated from all of it)")
+@click.option("--bin", "bin_files", multiple=True, type=click.Path(dir_okay=False),
+              help="an insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin), instead of --data; "
+                   "repeat for several (read without running pickle code)")
 @click.option("--pairs", "pairs_file", type=click.Path(), default=None,
               help="a pairs file (ours or LFW's pairs.txt) with paths relative to --data [default: found in --data]")
 @click.option("--distance", type=click.Choice(["euclidean", "cosine"]), default="euclidean", show_default=True,
@@ -190,8 +193,8 @@ def _embedding_command(as_json: bool, run):
               "[default: FACENET_MLFLOW_URI, else the local stack's]")
 @click.option("--no-log", is_flag=True, help="do not log to the model's MLflow run")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (with the ROC points)")
-def evaluate(model_ref, data, pairs_file, distance, flip, device, batch_size, seed, plot, mlflow_uri, no_log,
-             as_json) -> None:
+def evaluate(model_ref, data, bin_files, pairs_file, distance, flip, device, batch_size, seed, plot, mlflow_uri,
+             no_log, as_json) -> None:
     """Face verification by the LFW protocol: 10-fold accuracy (each fold's threshold chosen on the other
     folds), VAL@FAR=1e-3, ROC AUC and EER, on pairs of people the report says whether the model saw.
 
@@ -202,13 +205,18 @@ def evaluate(model_ref, data, pairs_file, distance, flip, device, batch_size, se
 
     from facenet.evaluate import evaluate as run_evaluation, format_report
 
-    report = _embedding_command(as_json, lambda progress: run_evaluation(
-        model_ref, data, pairs_file, distance, flip, device, batch_size, mlflow_uri=_mlflow_uri(mlflow_uri),
-        log=not no_log, plot=plot, seed=seed, progress=progress))
+    if bool(data) == bool(bin_files):
+        raise click.UsageError("name the pairs with --data ROOT or with --bin FILE (one or more), not both")
+    if bin_files and (pairs_file or (plot and len(bin_files) > 1)):
+        raise click.UsageError("--pairs goes with --data; --plot with one --bin at most")
+    uri = _mlflow_uri(mlflow_uri)
+    reports = [_embedding_command(as_json, lambda progress, one=one: run_evaluation(
+        model_ref, data, pairs_file, distance, flip, device, batch_size, mlflow_uri=uri, log=not no_log, plot=plot,
+        seed=seed, progress=progress, bin_file=one)) for one in (bin_files or [None])]
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
-        click.echo(format_report(report))
+        click.echo("\n\n".join(format_report(r) for r in reports))
 
 
 @click.command()
