@@ -32,7 +32,7 @@ RESERVED_TAGS = ("job_id", "attempts", "npus", "device_type", "amp", "host")
 SERVICE_OWNED = ("output", "resume", "events", "json_out", "run_id", "mlflow_uri")
 # What the worker resolves or completes of what the client gave: paths checked against its data roots, its
 # own device type and ids, the job's experiment, the service's tags beside the user's.
-SERVICE_RESOLVED = ("data", "pretrained", "verify_pairs", "audit_samples", "device", "device_list", "experiment",
+SERVICE_RESOLVED = ("data", "pretrained", "verify_pairs", "verify_bin", "audit_samples", "device", "device_list", "experiment",
                     "tags")
 
 # Upper bounds: far above any real run, low enough that a typo cannot ask for a million processes or a
@@ -48,16 +48,16 @@ FIELD_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "opti
                "augment": bool, "image_size": int, "dropout": float, "log_every": int, "warmup_steps": int,
                "log_checkpoints": str, "audit_samples": str, "loss": str, "triplet_margin": float,
                "arcface_scale": float, "arcface_margin": float, "images_per_identity": int, "verify_every": int,
-               "verify_pairs": str, "log_model": bool, "compile": str}
+               "verify_pairs": str, "verify_bin": list, "log_model": bool, "compile": str}
 MIN_IMAGE_SIZE = 75  # measured: from 74 px down, a 3 x 3 convolution of InceptionResnetV1 is left a 1 x 1 input
 # Lists hold integers only (a JSON 0.5 or true among them is refused, not truncated or taken as 1).
-LIST_ITEM_TYPES = {"lr_steps": int, "device_list": int}
+LIST_ITEM_TYPES = {"lr_steps": int, "device_list": int, "verify_bin": str}
 MAX_DEVICE_ID = 4095
 # A spec is a few hundred bytes; --spec FILE reads no more than this. Its strings are paths and names: PATH_MAX.
 MAX_SPEC_BYTES = 1 << 20
 MAX_TEXT_CHARS = 4096
 OPTIONAL = ("device_list", "workers", "resume", "json_out", "events", "mlflow_uri", "run_id", "run_name",
-            "pretrained", "audit_samples", "verify_every", "verify_pairs")
+            "pretrained", "audit_samples", "verify_every", "verify_pairs", "verify_bin")
 
 
 def default_pretrained_path() -> str:
@@ -114,6 +114,7 @@ class TrainSpec:
     images_per_identity: int = 4  # triplet: K images of each of P people per batch (P = per-process batch / K)
     verify_every: int | None = None  # None: every epoch when there are pairs; 0: never
     verify_pairs: str | None = None  # None: DATA/test_pairs.txt or DATA/pairs.txt when present
+    verify_bin: list[str] | None = None  # insightface .bin sets verified beside the pairs: <set>_verify_acc, ...
     compile: str = "auto"  # torch.compile mode of the training step; auto: per device type (devices.py)
 
     def placed(self, **decided: Any) -> "TrainSpec":
@@ -214,6 +215,10 @@ class TrainSpec:
             if not math.isfinite(value) or not 0 <= value <= hi or (name == "lr" and value == 0):
                 raise bad(name, value, f"must be a {'positive' if name == 'lr' else 'non-negative'} number "
                           f"up to {hi}")
+        if self.verify_bin is not None:
+            names = [os.path.splitext(os.path.basename(p))[0].lower() for p in self.verify_bin]
+            if not 1 <= len(names) <= 16 or len(set(names)) != len(names) or not all(self.verify_bin):
+                raise bad("verify_bin", ",".join(self.verify_bin), "must name 1 to 16 .bin files of different names")
         if len(self.lr_steps) > 1000:
             raise bad("lr_steps", self.lr_steps, "must be a list of up to 1000 epochs")
         for key, value in self.tags.items():

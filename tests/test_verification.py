@@ -355,3 +355,27 @@ def test_a_bin_that_is_not_a_verification_set_is_refused_without_running_it(untr
     assert "names posix.system" in cli("evaluate", "--model", untrained_model, "--bin", str(tmp_path / "payload.bin"),
                                        "--device", "cpu").stderr
     assert not marker.exists()
+
+
+def test_training_verifies_on_bins_beside_its_pairs(orl_faces, orl_pairs_as_bins, tmp_path):
+    """--verify-bin: each set's numbers every epoch beside verify_acc; the same pairs as a .bin give the same AUC."""
+    from conftest import read_events, run_train
+
+    folder, n = orl_pairs_as_bins
+    out = tmp_path / "run"
+    r = run_train("--data", orl_faces, "--output", str(out), "--epochs", "2", "--batch-size", "32", "--image-size",
+                  "96", "--verify-bin", f"{folder / 'lfw.bin'},{folder / 'agedb_30.bin'}", "--json-out",
+                  str(tmp_path / "summary.json"), env={"MLFLOW_TRACKING_URI": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"verification on lfw.bin ({n} pairs" in r.stdout + r.stderr
+    records = [e for e in read_events(out / "events.jsonl") if e["event"] in ("verify", "epoch")]
+    assert [e["epoch"] for e in records] == [0, 1, 2]
+    for e in records:
+        assert e["lfw_pairs"] == e["agedb_30_pairs"] == e["verify_pairs"] == n
+        assert e["lfw_auc"] == pytest.approx(e["auc"], abs=1e-6) and e["agedb_30_auc"] == pytest.approx(e["auc"], abs=1e-6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lfw_verify_acc"] == records[-1]["lfw_verify_acc"]
+    bad = run_train("--data", orl_faces, "--output", str(tmp_path / "bad"), "--epochs", "1", "--verify-bin",
+                    str(tmp_path / "nothere.bin"))
+    assert bad.returncode != 0 and f"--verify-bin {tmp_path / 'nothere.bin'}: no such file" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -123,6 +123,7 @@ class Run:
     step: "Step"
     compile_mode: str | None
     pairs: object = None  # verification pairs, when there are any
+    bins: list = field(default_factory=list)  # (set name, pairs, images) of each --verify-bin set
     verify_every: int = 0
     resume_path: str | None = None
     start_epoch: int = 0
@@ -149,7 +150,7 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     r.run_id = report.open()
     r.train_loader, r.eval_loader = _loaders(r)
     report.started(len(r.train_loader))
-    if r.pairs is not None and r.start_epoch == 0:
+    if (r.pairs is not None or r.bins) and r.start_epoch == 0:
         r.baseline = {"epoch": 0, **verify(r), "logged_ms": int(time.time() * 1000)}
         report.baseline(r.baseline)
     finished = False
@@ -192,7 +193,8 @@ def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: 
         f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
     if spec.loss == "triplet" and data.num_classes < 2:
         raise UserError(f"--loss triplet: {spec.data} has {data.num_classes} identity; triplets need 2 or more")
-    pairs, verify_every = _verification_pairs(spec, data, roots, say)
+    pairs, verify_every = _verification_pairs(spec, data, roots, say, has_bins=bool(spec.verify_bin))
+    bins = _verification_bins(spec, roots, say)
     seed_everything(spec.seed + info.rank)
     model = build_model(data.num_classes, pretrained_file, spec.dropout, roots)
     model.to(device.torch_device, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
@@ -201,7 +203,7 @@ def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: 
     optimizer = device.make_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, spec.lr_steps, gamma=spec.lr_gamma)
     r = Run(spec, info, device, say, roots, data, amp, workers, model, trainable, objective, optimizer, scheduler,
-            step=None, compile_mode=None, pairs=pairs, verify_every=verify_every, run_id=spec.run_id,
+            step=None, compile_mode=None, pairs=pairs, bins=bins, verify_every=verify_every, run_id=spec.run_id,
             resume_path=resume_path)
     if r.resume_path:
         _resume(r)
@@ -264,7 +266,7 @@ def train_and_evaluate(r: Run, epoch: int, report: Reporter) -> tuple[dict, int]
     train_seconds = time.time() - t_epoch
     acc1, n_eval = evaluate(r, audit) if r.objective.has_classifier else (None, 0)
     verification = {}
-    if r.pairs is not None and ((epoch + 1) % r.verify_every == 0 or epoch + 1 == spec.epochs):
+    if (r.pairs is not None or r.bins) and ((epoch + 1) % r.verify_every == 0 or epoch + 1 == spec.epochs):
         verification = verify(r)
     lr = r.optimizer.param_groups[0]["lr"]
     r.scheduler.step()
@@ -411,15 +413,18 @@ def evaluate(r: Run, audit: "Audit"):
     return (correct_all / total_all if total_all else None), int(total_all)
 
 
-def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Roots | None, say: Console):
+def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Roots | None, say: Console,
+                        has_bins: bool = False):
     """(the pairs the per-epoch verification runs on, every how many epochs), or (None, 0) with a line
-    saying why not."""
+    saying why not; (None, every) when only --verify-bin sets are verified."""
     from facenet.verification.pairs import pairs_file_in, read_pairs
 
     if spec.verify_every == 0:
         return None, 0
     path = spec.verify_pairs or pairs_file_in(spec.data)
     if path is None:
+        if has_bins:
+            return None, spec.verify_every or 1
         if spec.verify_every is not None:
             raise UserError(f"--verify-every {spec.verify_every}: {spec.data} has no test_pairs.txt or pairs.txt; "
                             "name a pairs file with --verify-pairs")
@@ -436,27 +441,57 @@ def _verification_pairs(spec: TrainSpec, data: DatasetSplit, roots: confine.Root
     return pairs, every
 
 
+def _verification_bins(spec: TrainSpec, roots: confine.Roots | None, say: Console) -> list:
+    """(set name, pairs, images) of each --verify-bin set, read (without running pickle code) before training."""
+    if not spec.verify_bin or spec.verify_every == 0:
+        return []
+    from facenet.evaluate import bin_set_name
+    from facenet.verification.binset import BinImages, bin_pairs, read_bin
+
+    sets = []
+    for path in spec.verify_bin:
+        images, issame = read_bin(path, roots, "--verify-bin")
+        sets.append((bin_set_name(path), bin_pairs(path, issame), BinImages(path, images)))
+        say(f"verification on {sets[-1][1].source} too, logged as {sets[-1][0]}_verify_acc, {sets[-1][0]}_auc, ...")
+    return sets
+
+
 def verify(r: Run) -> dict:
-    """LFW-protocol numbers on the run's pairs, sharded: each rank embeds every world_size-th image, then every
-    rank gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding)."""
-    from facenet.evaluate import logged_metrics, score_pairs
+    """LFW-protocol numbers on the run's pairs (verify_acc, ...) and on each --verify-bin set (<set>_verify_acc,
+    ...)."""
+    from facenet.evaluate import logged_metrics
+
+    out = {}
+    if r.pairs is not None:
+        result = _verify_on(r, r.pairs, r.data.pair_images)
+        out.update({**logged_metrics(result), "verify_pairs": result["pairs"]})
+    for name, pairs, images in r.bins:
+        result = _verify_on(r, pairs, images)
+        out.update({f"{name}_{k}": v for k, v in logged_metrics(result).items()})
+        out[f"{name}_pairs"] = result["pairs"]
+    return out
+
+
+def _verify_on(r: Run, pairs, source) -> dict:
+    """score_pairs' numbers for `pairs`, sharded: each rank embeds every world_size-th image, then every rank
+    gathers all embeddings and scores the pairs (the same numbers everywhere; cheap next to embedding).
+    `source` reads images that are not files (a pack's, a .bin's)."""
+    from facenet.evaluate import score_pairs
     from facenet.verification.embed import embed_paths
 
-    model, pairs, spec, device, amp, info, roots = r.model, r.pairs, r.spec, r.device, r.amp, r.info, r.roots
-    channels_last = r.channels_last
-
+    model, spec, device, amp, info, roots = r.model, r.spec, r.device, r.amp, r.info, r.roots
     images = pairs.images()
     mine = images[info.rank::info.world_size]
     emb, bad = embed_paths(model, mine, device.torch_device, spec.image_size, batch_size=max(32, spec.batch_size // info.world_size),
-                           channels_last=channels_last, autocast=lambda: device.autocast(amp.enabled, amp.dtype),
-                           roots=roots, progress=lambda *_: LIVENESS.beat(), source=r.data.pair_images)
+                           channels_last=r.channels_last, autocast=lambda: device.autocast(amp.enabled, amp.dtype),
+                           roots=roots, progress=lambda *_: LIVENESS.beat(), source=source)
     full = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
     unreadable: set[str] = set()
     for rank, part, part_bad in dist.all_gather_object((info.rank, emb, bad)):
         full[rank::info.world_size] = part
         unreadable.update(part_bad)
     result, _, _ = score_pairs(pairs, images, full, unreadable)
-    return {**logged_metrics(result), "verify_pairs": result["pairs"]}
+    return result
 
 
 def _share_bad_paths(local: set, reported: set, say: Console) -> set:

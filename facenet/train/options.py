@@ -23,6 +23,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _path_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x.strip() != ""]
+
+
 def _tag(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
@@ -33,6 +37,27 @@ def _tag(text: str) -> tuple[str, str]:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user error
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _loss_and_verification(p: argparse.ArgumentParser, d: TrainSpec) -> None:
+    g = p.add_argument_group("loss and verification")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="softmax: the recipe's classifier head; triplet: FaceNet's loss with online semi-hard "
+                        "mining over P people x K images per batch; arcface: additive angular margin head")
+    g.add_argument("--triplet-margin", type=float, default=d.triplet_margin,
+                   help="triplet margin on squared distances of unit embeddings")
+    g.add_argument("--images-per-identity", type=int, default=d.images_per_identity, metavar="K",
+                   help="triplet: K images of each person per batch (each process's batch must be a multiple)")
+    g.add_argument("--arcface-scale", type=float, default=d.arcface_scale, help="arcface: logit scale s")
+    g.add_argument("--arcface-margin", type=float, default=d.arcface_margin, help="arcface: angular margin m (radians)")
+    g.add_argument("--verify-every", type=int, default=None, metavar="N",
+                   help="verification on pairs (LFW protocol) every N epochs; default: every epoch when DATA has "
+                        "test_pairs.txt or pairs.txt (or --verify-pairs is given); 0: never")
+    g.add_argument("--verify-pairs", metavar="FILE",
+                   help="pairs file for the per-epoch verification (ours or LFW's), paths relative to DATA")
+    g.add_argument("--verify-bin", type=_path_list, default=None, metavar="A.bin,B.bin",
+                   help="insightface verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin) verified with the pairs, "
+                        "logged per epoch as <set>_verify_acc, <set>_auc, ...")
 
 
 def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentParser:
@@ -67,21 +92,7 @@ def get_args_parser(prog: str = "python -m facenet.train") -> argparse.ArgumentP
                    help=f"vggface2 weights to start from; auto uses {default_pretrained_path()} when it "
                         "exists, else trains from scratch. Nothing is downloaded")
 
-    g = p.add_argument_group("loss and verification")
-    g.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="softmax: the recipe's classifier head; triplet: FaceNet's loss with online semi-hard "
-                        "mining over P people x K images per batch; arcface: additive angular margin head")
-    g.add_argument("--triplet-margin", type=float, default=d.triplet_margin,
-                   help="triplet margin on squared distances of unit embeddings")
-    g.add_argument("--images-per-identity", type=int, default=d.images_per_identity, metavar="K",
-                   help="triplet: K images of each person per batch (each process's batch must be a multiple)")
-    g.add_argument("--arcface-scale", type=float, default=d.arcface_scale, help="arcface: logit scale s")
-    g.add_argument("--arcface-margin", type=float, default=d.arcface_margin, help="arcface: angular margin m (radians)")
-    g.add_argument("--verify-every", type=int, default=None, metavar="N",
-                   help="verification on pairs (LFW protocol) every N epochs; default: every epoch when DATA has "
-                        "test_pairs.txt or pairs.txt (or --verify-pairs is given); 0: never")
-    g.add_argument("--verify-pairs", metavar="FILE",
-                   help="pairs file for the per-epoch verification (ours or LFW's), paths relative to DATA")
+    _loss_and_verification(p, d)
 
     g = p.add_argument_group("precision")
     g.add_argument("--amp", "--amp_cfg", "--amp-cfg", action="store_true",

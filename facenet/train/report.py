@@ -26,6 +26,11 @@ EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "ep
 VERIFY_METRICS = ("verify_acc", "val_far_1e-3", "auc", "eer")
 
 
+def bin_metrics(r) -> tuple[str, ...]:
+    """The per-epoch metric names of the run's --verify-bin sets: <set>_verify_acc, <set>_auc, ..."""
+    return tuple(f"{name}_{m}" for name, _, _ in r.bins for m in VERIFY_METRICS)
+
+
 def unwritable(exc: OSError, path: str | None = None) -> UserError:
     """`exc` from writing `path` (the file the error names, when the OSError has none: a full disk)."""
     return UserError(f"cannot write {one_line(exc.filename or path or 'an output file')}: {exc.strerror or exc} "
@@ -85,7 +90,8 @@ class Reporter:
         """One epoch's metrics at step = epoch. Logged after the checkpoint that holds the record; a resumed run
         sends its history again with the same timestamps, which MLflow keeps once."""
         if self.tracker:
-            self.tracker.log_metrics({k: record[k] for k in EPOCH_METRICS if record.get(k) is not None},
+            names = EPOCH_METRICS + bin_metrics(self.r)
+            self.tracker.log_metrics({k: record[k] for k in names if record.get(k) is not None},
                                      step=record["epoch"], timestamp_ms=record.get("logged_ms"))
 
     def started(self, steps_per_epoch: int) -> None:
@@ -95,8 +101,10 @@ class Reporter:
 
     def baseline(self, record: dict) -> None:
         """The untrained (or pretrained) model's verification, at step 0: what training has to beat."""
-        self.say(f"verification before training: accuracy {record['verify_acc']:.4f}, VAL@FAR=1e-3 "
-                 f"{record['val_far_1e-3']:.4f}, AUC {record['auc']:.4f}")
+        said = [f"accuracy {record['verify_acc']:.4f}, VAL@FAR=1e-3 {record['val_far_1e-3']:.4f}, AUC "
+                f"{record['auc']:.4f}"] if "verify_acc" in record else []
+        said += [f"{name} accuracy {record[name + '_verify_acc']:.4f}" for name, _, _ in self.r.bins]
+        self.say("verification before training: " + "; ".join(said))
         self.events.emit("verify", **record)
         self._log_epoch(record)
 
@@ -109,6 +117,8 @@ class Reporter:
         acc_text = "n/a" if record["acc1"] is None else f"{record['acc1']:.4f}"
         verify_text = (f" | verify {record['verify_acc']:.4f} auc {record['auc']:.4f}" if "verify_acc" in record
                        else "")
+        verify_text += "".join(f" | {name} {record[name + '_verify_acc']:.4f}" for name, _, _ in self.r.bins
+                               if name + "_verify_acc" in record)
         self.say(f"Epoch {record['epoch']}/{self.r.spec.epochs} | loss {record['loss']:.4f} | train acc "
                  f"{record['train_acc']:.4f} | Acc@1 {acc_text} ({n_eval} held out){verify_text} | fps "
                  f"{record['fps']:.1f} ({record['fps'] / world:.1f}/device) | lr {record['lr']:g} | "
@@ -218,5 +228,6 @@ def summary(r, t_start: float) -> dict:
         "mlflow_run_id": r.run_id,
         "fps_measured_over": {"images": images, "seconds": round(seconds, 3),
                               "note": "all ranks, steady-state steps only, device synchronized"},
-        "verify_untrained": r.baseline and {k: r.baseline[k] for k in VERIFY_METRICS},
+        "verify_untrained": r.baseline and {k: r.baseline.get(k) for k in VERIFY_METRICS},
+        **{k: last.get(k) for k in bin_metrics(r)},
     }

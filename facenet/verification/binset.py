@@ -103,27 +103,30 @@ class _Loader(pickle.Unpickler):
         raise _Refused("it holds a persistent reference")
 
 
-def read_bin(path: str, roots: confine.Roots | None = None) -> tuple[list[bytes], list[bool]]:
-    """(2N image byte strings, N same-person flags) of an insightface .bin, or UserError in one line."""
-    data = confine.read_bytes(path, roots, "--bin", MAX_BIN_BYTES)
+def read_bin(path: str, roots: confine.Roots | None = None, what: str = "--bin") -> tuple[list[bytes], list[bool]]:
+    """(2N image byte strings, N same-person flags) of an insightface .bin, or UserError in one line naming
+    `what` (the option) and the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file")
+    data = confine.read_bytes(path, roots, what, MAX_BIN_BYTES)
     try:
         obj = _Loader(io.BytesIO(data), encoding="bytes").load()
     except _Refused as exc:
-        raise UserError(f"--bin {path}: refused: {exc}") from None
+        raise UserError(f"{what} {path}: refused: {exc}") from None
     except Exception as exc:  # truncated or not a pickle at all
-        raise UserError(f"--bin {path}: not an insightface verification set ({type(exc).__name__}: "
+        raise UserError(f"{what} {path}: not an insightface verification set ({type(exc).__name__}: "
                         f"{str(exc)[:100]})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise UserError(f"--bin {path}: not an insightface verification set (expected a pickled (bins, issame))")
+        raise UserError(f"{what} {path}: not an insightface verification set (expected a pickled (bins, issame))")
     bins, issame = obj
     if isinstance(issame, _BoolArray):
         issame = issame.values
     if not isinstance(bins, list) or not all(isinstance(b, (bytes, bytearray)) for b in bins):
-        raise UserError(f"--bin {path}: its images are not a list of encoded image bytes")
+        raise UserError(f"{what} {path}: its images are not a list of encoded image bytes")
     if not isinstance(issame, list) or not all(isinstance(s, bool) for s in issame):
-        raise UserError(f"--bin {path}: its same/different flags are not a list of bools or a bool array")
+        raise UserError(f"{what} {path}: its same/different flags are not a list of bools or a bool array")
     if not issame or len(bins) != 2 * len(issame):
-        raise UserError(f"--bin {path}: {len(bins)} images for {len(issame)} pairs (two images a pair)")
+        raise UserError(f"{what} {path}: {len(bins)} images for {len(issame)} pairs (two images a pair)")
     return [bytes(b) for b in bins], issame
 
 

@@ -90,7 +90,7 @@ def pump_output(proc: subprocess.Popen, log, reg: Registry, job_id: str, prefix:
 
 def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> dict:
     """The spec's own paths besides --data, checked and resolved without touching the spec: --pretrained and
-    --verify-pairs must lie in the data roots (refused before anything says whether they exist),
+    --verify-pairs and --verify-bin must lie in the data roots (refused before anything says whether they exist),
     --audit-samples in them or, relative, beneath the job's output folder `output`. Returns {field: path}
     for `dataclasses.replace` on the worker's copy of the spec (the stored spec keeps what the user wrote)."""
     paths = {}
@@ -98,6 +98,8 @@ def check_job_paths(spec: TrainSpec, data_roots: list[str], output: str) -> dict
         paths["pretrained"] = check_path_allowed(spec.pretrained, data_roots, "--pretrained")
     if spec.verify_pairs:
         paths["verify_pairs"] = check_path_allowed(spec.verify_pairs, data_roots, "--verify-pairs")
+    if spec.verify_bin:
+        paths["verify_bin"] = [check_path_allowed(p, data_roots, "--verify-bin") for p in spec.verify_bin]
     if spec.audit_samples:
         if os.path.isabs(spec.audit_samples):
             paths["audit_samples"] = check_path_allowed(spec.audit_samples, data_roots, "--audit-samples")
