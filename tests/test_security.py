@@ -161,7 +161,7 @@ def test_crops_and_hashes_refuse_devices_fifos_and_symlinks(tree):
     assert "outside the data roots" in load_rgb(str(root / "s.png"), roots=roots).reject
 
 
-def test_pretrained_and_audit_samples_are_confined(tree):
+def test_pretrained_audit_samples_and_verify_bins_are_confined(tree):
     from facenet.model import resolve_pretrained
     from facenet.spec import TrainSpec
     from services.queue.trainer import check_job_paths
@@ -175,7 +175,9 @@ def test_pretrained_and_audit_samples_are_confined(tree):
     assert messages[0] == messages[1]
     for spec, match in ((TrainSpec(data=str(root), pretrained=str(outside / "secrets.env")), "--pretrained"),
                         (TrainSpec(data=str(root), audit_samples=str(outside / "audit")), "--audit-samples"),
-                        (TrainSpec(data=str(root), audit_samples="../../outside"), "--audit-samples")):
+                        (TrainSpec(data=str(root), audit_samples="../../outside"), "--audit-samples"),
+                        (TrainSpec(data=str(root), verify_bin=[str(root / "in.bin"), str(outside / "secrets.env")]),
+                         "--verify-bin")):
         with pytest.raises(confine.Refused, match=match):
             check_job_paths(spec, roots.roots, str(root / "runs" / "job"))
     ok = TrainSpec(data=str(root), audit_samples="audit")
@@ -183,6 +185,8 @@ def test_pretrained_and_audit_samples_are_confined(tree):
     assert check_job_paths(ok, roots.roots, str(root / "runs" / "job")) == {
         "audit_samples": str(root / "runs" / "job" / "audit")}
     assert ok.audit_samples == "audit"
+    inside = TrainSpec(data=str(root), verify_bin=[str(root / "lfw.bin")])
+    assert check_job_paths(inside, roots.roots, str(root / "runs" / "job")) == {"verify_bin": [str(root / "lfw.bin")]}
 
 
 # ---- memory from small hostile files -------------------------------------------------------------------

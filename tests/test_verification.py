@@ -363,13 +363,13 @@ def test_training_verifies_on_bins_beside_its_pairs(orl_faces, orl_pairs_as_bins
 
     folder, n = orl_pairs_as_bins
     out = tmp_path / "run"
-    r = run_train("--data", orl_faces, "--output", str(out), "--epochs", "2", "--batch-size", "32", "--image-size",
+    r = run_train("--data", orl_faces, "--output", str(out), "--epochs", "1", "--batch-size", "32", "--image-size",
                   "96", "--verify-bin", f"{folder / 'lfw.bin'},{folder / 'agedb_30.bin'}", "--json-out",
                   str(tmp_path / "summary.json"), env={"MLFLOW_TRACKING_URI": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"verification on lfw.bin ({n} pairs" in r.stdout + r.stderr
     records = [e for e in read_events(out / "events.jsonl") if e["event"] in ("verify", "epoch")]
-    assert [e["epoch"] for e in records] == [0, 1, 2]
+    assert [e["epoch"] for e in records] == [0, 1]
     for e in records:
         assert e["lfw_pairs"] == e["agedb_30_pairs"] == e["verify_pairs"] == n
         assert e["lfw_auc"] == pytest.approx(e["auc"], abs=1e-6) and e["agedb_30_auc"] == pytest.approx(e["auc"], abs=1e-6)
