@@ -321,6 +321,20 @@ def ensure_dir(folder: str, roots: Roots | None, what: str = "folder") -> str:
     return check(folder, roots, what)
 
 
+def remove(folder: str, name: str, roots: Roots | None, what: str = "folder") -> None:
+    """Unlink `name` in `folder`, reached beneath the roots through no symlink (by the folder's fd, so a link
+    swapped in for the folder is never followed); nothing when either is not there."""
+    if not os.path.isdir(folder):
+        return
+    dir_fd = open_dir(folder, roots, what)
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def confined_write(path: str, roots: Roots | None, what: str = "output", fsync: bool = False):
     """atomic_write into a folder reached beneath the roots through no symlink; the temp file is created

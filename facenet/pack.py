@@ -102,7 +102,7 @@ def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: f
     if done is not None:
         return {**done, "skipped": True, "seconds": round(time.perf_counter() - t0, 3)}
     _check_out(out, roots)
-    _unlink(out, packfile.PACK_FILE, roots)  # an earlier pack's header goes first: a cut-short rerun is no pack
+    confine.remove(out, packfile.PACK_FILE, roots, "OUT")  # an earlier pack's header goes first: a cut-short rerun is no pack
     pairs_path = pairs_file_in(root)
     pairs = read_pairs(pairs_path, root, roots, "verification pairs") if pairs_path else None
     sources = {"train": split.train, "test": split.test}
@@ -199,19 +199,7 @@ def _remove_other_shards(out: str, keep: set[str], roots) -> None:
     """An earlier pack's shards that this one does not name (it had more)."""
     for name, kind in confine.scandir(out, roots, "OUT"):
         if kind == "file" and name.startswith("shard-") and name.endswith(".tar") and name not in keep:
-            _unlink(out, name, roots)
-
-
-def _unlink(out: str, name: str, roots) -> None:
-    if not os.path.isdir(out):
-        return
-    dir_fd = confine.open_dir(out, roots, "OUT")
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(dir_fd)
+            confine.remove(out, name, roots, "OUT")
 
 
 def _summary(out: str, header: dict) -> dict:

@@ -64,6 +64,12 @@ def test_a_plan_is_read_shard_by_shard_under_its_id(tmp_path):
         [plan.shard_items(i) for i in range(plan.num_shards)]
     header = (tmp_path / "out" / ".preprocess" / "plan.json").stat().st_size
     assert header < 4096  # no item in it
+    import dataclasses
+
+    fewer = dataclasses.replace(plan, items=plan.items[:-1])  # a re-plan of other items: its own items file
+    save_plan(fewer)
+    assert sorted(p.name for p in (tmp_path / "out" / ".preprocess").glob("plan-*.items")) == [fewer.items_name]
+    assert fewer.plan_id != plan.plan_id and load_plan(plan.out).plan_id == fewer.plan_id
 
 
 @pytest.fixture(scope="module")

@@ -329,13 +329,7 @@ def save_plan(plan: Plan, roots: confine.Roots | None = None) -> str:
     confine.write_bytes(path, plan.to_json().encode(), roots, "preprocessing state")
     for name, kind in confine.scandir(folder, roots, "preprocessing state"):
         if kind == "file" and name.startswith("plan-") and name.endswith(".items") and name != plan.items_name:
-            dir_fd = confine.open_dir(folder, roots, "preprocessing state")
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(dir_fd)
+            confine.remove(folder, name, roots, "preprocessing state")
     return path
 
 
