@@ -36,29 +36,18 @@ class Samples:
     """A sequence of (path, label) samples held in three numpy arrays: the paths (relative to `base`) as one
     UTF-8 blob, where each ends, and the labels. Loader worker processes are forked with the dataset; a Python
     list of 3M tuples there is copied page by page as the workers touch its reference counts (0.5 GiB a
-    worker at VGGFace2's size), arrays never are. Indexing makes the (path, label) tuple on the fly."""
+    worker at VGGFace2's size), arrays never are. Indexing makes the (path, label) tuple on the fly. Made by
+    SamplesBuilder (or `build`)."""
 
-    def __init__(self, base: str, rels: list[str], labels: list[int]):
-        import numpy as np
+    def __init__(self, base: str, blob, ends, labels):
+        self.base, self._blob, self._ends, self.labels = base, blob, ends, labels
 
-        if len(rels) != len(labels):
-            raise ValueError(f"{len(rels)} paths but {len(labels)} labels")
-        encoded = [rel.encode("utf-8", "surrogateescape") for rel in rels]
-        self.base = base
-        self._ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
-        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-
-    @classmethod
-    def from_arrays(cls, base: str, blob, ends, labels) -> "Samples":
-        out = cls.__new__(cls)
-        out.base, out._blob, out._ends, out.labels = base, blob, ends, labels
-        return out
-
-    @classmethod
-    def of(cls, samples: list[Sample]) -> "Samples":
-        """From (absolute path, label) pairs (paths kept as given: the base is empty)."""
-        return cls("", [path for path, _ in samples], [label for _, label in samples])
+    @staticmethod
+    def build(base: str, rels, labels) -> "Samples":
+        builder = SamplesBuilder(base)
+        for rel, label in zip(rels, labels, strict=True):
+            builder.add(rel, label)
+        return builder.done()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -99,7 +88,7 @@ class Samples:
         if not all(path in where for path in paths):
             return None
         picked = np.array([where[path] for path in paths], dtype=np.int64)
-        sub = Samples(self.base, [self.rel(int(k)) for k in picked], list(range(len(paths))))
+        sub = Samples.build(self.base, [self.rel(int(k)) for k in picked], range(len(paths)))
         sub.reader = self.reader.subset(picked) if self.reader is not None else None
         return sub
 
@@ -124,7 +113,7 @@ class SamplesBuilder:
     def done(self) -> Samples:
         import numpy as np
 
-        return Samples.from_arrays(self.base, np.frombuffer(self.blob, dtype=np.uint8),
+        return Samples(self.base, np.frombuffer(self.blob, dtype=np.uint8),
                                    np.frombuffer(self.ends, dtype=np.int64), np.frombuffer(self.labels, dtype=np.int64))
 
 
@@ -309,7 +298,7 @@ def _from_pack(root: str, roots: confine.Roots | None) -> DatasetSplit:
                 if line]
         if any(os.path.isabs(rel) or ".." in rel.split("/") for rel in rels):
             raise UserError(f"{pairs_list}: paths must be relative to the pack")
-        pair_images = Samples(root, rels, list(range(len(rels))))
+        pair_images = Samples.build(root, rels, range(len(rels)))
         pair_images.reader = packfile.PackedReader(root, shards, packfile.read_index(root, roots, "pairs", len(rels)))
     return DatasetSplit(root, "packed", [names[i] for i in range(len(names))], parts["train"], parts["test"],
                         head.get("manifest_hash"), pair_images)
