@@ -24,6 +24,7 @@ from facenet import weights
 from facenet.errors import UserError, first_line
 from facenet.verification import metrics as vm
 from facenet.verification.embed import distances, embed_paths
+from facenet.verification.binset import set_name
 from facenet.verification.pairs import PairSet, find_pairs
 
 FAR_TARGET = 1e-3
@@ -144,11 +145,10 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
         raise UserError(f"--distance {metric}: choose euclidean or cosine")
     _check_batch_size(batch_size)
     if bin_file:
-        from facenet.verification.binset import BinImages, bin_pairs, read_bin
+        from facenet.verification.binset import load_set
 
         data = os.path.abspath(bin_file)
-        bins, issame = read_bin(data)
-        pairs, source = bin_pairs(data, issame), BinImages(data, bins)
+        pairs, source = load_set(data)
     else:
         data = os.path.abspath(data)
         pairs, source = _pairs_of(data, pairs_file, seed)
@@ -163,7 +163,7 @@ def evaluate(model_ref: str, data: str, pairs_file: str | None = None, metric: s
                   "device": device.type, "data": data, "pairs_source": pairs.source,
                   "identities": None if bin_file else len(people),
                   "identities_seen_in_training": len(seen) if loaded.classes and not bin_file else None,
-                  "set": bin_set_name(bin_file) if bin_file else None, **result}
+                  "set": set_name(bin_file) if bin_file else None, **result}
         png = plot or os.path.join(tmp, "roc.png")
         plot_roc(report, png)
         report["roc_png"] = plot
@@ -259,12 +259,6 @@ def _log_to_run(report: dict, png: str, mlflow_uri: str | None) -> str:
     except Exception as exc:
         return f"not logged to run {run_id}: {first_line(exc, 200)}"
     return f"logged to MLflow run {run_id} ({prefix}* metrics, {folder}/roc.png)"
-
-
-def bin_set_name(path: str) -> str:
-    """A verification set's name in metric names: the file's stem, lower-case, [a-z0-9_] only."""
-    stem = os.path.splitext(os.path.basename(path))[0].lower()
-    return re.sub(r"[^a-z0-9_]", "_", stem) or "bin"
 
 
 def logged_metrics(result: dict) -> dict[str, float]:

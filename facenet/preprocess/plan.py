@@ -83,12 +83,22 @@ class Plan:
         return len(self.items) if self.items is not None else self.stored.count
 
     @functools.cached_property
-    def shard_hashes(self) -> list[str]:
-        """A hash of each shard's lines in the items file: the plan's id covers every item through them,
-        and a shard read back is checked against its own."""
+    def _layout(self) -> tuple[list[int], list[str]]:
+        """(where each shard's lines start in the items file, and the end; each shard's hash), from one pass
+        over the items. The plan's id covers every item through the hashes, and a shard read back is checked
+        against its own."""
         if self.stored is not None:
-            return self.stored.hashes
-        return [hashlib.sha256(_encode(self.shard_items(i))).hexdigest()[:32] for i in range(self.num_shards)]
+            return self.stored.offsets, self.stored.hashes
+        offsets, hashes = [0], []
+        for i in range(self.num_shards):
+            data = _encode(self.shard_items(i))
+            offsets.append(offsets[-1] + len(data))
+            hashes.append(hashlib.sha256(data).hexdigest()[:32])
+        return offsets, hashes
+
+    @property
+    def shard_hashes(self) -> list[str]:
+        return self._layout[1]
 
     @functools.cached_property
     def plan_id(self) -> str:
@@ -148,12 +158,7 @@ class Plan:
 
     def to_json(self) -> str:
         """The header: everything but the items, which lie in `items_name` beside it, one per line."""
-        offsets = [0]
-        if self.stored is not None:
-            offsets = self.stored.offsets
-        else:
-            for i in range(self.num_shards):
-                offsets.append(offsets[-1] + len(_encode(self.shard_items(i))))
+        offsets = self._layout[0]
         return json.dumps({"version": PLAN_VERSION, "raw": self.raw, "out": self.out,
                            "params": dataclasses.asdict(self.params), "layout": self.layout, "count": self.count,
                            "refused": self.refused, "items_file": self.items_name, "offsets": offsets,

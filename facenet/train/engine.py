@@ -445,13 +445,11 @@ def _verification_bins(spec: TrainSpec, roots: confine.Roots | None, say: Consol
     """(set name, pairs, images) of each --verify-bin set, read (without running pickle code) before training."""
     if not spec.verify_bin or spec.verify_every == 0:
         return []
-    from facenet.evaluate import bin_set_name
-    from facenet.verification.binset import BinImages, bin_pairs, read_bin
+    from facenet.verification.binset import load_set, set_name
 
     sets = []
     for path in spec.verify_bin:
-        images, issame = read_bin(path, roots, "--verify-bin")
-        sets.append((bin_set_name(path), bin_pairs(path, issame), BinImages(path, images)))
+        sets.append((set_name(path), *load_set(path, roots, "--verify-bin")))
         say(f"verification on {sets[-1][1].source} too, logged as {sets[-1][0]}_verify_acc, {sets[-1][0]}_auc, ...")
     return sets
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 
 from facenet import confine
 from facenet.errors import UserError
@@ -128,6 +129,18 @@ def read_bin(path: str, roots: confine.Roots | None = None, what: str = "--bin")
     if not issame or len(bins) != 2 * len(issame):
         raise UserError(f"{what} {path}: {len(bins)} images for {len(issame)} pairs (two images a pair)")
     return [bytes(b) for b in bins], issame
+
+
+def set_name(path: str) -> str:
+    """A verification set's name in metric names: the file's stem, lower-case, [a-z0-9_] only."""
+    stem = os.path.splitext(os.path.basename(path))[0].lower()
+    return re.sub(r"[^a-z0-9_]", "_", stem) or "bin"
+
+
+def load_set(path: str, roots: confine.Roots | None = None, what: str = "--bin") -> "tuple[PairSet, BinImages]":
+    """A .bin's pairs and its images (embed_paths' `source`): what evaluate --bin and --verify-bin score."""
+    images, issame = read_bin(path, roots, what)
+    return bin_pairs(path, issame), BinImages(path, images)
 
 
 def bin_pairs(path: str, issame: list[bool], folds: int = DEFAULT_FOLDS) -> PairSet:
