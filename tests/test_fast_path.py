@@ -148,7 +148,12 @@ def test_batched_detection_finds_the_per_photo_boxes(sample_root):
     from facenet.preprocess.detect import detect_faces, detect_faces_batch
     from facenet.preprocess.faces import DetectorSettings, FaceCropper
 
+    import torch
+
     cropper = FaceCropper(DetectorSettings())
+    # A detector leaves the process's grad mode alone (it used to switch it off, and a bench that trained after
+    # detecting in one process failed), and builds no autograd graph itself.
+    assert torch.is_grad_enabled() and not any(p.requires_grad for p in cropper.mtcnn.parameters())
     raw = os.path.join(sample_root, "raw")
     paths = [os.path.join(raw, ident, sorted(os.listdir(os.path.join(raw, ident)))[k])
              for ident in sorted(os.listdir(raw)) for k in (0, 1)]

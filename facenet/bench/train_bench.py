@@ -37,9 +37,9 @@ def reference_run(data_dir: str, epochs: int, batch_size: int, lr: float, worker
     split = load_dataset(data_dir, holdout, seed)
     trans = transforms.Compose([np.float32, transforms.ToTensor(), fixed_image_standardization])
     dataset = datasets.ImageFolder(data_dir, transform=trans)
-    index = {path: i for i, (path, _) in enumerate(dataset.samples)}
-    train_inds = [index[p] for p, _ in split.train]
-    val_inds = [index[p] for p, _ in split.test]
+    index = {os.path.abspath(path): i for i, (path, _) in enumerate(dataset.samples)}
+    train_inds = [index[os.path.abspath(p)] for p, _ in split.train]
+    val_inds = [index[os.path.abspath(p)] for p, _ in split.test]
     train_loader = DataLoader(dataset, num_workers=workers, batch_size=batch_size,
                               sampler=SubsetRandomSampler(train_inds))
     val_loader = DataLoader(dataset, num_workers=workers, batch_size=batch_size,

@@ -52,10 +52,12 @@ class FaceCropper:
         from facenet_pytorch import MTCNN
 
         self.settings = settings
-        torch.set_grad_enabled(False)
         self.mtcnn = MTCNN(image_size=settings.image_size, margin=settings.margin, min_face_size=20,
                            thresholds=list(settings.thresholds), keep_all=True, select_largest=False,
                            device=settings.device)
+        # No autograd graph in detection, without switching grad off for the whole process (which broke any
+        # training that ran after a detector in the same process, as the GPU bench does).
+        self.mtcnn.requires_grad_(False)
         from facenet.devices import Device
 
         if Device(settings.device).channels_last:

@@ -53,8 +53,10 @@ class Probe:
 
 
 def build(device: devices.Device, batch_size: int, spec: TrainSpec | None = None, image_size: int = 160,
-          num_classes: int = 8, channels_last: bool | None = None, seed: int = 0) -> Probe:
-    """A probe of `spec`'s step (default: the recipe's, with --amp) on `device`, batch `batch_size`."""
+          num_classes: int = 8, channels_last: bool | None = None, seed: int = 0,
+          compile_mode: str | None = None) -> Probe:
+    """A probe of `spec`'s step (default: the recipe's, with --amp) on `device`, batch `batch_size`, eager or
+    compiled in `compile_mode` (a torch.compile mode, as `Device.compile_mode` resolves --compile)."""
     spec = spec or TrainSpec(data="synthetic", amp=True, batch_size=batch_size)
     channels_last = device.channels_last if channels_last is None else channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -62,7 +64,7 @@ def build(device: devices.Device, batch_size: int, spec: TrainSpec | None = None
     model = build_model(num_classes, None, spec.dropout).to(device.torch_device, memory_format=fmt).train()
     amp = make_amp(spec, device)
     optimizer = device.make_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
-    step = Step(Trainable(model, spec.loss), make_objective(spec), device, amp, None)
+    step = Step(Trainable(model, spec.loss), make_objective(spec), device, amp, compile_mode)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device.torch_device)
     x = x.contiguous(memory_format=fmt)
