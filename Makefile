@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify bench-scale bench-pack demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
+.PHONY: install install-ascend-torch test test-ascend-torch bench bench-outage bench-nodes bench-verify bench-align bench-scale bench-pack demo chaos env-file up join down logs ps urls cli wheelhouse base-images clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,onnx]'
 	touch $@
 
 test: install
@@ -62,6 +62,10 @@ bench-nodes: install
 
 bench-verify: install
 	$(PY) -m facenet.bench.verify_bench --out build/bench_verify.json
+
+# Box crops against --align crops of the same photos (ORL, and the sample people), same training budget.
+bench-align: install
+	$(PY) -m facenet.bench.verify_bench --compare-align --losses softmax,arcface --out build/bench_align.json
 
 # Data preparation (plan, shard records, finalize, dataset, samplers, loader, pairs) against the number of
 # photos on a synthetic VGGFace2-layout tree of hard links: time, peak RSS and fitted exponent per stage.

@@ -1,7 +1,8 @@
 """Verification of a trained model by the LFW protocol: `facenet-cli evaluate` and training's per-epoch check.
 
-MODEL is one of our model files (`OUTPUT/model.pt`) or checkpoints (`OUTPUT/checkpoint.pt`), a training
-output folder (its model.pt, else its checkpoint), or an MLflow model URI `runs:/<run id>/model` (the run's
+MODEL is one of our model files (`OUTPUT/model.pt`) or checkpoints (`OUTPUT/checkpoint.pt`), an exported
+ONNX model (`facenet-cli export`; the `onnx` extra runs it), a training output folder (its model.pt, else its
+checkpoint), or an MLflow model URI `runs:/<run id>/model` (the run's
 `final/model.pt` artifact, else its checkpoint). The report says where the pairs came from and how many of
 their people the model was trained on; for a model that came from an MLflow run, its metrics (`eval_*`),
 a ROC curve PNG and the report JSON are logged to that run.
@@ -82,9 +83,16 @@ def _download_from_run(run_id: str, mlflow_uri: str | None, workdir: str) -> str
 
 
 def load_model(path: str, run_id: str | None = None) -> LoadedModel:
-    """Build InceptionResnetV1 from one of our model files or checkpoints (tensors only: no pickle)."""
+    """Build InceptionResnetV1 from one of our model files or checkpoints (tensors only: no pickle), or open an
+    exported ONNX model (`.onnx`, facenet.onnxrt) behind the same interface."""
     from facenet_pytorch import InceptionResnetV1
 
+    if path.endswith(".onnx"):
+        from facenet.onnxrt import load_onnx
+
+        net, meta = load_onnx(path)
+        return LoadedModel(net, path, meta["image_size"], meta["classes"], run_id or meta["mlflow_run_id"],
+                           meta["epoch"])
     obj = weights.load(path, None, "--model")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise UserError(f"--model {path}: not a facenet model or checkpoint (no 'model' state dict)")

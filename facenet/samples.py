@@ -244,9 +244,9 @@ def orl_photos(cache: str | None = None) -> str:
 
 
 def build_orl_dataset(root: str, train_people: int = 30, image_size: int = 160, workers: int | None = None,
-                      cache: str | None = None) -> str:
+                      cache: str | None = None, align: bool = False) -> str:
     """ROOT/raw in VGGFace2's layout (train/s1..s<train_people>, test/ the rest: people training never
-    sees), then MTCNN preprocessing into ROOT/prep: train/ and test/ crops, train_list.txt /
+    sees), then MTCNN preprocessing (`align`: --align) into ROOT/prep: train/ and test/ crops, train_list.txt /
     test_list.txt (held-out photos of the training people) and test_pairs.txt (pairs of the test people).
     Returns ROOT/prep; reruns reuse everything."""
     from facenet.preprocess import Params, run_local
@@ -264,5 +264,28 @@ def build_orl_dataset(root: str, train_people: int = 30, image_size: int = 160, 
             if not os.path.exists(target):
                 shutil.copyfile(os.path.join(photos, f"s{k}", f"{n}.pgm"), target)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    run_local(raw, prep, Params(image_size=image_size), workers=workers, progress=False)
+    run_local(raw, prep, Params(image_size=image_size, align=align), workers=workers, progress=False)
+    return prep
+
+
+SAMPLE_TRAIN_PEOPLE = ("t1_person1", "t1_person2", "t1_person3", "t1_person4")
+
+
+def build_sample_split(root: str, image_size: int = 160, align: bool = False, per_identity: int = 40,
+                       workers: int | None = None) -> str:
+    """The 8 sample people as a verification set in VGGFace2's layout: ROOT/raw/train holds 4 of them
+    (SAMPLE_TRAIN_PEOPLE), ROOT/raw/test the other 4 (hard links to ROOT/photos), preprocessed (`align`:
+    --align) into ROOT/prep, whose test_pairs.txt pairs the 4 that training never sees. Returns ROOT/prep."""
+    from facenet.preprocess import Params, run_local
+
+    photos, raw, prep = (os.path.join(root, name) for name in ("photos", "raw", "prep"))
+    make_raw_identities(photos, per_identity=per_identity)
+    for ident in sorted(os.listdir(photos)):
+        folder = os.path.join(raw, "train" if ident in SAMPLE_TRAIN_PEOPLE else "test", ident)
+        os.makedirs(folder, exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(photos, ident))):
+            if not os.path.exists(os.path.join(folder, name)):
+                os.link(os.path.join(photos, ident, name), os.path.join(folder, name))
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    run_local(raw, prep, Params(image_size=image_size, align=align), workers=workers, progress=False)
     return prep

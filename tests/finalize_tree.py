@@ -1,6 +1,7 @@
 """A small preprocessing state with every kind of shard record finalize reads, for the byte-equality test of
 finalize (tests/test_scale.py): the golden outputs in tests/fixtures/finalize_v1/ were written by finalize as it
-was before it streamed its records (commit eb01ec5), from this same tree."""
+was before it streamed its records (commit eb01ec5), from this same tree. One key was added to them by hand since:
+the manifest's params.align (false), when --align came (issue 26)."""
 
 from __future__ import annotations
 

@@ -98,6 +98,59 @@ def test_evaluate_a_run_from_mlflow_gives_the_numbers_training_logged(trained, s
         {"evaluation/sample_set/roc.png", "evaluation/sample_set/report.json"}
 
 
+def test_export_onnx_and_pt2_to_the_run_and_serve_embed_and_evaluate(trained, sample_split, mlflow_server, tmp_path):
+    """A trained model from its MLflow run, exported for serving: onnxruntime embeds the real crops as PyTorch does
+    (within 1e-4), `evaluate --model X.onnx` gives the numbers training logged, and both files are in the run."""
+    import numpy as np
+
+    summary = trained["arcface"]["summary"]
+    env = {**os.environ, "FACENET_MLFLOW_URI": mlflow_server.uri}
+
+    def cli(*args):
+        res = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res
+
+    ref = f"runs:/{summary['mlflow_run_id']}/model"
+    onnx_file, pt2_file = tmp_path / "face.onnx", tmp_path / "face.pt2"
+    exported = json.loads(cli("export", ref, str(onnx_file), "--json").stdout)
+    assert exported["format"] == "onnx" and exported["opset"] == 18 and exported["max_abs_diff"] <= 1e-4
+    assert exported["logged_to_mlflow"] == f"{ref.rsplit('/', 1)[0]}/export/face.onnx"
+    assert json.loads(cli("export", ref, str(pt2_file), "--json").stdout)["format"] == "pt2"
+    client = mlflow_server.client()
+    assert {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "export")} == \
+        {"export/face.onnx", "export/face.pt2"}
+    # The same crops through onnxruntime and through PyTorch (the trainer's model file), 1 and then 7 at a time.
+    import onnxruntime as ort
+    import torch
+
+    from facenet.data.loader import FaceImages, collate, to_device
+    from facenet.evaluate import load_model
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, 96, 96] and session.get_outputs()[0].shape == ["batch", 512]
+    crops = sorted(os.path.join(root, f) for root, _, files in os.walk(os.path.join(sample_split, "test")) for f in files)
+    net = load_model(str(trained["arcface"]["out"] / "model.pt")).model.eval()
+    net.classify = False
+    for batch in (crops[:1], crops[1:8]):
+        dataset = FaceImages([(p, i) for i, p in enumerate(batch)], 96)
+        x = to_device(collate([dataset[i] for i in range(len(batch))]).images, torch.device("cpu"), False)
+        with torch.inference_mode():
+            want = net(x).numpy()
+        got = session.run(None, {"crops": x.numpy()})[0]
+        assert got.shape == (len(batch), 512) and np.abs(got - want).max() <= 1e-4
+    # embed and evaluate take the .onnx file as --model.
+    for model, out in ((str(onnx_file), "onnx.npz"), (str(trained["arcface"]["out"] / "model.pt"), "torch.npz")):
+        cli("embed", "--model", model, os.path.join(sample_split, "test"), str(tmp_path / out), "--device", "cpu")
+    a, b = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "torch.npz")
+    assert list(a["paths"]) == list(b["paths"]) and np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-4
+    report = json.loads(cli("evaluate", "--model", str(onnx_file), "--data", sample_split, "--device", "cpu",
+                            "--json", "--no-log").stdout)
+    assert report["accuracy"] == pytest.approx(summary["verify_acc"], abs=1e-3)
+    assert report["auc"] == pytest.approx(summary["auc"], abs=1e-3) and report["epoch"] == 5
+
+
 def test_runs_compare_puts_the_losses_side_by_side(trained, mlflow_server, tmp_path):
     ids = [trained[loss]["summary"]["mlflow_run_id"] for loss in LOSSES]
     env = {**os.environ, "FACENET_MLFLOW_URI": mlflow_server.uri, "FACENET_EXPERIMENT": "test-losses"}

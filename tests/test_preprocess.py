@@ -151,6 +151,7 @@ def test_layout_lists_manifest_and_rejects_are_exact(raw_tree, tmp_path):
                 (["--margin", "8"], f"--margin 8: {out} was preprocessed with 0"),
                 (["--detect-size", "320"], f"--detect-size 320: {out} was preprocessed with 640"),
                 (["--min-face-frac", "0.2"], f"--min-face-frac 0.2: {out} was preprocessed with 0.1"),
+                (["--align"], f"--align: {out} was preprocessed with box crops (no --align)"),
                 ([], f"{out} holds crops of {raw}, not {other_raw}; use another output folder")]
     before = {rel: (out / rel).read_bytes() for rel in _all_files(out)}
     for extra, message in refusals:

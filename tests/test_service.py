@@ -337,12 +337,14 @@ def test_submit_preprocess_alone_and_a_failing_job(stack):
     with open(os.path.join(raw, sorted(os.listdir(raw))[0], "broken.jpg"), "wb") as fh:
         fh.write(b"not a jpeg at all")
     out = os.path.join(stack.root, "faces-small")
-    proc = stack.cli("submit-preprocess", raw, out, "--wait", "--json")
+    proc = stack.cli("submit-preprocess", raw, out, "--align", "--wait", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = json.loads(proc.stdout)
     assert job["status"] == "SUCCEEDED" and job["kind"] == "preprocess"
     assert job["result"]["images"] == 9 and job["result"]["faces"] == 8 and job["result"]["rejects"] == 1
     assert os.path.exists(os.path.join(out, "train_list.txt"))
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["params"]["align"] is True  # the queued job's workers warped by the landmarks
 
     # A dataset with no images: the trainer's one-line error becomes the job's error, --wait exits 1.
     empty = os.path.join(stack.root, "empty-dataset")

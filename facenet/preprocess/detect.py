@@ -29,8 +29,11 @@ from torchvision import ops
 from facenet.devices import nms_device
 
 
-def detect_faces(img: np.ndarray, minsize: float, pnet, rnet, onet, thresholds, factor: float = 0.709):
-    """Faces in an 8-bit RGB image (H, W, 3): (boxes (N, 4) float32 x1 y1 x2 y2, probs (N,) float32).
+def detect_faces(img: np.ndarray, minsize: float, pnet, rnet, onet, thresholds, factor: float = 0.709,
+                 points: bool = False):
+    """Faces in an 8-bit RGB image (H, W, 3): (boxes (N, 4) float32 x1 y1 x2 y2, probs (N,) float32), and with
+    `points` their five landmarks (N, 5, 2) float32 x y: left eye, right eye, nose, left and right mouth corner
+    (as the person faces the camera: "left" is on the image's left), as `MTCNN.detect(landmarks=True)` gives them.
 
     Boxes are in the order facenet-pytorch's `MTCNN.detect` returns them with select_largest=False.
     """
@@ -44,26 +47,28 @@ def detect_faces(img: np.ndarray, minsize: float, pnet, rnet, onet, thresholds, 
     for scale in _scales(h, w, minsize, factor):
         reg, probs = pnet(_normalise(_pyramid_level(table, (int(h * scale + 1), int(w * scale + 1))), dtype))
         found.append(_candidates(reg, probs, scale, thresholds[0]))
+    empty = _EMPTY_POINTS if points else _EMPTY
     if not found:
-        return _EMPTY
+        return empty
     boxes, windows = _inside(_merge_scales(found, device), w, h)
 
     # Second stage: RNet on 24x24 resamples of every candidate.
     if len(boxes) == 0:
-        return _EMPTY
+        return empty
     reg, probs = rnet(_normalise(_box_resample(table, windows, (24, 24)), dtype))
     boxes, windows = _inside(_refine(boxes, reg, probs, thresholds[1]), w, h)
 
     # Third stage: ONet on 48x48 resamples; the final NMS divides by the smaller area ("Min").
     if len(boxes) == 0:
-        return _EMPTY
-    reg, _landmarks, probs = onet(_normalise(_box_resample(table, windows, (48, 48)), dtype))
-    return _final(boxes, reg, probs, thresholds[2])
+        return empty
+    reg, landmarks, probs = onet(_normalise(_box_resample(table, windows, (48, 48)), dtype))
+    return _final(boxes, reg, probs, thresholds[2], landmarks if points else None)
 
 
 def detect_faces_batch(imgs: list[np.ndarray], minsizes: list[float], pnet, rnet, onet, thresholds,
-                       factor: float = 0.709, pnet_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`detect_faces` of many photos at once: [(boxes, probs)] per photo, the same boxes.
+                       factor: float = 0.709, pnet_batch: int = 32, points: bool = False) -> list[tuple]:
+    """`detect_faces` of many photos at once: [(boxes, probs)] per photo (with `points`, (boxes, probs,
+    landmarks)), the same boxes and landmarks.
 
     Each network call serves many photos (on a GPU each photo alone is a few hundred tiny launches): PNet runs
     on a stack of up to `pnet_batch` photos of the same size (and smallest face) per pyramid scale, RNet and
@@ -86,7 +91,7 @@ def detect_faces_batch(imgs: list[np.ndarray], minsizes: list[float], pnet, rnet
                 reg, probs = pnet(_normalise(_pyramid_level(stack, (int(h * scale + 1), int(w * scale + 1))), dtype))
                 for b, i in enumerate(chunk):
                     found[i].append(_candidates(reg[b:b + 1], probs[b:b + 1], scale, thresholds[0]))
-    results: list = [_EMPTY] * len(imgs)
+    results: list = [_EMPTY_POINTS if points else _EMPTY] * len(imgs)
     stage = {}  # photo -> (boxes, windows) still in play
     for i, img in enumerate(imgs):
         if found[i]:
@@ -110,11 +115,12 @@ def detect_faces_batch(imgs: list[np.ndarray], minsizes: list[float], pnet, rnet
                 stage[i] = _inside(_refine(boxes, parts[0][k], parts[1][k], thresholds[1]),
                                    imgs[i].shape[1], imgs[i].shape[0])
             else:
-                results[i] = _final(boxes, parts[0][k], parts[2][k], thresholds[2])
+                results[i] = _final(boxes, parts[0][k], parts[2][k], thresholds[2], parts[1][k] if points else None)
     return results
 
 
 _EMPTY = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+_EMPTY_POINTS = (*_EMPTY, np.zeros((0, 5, 2), np.float32))
 
 
 def _scales(h: int, w: int, minsize: float, factor: float) -> list[float]:
@@ -162,13 +168,23 @@ def _refine(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh:
     return _square(_regress(boxes[pick], reg[pick]))
 
 
-def _final(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh: float):
-    """ONet's verdict on one photo's candidates: (boxes (N, 4), probs (N,)) after the "Min" NMS."""
+def _final(boxes: torch.Tensor, reg: torch.Tensor, probs: torch.Tensor, thresh: float,
+           landmarks: torch.Tensor | None = None):
+    """ONet's verdict on one photo's candidates: (boxes (N, 4), probs (N,)) after the "Min" NMS, and with
+    `landmarks` (ONet's second output) the five points (N, 5, 2), placed in the box ONet saw before its
+    regression, as facenet-pytorch's detect_face places them (x = width * px + x1 - 1, width inclusive)."""
     keep = probs[:, 1] > thresh
-    boxes = _regress(torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1), reg[keep])
+    seen = boxes[keep, :4]
+    boxes = _regress(torch.cat([seen, probs[keep, 1:2]], dim=1), reg[keep])
     boxes = boxes.cpu().numpy()
-    boxes = boxes[_nms_min(boxes[:, :4], boxes[:, 4], 0.7)]
-    return boxes[:, :4], boxes[:, 4]
+    pick = _nms_min(boxes[:, :4], boxes[:, 4], 0.7)
+    if landmarks is None:
+        return boxes[pick, :4], boxes[pick, 4]
+    lm = landmarks[keep]
+    w = (seen[:, 2] - seen[:, 0] + 1)[:, None]
+    h = (seen[:, 3] - seen[:, 1] + 1)[:, None]
+    xy = torch.stack([w * lm[:, :5] + seen[:, 0:1] - 1, h * lm[:, 5:] + seen[:, 1:2] - 1], dim=2)
+    return boxes[pick, :4], boxes[pick, 4], xy.float().cpu().numpy()[pick]
 
 
 # Area resampling (`interpolate(mode="area")`) is adaptive average pooling: output row i averages

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facenet.preprocess.align import align_face
 from facenet.preprocess.detect import detect_faces, detect_faces_batch
 
 
@@ -32,6 +33,7 @@ class DetectorSettings:
     min_face_frac: float = 0.1
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # facenet-pytorch's defaults, as the seed
     device: str = "cpu"
+    align: bool = False  # warp by the five landmarks onto ArcFace's template (align.py) instead of the box crop
 
 
 @dataclass
@@ -72,7 +74,10 @@ class FaceCropper:
         `scale` maps `img` pixels back to the original file's pixels (for boxes in the manifest).
         """
         small, shrink = self.reduced(img)
-        return self._choose(img, scale, small, shrink, *self.detect(small))
+        m = self.mtcnn
+        found = detect_faces(np.asarray(small), self.min_face(small), m.pnet, m.rnet, m.onet, m.thresholds,
+                             m.factor, points=self.settings.align)
+        return self._choose(img, scale, small, shrink, *found)
 
     def find_batch(self, imgs: list[Image.Image], scales: list[float]) -> list[Face | None]:
         """`find` for many photos with one batched detector pass (detect_faces_batch): the same faces."""
@@ -80,17 +85,22 @@ class FaceCropper:
         reduced = [self.reduced(img) for img in imgs]
         found = detect_faces_batch([np.asarray(small) for small, _ in reduced],
                                    [self.min_face(small) for small, _ in reduced],
-                                   m.pnet, m.rnet, m.onet, m.thresholds, m.factor)
-        return [self._choose(img, scale, small, shrink, boxes, probs)
-                for img, scale, (small, shrink), (boxes, probs) in zip(imgs, scales, reduced, found)]
+                                   m.pnet, m.rnet, m.onet, m.thresholds, m.factor, points=self.settings.align)
+        return [self._choose(img, scale, small, shrink, *faces)
+                for img, scale, (small, shrink), faces in zip(imgs, scales, reduced, found)]
 
     def _choose(self, img: Image.Image, scale: float, small: Image.Image, shrink: float, boxes: np.ndarray,
-                probs: np.ndarray) -> Face | None:
+                probs: np.ndarray, points: np.ndarray | None = None) -> Face | None:
+        """The most central large face, cropped by its box or (with `points`, --align) warped by its landmarks;
+        a face whose landmarks give no transform (all in one place) is cropped by its box."""
         if len(boxes) == 0:
             return None
         best = central_largest(boxes.astype(np.float64), small.size)
         box = tuple(float(v) / shrink for v in boxes[best])
-        crop = crop_face(img, box, self.settings.image_size, self.settings.margin)
+        s = self.settings
+        crop = align_face(img, points[best] / shrink, s.image_size, s.margin) if points is not None else None
+        if crop is None:
+            crop = crop_face(img, box, s.image_size, s.margin)
         return Face(tuple(v * scale for v in box), float(probs[best]), crop)
 
     def reduced(self, img: Image.Image) -> tuple[Image.Image, float]:

@@ -131,7 +131,7 @@ def finalize(plan: Plan, roots: confine.Roots | None = None) -> dict:
         "layout": plan.layout,
         # What the output is, not how it was scheduled: no shard size, plan id or timings.
         "params": {k: getattr(p, k) for k in ("image_size", "margin", "detect_size", "min_face_frac", "holdout",
-                                               "seed")},
+                                               "seed", "align")},
         "splits": {s: {"identities": len(tally.identities[s]), "images": c["images"], "faces": c["faces"],
                        "rejects": c["rejects"]} for s, c in sorted(tally.splits.items())},
         "lists": {"classes": len(classes), "train_list": n_train, "test_list": n_test, "test_pairs": len(pairs)},

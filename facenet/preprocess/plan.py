@@ -35,6 +35,15 @@ class Params:
     min_face_frac: float = 0.1
     holdout: float = 0.2
     seed: int = 123456
+    align: bool = False  # --align: five-point similarity warp (facenet/preprocess/align.py) instead of the box
+
+    def as_dict(self) -> dict:
+        """The params as plans store and hash them: `align` only when set, so a plan that never aligned reads
+        and hashes as it did before the setting existed (its id, and a job's shard records, stay valid)."""
+        d = dataclasses.asdict(self)
+        if not d["align"]:
+            del d["align"]
+        return d
 
     def validate(self) -> None:
         """InputError naming the first bad value (types too: a queued job's params come from JSON)."""
@@ -43,6 +52,8 @@ class Params:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else int):
                 raise InputError(f"--{name.replace('_', '-')} {value!r}: must be {'a number' if want is float else 'an integer'}")
+        if not isinstance(self.align, bool):
+            raise InputError(f"--align {self.align!r}: must be true or false")
         if not 32 <= self.image_size <= 1024:
             raise InputError(f"--image-size {self.image_size}: must be in [32, 1024]")
         if not 0 <= self.margin < self.image_size:
@@ -108,7 +119,7 @@ class Plan:
         same at 3.3M items as at 300; a plan is never changed in place (with_shard_size makes a new one)."""
         if not self.params.shard_size:
             raise ValueError("shard size not resolved (call with_shard_size first)")
-        h = hashlib.sha256(json.dumps([PLAN_VERSION, self.raw, self.out, dataclasses.asdict(self.params), self.layout,
+        h = hashlib.sha256(json.dumps([PLAN_VERSION, self.raw, self.out, self.params.as_dict(), self.layout,
                                        self.count, self.refused, self.shard_hashes]).encode())
         return h.hexdigest()[:16]
 
@@ -160,7 +171,7 @@ class Plan:
         """The header: everything but the items, which lie in `items_name` beside it, one per line."""
         offsets = self._layout[0]
         return json.dumps({"version": PLAN_VERSION, "raw": self.raw, "out": self.out,
-                           "params": dataclasses.asdict(self.params), "layout": self.layout, "count": self.count,
+                           "params": self.params.as_dict(), "layout": self.layout, "count": self.count,
                            "refused": self.refused, "items_file": self.items_name, "offsets": offsets,
                            "shard_hashes": self.shard_hashes, "plan_id": self.plan_id})
 
@@ -225,7 +236,7 @@ def _legacy_plan(d: dict) -> Plan:
     if plan.layout not in ("vggface2", "folders") or not all(_plain_item(item) for item in plan.items):
         raise UserError("preprocessing plan is corrupt (an item is not split/identity/file)")
     plan.__dict__["plan_id"] = hashlib.sha256(json.dumps(
-        [plan.raw, plan.out, dataclasses.asdict(plan.params), plan.layout, d["items"], d.get("refused", [])]).encode()).hexdigest()[:16]
+        [plan.raw, plan.out, plan.params.as_dict(), plan.layout, d["items"], d.get("refused", [])]).encode()).hexdigest()[:16]
     return plan
 
 

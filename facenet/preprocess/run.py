@@ -95,7 +95,7 @@ def run_local(raw: str, out: str, params: Params, workers: int = 1, device: str 
 
 
 # Settings that change the crops themselves: a rerun may not mix them (reused crops would disagree).
-CROP_SETTINGS = ("image_size", "margin", "detect_size", "min_face_frac")
+CROP_SETTINGS = ("image_size", "margin", "detect_size", "min_face_frac", "align")
 
 
 def check_same_crops(plan: Plan, roots: confine.Roots | None = None) -> None:
@@ -110,7 +110,10 @@ def check_same_crops(plan: Plan, roots: confine.Roots | None = None) -> None:
     for name in CROP_SETTINGS:
         old, new = getattr(previous.params, name), getattr(plan.params, name)
         if old != new:
-            raise UserError(f"--{name.replace('_', '-')} {new}: {plan.out} was preprocessed with {old}; "
+            asked, was = f"--{name.replace('_', '-')} {new}", old
+            if name == "align":
+                asked, was = ("--align" if v else "box crops (no --align)" for v in (new, old))
+            raise UserError(f"{asked}: {plan.out} was preprocessed with {was}; "
                             "use another output folder (or delete it) to change how faces are cropped")
 
 

@@ -34,7 +34,7 @@ def cropper_for(plan: Plan, device: str) -> FaceCropper:
     from facenet.preprocess.faces import DetectorSettings, FaceCropper
 
     p = plan.params
-    settings = DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac, device=device)
+    settings = DetectorSettings(p.image_size, p.margin, p.detect_size, p.min_face_frac, device=device, align=p.align)
     if settings not in _CROPPERS:
         if device != "cpu":  # a fresh worker process: register torch_npu / check CUDA first
             from facenet.devices import resolve_device_type

@@ -1,5 +1,5 @@
 """`facenet-cli`: the command line users (and scripts) drive the stack with. One module per command family,
-each registered here: local (train, preprocess, evaluate, embed, doctor), jobs (submit-*, status, logs, cancel,
+each registered here: local (train, preprocess, pack, evaluate, embed, export, doctor), jobs (submit-*, status, logs, cancel,
 jobs, workers), runs, stack."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ def cli() -> None:
     """FaceNet Stack: train FaceNet on Ascend NPUs, NVIDIA GPUs or CPUs."""
 
 
-for command in (local.train, local.preprocess, local.pack, local.evaluate, local.embed, local.doctor, jobs.submit_train,
-                jobs.submit_preprocess, jobs.status, jobs.logs, jobs.cancel, jobs.jobs, jobs.workers, runs.runs,
-                stack.stack):
+for command in (local.train, local.preprocess, local.pack, local.evaluate, local.embed, local.export_model,
+                local.doctor, jobs.submit_train, jobs.submit_preprocess, jobs.status, jobs.logs, jobs.cancel, jobs.jobs,
+                jobs.workers, runs.runs, stack.stack):
     cli.add_command(command)
 
 

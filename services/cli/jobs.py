@@ -127,6 +127,8 @@ def _submit_parser():
                    help="MTCNN-crop RAW (VGGFace2 layout) into --data first, in shards on the preprocess queue")
     g.add_argument("--detect-size", type=int, default=640, help="preprocessing: detection image side")
     g.add_argument("--min-face-frac", type=float, default=0.1, help="preprocessing: smallest face / shorter side")
+    g.add_argument("--align", action="store_true", help="preprocessing: warp faces by their five landmarks onto "
+                   "ArcFace's template instead of cropping their boxes")
     g.add_argument("--shard-size", type=int, default=0, help="preprocessing: images per shard (0: auto)")
     g.add_argument("--wait", action="store_true", help="show progress until the job ends; exit non-zero if it fails")
     g.add_argument("--json", dest="as_json", action="store_true", help="print the job (or with --wait its end state) as JSON")
@@ -158,7 +160,7 @@ def submit_train(args: tuple[str, ...]) -> None:
         # Every value and path is checked before Redis is even asked: bad input queues nothing.
         spec = spec_from_namespace(ns, list(args))
         params = Params(image_size=ns.image_size, shard_size=ns.shard_size, detect_size=ns.detect_size,
-                        min_face_frac=ns.min_face_frac, holdout=ns.holdout, seed=ns.seed)
+                        min_face_frac=ns.min_face_frac, holdout=ns.holdout, seed=ns.seed, align=ns.align)
         settings = load_settings()
         submission = check_train_submission(settings, spec, device_type, ns.preprocess_from, params, ns.experiment)
         reg = open_registry(settings)
@@ -186,12 +188,13 @@ def submit_train(args: tuple[str, ...]) -> None:
 @click.option("--margin", type=int, default=0, show_default=True, help="margin around the face, in crop pixels")
 @click.option("--detect-size", type=int, default=640, show_default=True, help="detection image side")
 @click.option("--min-face-frac", type=float, default=0.1, show_default=True, help="smallest face / shorter side")
+@click.option("--align", is_flag=True, help="warp faces by their five landmarks onto ArcFace's template")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="held-out fraction in test_list.txt")
 @click.option("--seed", type=int, default=123456, show_default=True, help="seed of the held-out choice")
 @click.option("--wait", is_flag=True, help="show progress until done; exit non-zero on failure")
 @click.option("--json", "as_json", is_flag=True, help="print the job as JSON")
-def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min_face_frac, holdout, seed, wait,
-                      as_json) -> None:
+def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min_face_frac, align, holdout, seed,
+                      wait, as_json) -> None:
     """Queue MTCNN preprocessing of RAW into OUT, in shards on the preprocess queue."""
     from facenet.errors import UserError
     from facenet.preprocess.plan import Params
@@ -200,7 +203,7 @@ def submit_preprocess(raw, out, shard_size, image_size, margin, detect_size, min
 
     try:
         params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
-                        min_face_frac=min_face_frac, holdout=holdout, seed=seed)
+                        min_face_frac=min_face_frac, holdout=holdout, seed=seed, align=align)
         settings = load_settings()
         submission = check_preprocess_submission(settings, raw, out, params)
         reg = open_registry(settings)

@@ -39,6 +39,8 @@ def train(args: tuple[str, ...]) -> None:
               help="images per shard, the unit of work a worker takes (0: auto, ~8 shards per worker, <= 256)")
 @click.option("--image-size", type=int, default=160, show_default=True, help="side of the square face crop")
 @click.option("--margin", type=int, default=0, show_default=True, help="margin around the face, in crop pixels")
+@click.option("--align", is_flag=True, help="warp each face by its five MTCNN landmarks onto ArcFace's template "
+              "(a similarity transform) instead of cropping its box")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default="cpu", show_default=True,
               help="where MTCNN runs")
 @click.option("--detect-size", type=int, default=640, show_default=True,
@@ -49,8 +51,8 @@ def train(args: tuple[str, ...]) -> None:
               help="fraction of each training identity's faces listed in test_list.txt")
 @click.option("--seed", type=int, default=123456, show_default=True, help="seed of the held-out choice")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def preprocess(raw, out, workers, shard_size, image_size, margin, device, detect_size, min_face_frac, holdout,
-               seed, as_json) -> None:
+def preprocess(raw, out, workers, shard_size, image_size, margin, align, device, detect_size, min_face_frac,
+               holdout, seed, as_json) -> None:
     """MTCNN-crop a raw data set RAW into the training layout OUT (resumable; reruns skip finished work).
 
     RAW is VGGFace2-shaped (RAW/train/<identity>/*.jpg, RAW/test/<identity>/*.jpg) or one folder of
@@ -66,7 +68,7 @@ def preprocess(raw, out, workers, shard_size, image_size, margin, device, detect
     if workers is None:
         workers = cpu_cores()
     params = Params(image_size=image_size, margin=margin, shard_size=shard_size, detect_size=detect_size,
-                    min_face_frac=min_face_frac, holdout=holdout, seed=seed)
+                    min_face_frac=min_face_frac, holdout=holdout, seed=seed, align=align)
     try:
         summary = run_local(raw, out, params, workers=workers, device=device, progress=not as_json)
     except UserError as exc:
@@ -126,8 +128,8 @@ def pack(out, data, shard_bytes, holdout, seed, as_json) -> None:
 
 # ---- verification ------------------------------------------------------------------------------------
 
-MODEL_HELP = ("a model file (OUTPUT/model.pt) or checkpoint, a training output folder, or an MLflow model URI "
-              "runs:/<run id>/model")
+MODEL_HELP = ("a model file (OUTPUT/model.pt) or checkpoint, an exported .onnx model (the onnx extra), a training "
+              "output folder, or an MLflow model URI runs:/<run id>/model")
 
 
 def _mlflow_uri(explicit: str | None) -> str | None:
@@ -245,6 +247,40 @@ def embed(model_ref, folder, out, flip, device, batch_size, mlflow_uri, as_json)
                f"-> {summary['out']}")
     if summary["unreadable"]:
         click.echo(f"left out {len(summary['unreadable'])} unreadable image(s), e.g. {summary['unreadable'][0]}")
+
+
+@click.command("export")
+@click.argument("model_ref", metavar="MODEL")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pt2"]), default=None,
+              help="onnx (onnxruntime, TensorRT; the onnx extra) or pt2 (torch.export) [default: OUT's suffix]")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23)")
+@click.option("--mlflow-uri", default=None, help="MLflow server for runs:/ models and logging "
+              "[default: FACENET_MLFLOW_URI, else the local stack's]")
+@click.option("--no-log", is_flag=True, help="do not log the file to the model's MLflow run")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def export_model(model_ref, out, fmt, opset, mlflow_uri, no_log, as_json) -> None:
+    """Export MODEL (a model.pt or checkpoint, a training output folder, or runs:/<run id>/model) to OUT for
+    serving: the embedding network (float32 RGB crops [batch, 3, S, S] standardised as (pixel - 127.5) / 128
+    in, unit 512-d embeddings out), batch size dynamic. The file is checked before it is kept (onnxruntime or
+    torch.export.load must match PyTorch within 1e-4) and logged to the model's MLflow run under export/.
+    `embed` and `evaluate` take an .onnx file as --model."""
+    from facenet.errors import UserError
+    from facenet.export import export
+
+    try:
+        summary = export(model_ref, out, fmt, opset, _mlflow_uri(mlflow_uri), log=not no_log)
+    except UserError as exc:
+        fail(exc)
+    if as_json:
+        echo_json(summary)
+        return
+    opset_note = f", opset {summary['opset']}" if summary["opset"] else ""
+    click.echo(f"{summary['format']}{opset_note}, {summary['image_size']} px, batch dynamic -> {summary['out']} "
+               f"({summary['bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"checked with {summary['checked_with']}: max |difference| {summary['max_abs_diff']:.1e} "
+               f"(tolerance {summary['tolerance']})")
+    click.echo(summary["mlflow_note"])
 
 
 @click.command()
