@@ -78,20 +78,29 @@ def test_evaluate_a_run_from_mlflow_gives_the_numbers_training_logged(trained, s
     assert run.data.metrics["eval_verify_acc"] == pytest.approx(report["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/roc.png", "evaluation/report.json"}
-    # The same pairs as an insightface .bin: logged beside, under the set's name.
+    # The same pairs as an insightface .bin (60 same and 60 different ones per fold: a .bin holds both images of every pair, and
+    # all 6,000 pairs were 12,000 decodes) score the AUC the folder gives on them; logged beside, under its name.
     import pickle
 
-    from facenet.verification.pairs import read_pairs
+    from facenet.verification.pairs import format_pairs, read_pairs
 
     pairs = sorted(read_pairs(os.path.join(sample_split, "test_pairs.txt"), sample_split).pairs, key=lambda p: p.fold)
+    pairs = [p for fold in sorted({p.fold for p in pairs}) for same in (True, False)
+             for p in [q for q in pairs if q.fold == fold and q.same == same][:60]]
+    (tmp_path / "subset.txt").write_text(format_pairs(pairs, sample_split))
     bins = [open(path, "rb").read() for p in pairs for path in (p.a, p.b)]
     (tmp_path / "Sample-Set.bin").write_bytes(pickle.dumps((bins, [p.same for p in pairs]), protocol=2))
-    res = subprocess.run([sys.executable, "-m", "services.cli", "evaluate", "--model",
-                          f"runs:/{summary['mlflow_run_id']}/model", "--bin", str(tmp_path / "Sample-Set.bin"),
-                          "--device", "cpu", "--json"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    binned = json.loads(res.stdout)
-    assert binned["set"] == "sample_set" and binned["auc"] == pytest.approx(report["auc"], abs=1e-6)
+    scored = {}
+    for name, args in (("folder", ["--data", sample_split, "--pairs", str(tmp_path / "subset.txt"), "--no-log"]),
+                       ("bin", ["--bin", str(tmp_path / "Sample-Set.bin")])):
+        res = subprocess.run([sys.executable, "-m", "services.cli", "evaluate", "--model",
+                              f"runs:/{summary['mlflow_run_id']}/model", *args, "--device", "cpu", "--json"],
+                             capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        scored[name] = json.loads(res.stdout)
+    binned = scored["bin"]
+    assert scored["folder"]["pairs"] == binned["pairs"] == len(pairs) >= 240
+    assert binned["set"] == "sample_set" and binned["auc"] == pytest.approx(scored["folder"]["auc"], abs=1e-6)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.metrics["eval_sample_set_verify_acc"] == pytest.approx(binned["accuracy"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/sample_set")} == \
@@ -141,10 +150,14 @@ def test_export_onnx_and_pt2_to_the_run_and_serve_embed_and_evaluate(trained, sa
         got = session.run(None, {"crops": x.numpy()})[0]
         assert got.shape == (len(batch), 512) and np.abs(got - want).max() <= 1e-4
     # embed and evaluate take the .onnx file as --model.
-    for model, out in ((str(onnx_file), "onnx.npz"), (str(trained["arcface"]["out"] / "model.pt"), "torch.npz")):
-        cli("embed", "--model", model, os.path.join(sample_split, "test"), str(tmp_path / out), "--device", "cpu")
-    a, b = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "torch.npz")
-    assert list(a["paths"]) == list(b["paths"]) and np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-4
+    cli("embed", "--model", str(onnx_file), os.path.join(sample_split, "test"), str(tmp_path / "e.npz"), "--device",
+        "cpu")
+    embedded = np.load(tmp_path / "e.npz")
+    first = os.path.join(sample_split, "test", str(embedded["paths"][0]))
+    dataset = FaceImages([(first, 0)], 96)
+    with torch.inference_mode():
+        want = net(to_device(collate([dataset[0]]).images, torch.device("cpu"), False)).numpy()[0]
+    assert len(embedded["paths"]) == len(crops) and np.abs(embedded["embeddings"][0] - want).max() <= 1e-4
     report = json.loads(cli("evaluate", "--model", str(onnx_file), "--data", sample_split, "--device", "cpu",
                             "--json", "--no-log").stdout)
     assert report["accuracy"] == pytest.approx(summary["verify_acc"], abs=1e-3)
