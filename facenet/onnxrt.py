@@ -36,8 +36,8 @@ def require(module: str, what: str):
 
 class OnnxEmbedder(torch.nn.Module):
     """An onnxruntime session behind the interface `embed_paths` uses: `classify` (always False), eval/train
-    (no-ops), and `__call__(x)` -> embeddings on x's device. The session runs on the CPU provider, or CUDA's
-    where onnxruntime has it and the batch is on a CUDA device."""
+    (no-ops), and `__call__(x)` -> embeddings on x's device. The session runs on onnxruntime's CPU provider
+    (the batch is copied there and back whatever --device is)."""
 
     classify = False
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from facenet.samples import copy_subset
 from facenet.preprocess import align
 
 
@@ -94,11 +94,7 @@ def test_landmarks_are_facenet_pytorchs(sample_root):
 
 def test_align_is_recorded_and_a_rerun_without_it_is_refused(sample_root, tmp_path):
     raw = tmp_path / "raw"
-    src = os.path.join(sample_root, "raw")
-    for ident in sorted(os.listdir(src))[:2]:
-        (raw / ident).mkdir(parents=True)
-        for name in sorted(os.listdir(os.path.join(src, ident)))[:3]:
-            shutil.copy(os.path.join(src, ident, name), raw / ident / name)
+    copy_subset(os.path.join(sample_root, "raw"), str(raw), 2, 3)
     out = tmp_path / "out"
 
     def preprocess(*extra):

@@ -183,17 +183,13 @@ def test_a_shard_cropped_in_batches_equals_one_photo_at_a_time(tmp_path, sample_
     threads) writes the crops, byte for byte, and the records that one photo at a time writes: box crops and
     --align's warps (the landmarks come out of the batched ONet as the boxes do)."""
     import os
-    import shutil
 
     from facenet.preprocess.plan import Params, make_plan
     from facenet.preprocess.shard import run_shard
+    from facenet.samples import copy_subset
 
     raw = tmp_path / "raw"
-    src = os.path.join(sample_root, "raw")
-    for ident in sorted(os.listdir(src))[:3]:
-        (raw / ident).mkdir(parents=True)
-        for name in sorted(os.listdir(os.path.join(src, ident)))[:4]:
-            shutil.copy(os.path.join(src, ident, name), raw / ident / name)
+    copy_subset(os.path.join(sample_root, "raw"), str(raw), 3, 4)
     (raw / "blank").mkdir()
     from PIL import Image
 
