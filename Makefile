@@ -19,24 +19,39 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,onnx]'
 	touch $@
 
+# TEST_WORKERS: processes the suite runs in side by side (pytest-xdist; 0 = one process, in file order). Most tests
+# wait on processes and services; tests/conftest.py hands out the longest first and keeps each module that shares
+# a stack or a trained model on one worker.
+TEST_WORKERS ?= 3
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The Ascend image's torch (images/ascend/pins.env) in a venv of its own, running the trainer's tests on the CPU:
 # an API the code uses that this older torch lacks fails here, not on the NPU host. (PyPI's build: the CPU index
 # is not reachable from every host; on a CPU it runs the same.)
-ASCEND_VENV ?= .venv-ascend
+# The venv lives in the user's cache, named by a hash of the pins and pyproject.toml: a second checkout, or a
+# fresh clone on the same host (CI), reuses it instead of installing ~3 GB again, and a change of either makes a new
+# one. It holds the dependencies only (the project is installed, then removed, as the CPU image does); its tests
+# import this checkout's code through PYTHONPATH, so one venv serves every checkout.
+ASCEND_KEY := $(shell ($(PYTHON) --version; cat images/ascend/pins.env pyproject.toml) 2>&1 | sha256sum | cut -c1-12)
+ASCEND_VENV ?= $(or $(FACENET_CACHE),$(HOME)/.cache/facenet-stack)/venv-ascend-$(ASCEND_KEY)
 ASCEND_PY := $(ASCEND_VENV)/bin/python
 pin = $(shell sed -n 's/^$(1)=//p' images/ascend/pins.env)
 ASCEND_TESTS ?= tests/test_ascend.py tests/test_devices.py tests/test_spec_and_data.py tests/test_fast_path.py \
 	tests/test_train.py::test_learns_real_faces_with_amp_and_logs_to_mlflow \
 	tests/test_train.py::test_two_process_gloo_ddp_reads_disjoint_samples
-install-ascend-torch: $(ASCEND_VENV)/.installed
-$(ASCEND_VENV)/.installed: pyproject.toml images/ascend/pins.env
+install-ascend-torch:
+	@mkdir -p $(dir $(ASCEND_VENV)) && flock $(ASCEND_VENV).lock $(MAKE) --no-print-directory $(ASCEND_VENV)/.installed-$(ASCEND_KEY)
+	@echo "Ascend torch venv: $(ASCEND_VENV)"
+# Named by the key too, so that ASCEND_VENV=DIR is brought up to date when the pins change.
+$(ASCEND_VENV)/.installed-$(ASCEND_KEY):
 	test -x $(ASCEND_PY) || $(PYTHON) -m venv $(ASCEND_VENV)
 	$(ASCEND_PY) -m pip install --quiet --upgrade pip
 	$(ASCEND_PY) -m pip install --quiet torch==$(call pin,ASCEND_TORCH) torchvision==$(call pin,ASCEND_TORCHVISION)
-	$(ASCEND_PY) -m pip install --quiet -e '.[test]'
+	$(ASCEND_PY) -m pip install --quiet '.[test]'
+	$(ASCEND_PY) -m pip uninstall --quiet -y facenet-stack
+	rm -rf build/lib build/bdist.* *.egg-info
 	touch $@
 
 # Left out (nothing of torch in them, and CI's 8 minutes for this): doctor's failures and the unfit worker
@@ -44,7 +59,7 @@ $(ASCEND_VENV)/.installed: pyproject.toml images/ascend/pins.env
 ASCEND_SKIP ?= not says_what_fails and not worker_that_fails and not torch_npu_without_cann
 test-ascend-torch: install-ascend-torch
 	@$(ASCEND_PY) -c 'import torch, torchvision; print("Ascend torch on the CPU:", torch.__version__, torchvision.__version__)'
-	$(ASCEND_PY) -m pytest -q -p no:cacheprovider -k "$(ASCEND_SKIP)" $(ASCEND_TESTS) $(ASCEND_PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(ASCEND_PY) -m pytest -q -p no:cacheprovider $(XDIST) -k "$(ASCEND_SKIP)" $(ASCEND_TESTS) $(ASCEND_PYTEST_ARGS)
 
 # BENCH_DIR: where the JSON goes; BENCH_ARGS / BENCH_QUEUE_ARGS: extra flags (see --help of each)
 BENCH_DIR ?= build

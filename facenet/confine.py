@@ -235,7 +235,11 @@ def read_bytes(path: str, roots: Roots | None, what: str = "file", max_bytes: in
             size = os.fstat(fh.fileno()).st_size
             if size > max_bytes:
                 raise Refused(f"{what} {shown(path)}: {size} bytes, more than the {max_bytes} allowed")
-            data = fh.read(max_bytes + 1)
+            # One byte past what fstat said tells a file that grew while read; reading max_bytes + 1 would
+            # reserve the whole bound (4 GiB for a .bin) whatever the file's size.
+            data = fh.read(size + 1)
+            if len(data) > size:
+                data += fh.read(max_bytes + 1 - len(data))
             if len(data) > max_bytes:  # grew while read
                 raise Refused(f"{what} {shown(path)}: more than the {max_bytes} bytes allowed")
             return data

@@ -29,3 +29,10 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's text (its type's name when it has none), clipped: what a one-line
     error quotes of a library's exception."""
     return clipped((str(exc).strip().splitlines() or [type(exc).__name__])[0], limit)
+
+
+def unwritable(exc: OSError, path: str | None = None, flags: str = "--output, --events or --json-out") -> UserError:
+    """`exc` from writing `path` as one line: the file named is `path` when given (an atomic write's error names
+    its hidden temp file, a full disk none), else the OSError's own; `flags`: where the user chose that path."""
+    return UserError(f"cannot write {one_line(path or exc.filename or 'an output file')}: {exc.strerror or exc} "
+                     f"(a path from {flags})")

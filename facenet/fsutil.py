@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 
 from facenet.errors import UserError
@@ -14,21 +15,23 @@ from facenet.errors import UserError
 def atomic_write(path: str, fsync: bool = False, dir_fd: int | None = None):
     """Yield a binary file handle; on success it replaces PATH in one rename.
 
-    The data goes to a hidden `.NAME.tmp-<pid>` beside PATH first, so readers
-    (and a process killed midway) never see a partial file; leftovers of dead
-    writers are recognisable by that name and pid. With `dir_fd` (PATH's folder,
+    The data goes to a hidden `.NAME.tmp-<pid>.<random>` beside PATH first, so
+    readers (and a process killed midway) never see a partial file; leftovers of
+    dead writers are recognisable by that name and pid. The random part makes the
+    name unguessable: a link planted for a known pid in a shared folder is never
+    in the way (O_EXCL|O_NOFOLLOW already refuses to follow one). With `dir_fd` (PATH's folder,
     already open) every step goes through that descriptor, not the folder's path.
     """
     folder, name = os.path.split(os.path.abspath(path))
     if dir_fd is None:
         os.makedirs(folder, exist_ok=True)
-        tmp, final = os.path.join(folder, f".{name}.tmp-{os.getpid()}"), path
+        tmp, final = os.path.join(folder, _temp_name(name)), path
     else:
-        tmp, final = f".{name}.tmp-{os.getpid()}", name
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp, dir_fd=dir_fd)  # ours from a crash with the same pid, or a planted symlink (removed, never followed)
+        tmp, final = _temp_name(name), name
+    made = False  # a file of this name that we did not create is never removed
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+        made = True
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -36,12 +39,17 @@ def atomic_write(path: str, fsync: bool = False, dir_fd: int | None = None):
                 os.fsync(fh.fileno())
         os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp, dir_fd=dir_fd)
+        if made:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp, dir_fd=dir_fd)
         if _disk_full(exc):
             raise UserError(f"cannot write {path}: no space left on its disk ({_free_mib(folder)} MiB free); "
                             "free some space and run again (what was written before is intact)") from None
         raise
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}.{secrets.token_hex(6)}"
 
 
 def _disk_full(exc: BaseException | None) -> bool:
@@ -89,7 +97,7 @@ def remove_stale_temp_files(out: str) -> int:
             if ".tmp-" not in name:
                 continue
             try:
-                pid = int(name.rsplit(".tmp-", 1)[1])
+                pid = int(name.rsplit(".tmp-", 1)[1].split(".")[0])
             except ValueError:
                 continue
             if not _alive(pid):

@@ -22,7 +22,7 @@ import numpy as np
 from facenet import confine
 from facenet.data import packfile
 from facenet.data.dataset import MAX_IMAGE_BYTES, load_dataset
-from facenet.errors import UserError
+from facenet.errors import InputError, UserError
 from facenet.verification.pairs import format_pairs, pairs_file_in, read_pairs
 
 DEFAULT_SHARD_BYTES = 1 << 30
@@ -31,7 +31,7 @@ UNREADABLE_NAMED = 100  # pack.json names this many unreadable images (and count
 
 
 class _Hashing:
-    """The file a tar shard is written to, hashed as it is written (a shard is never read back to hash it)."""
+    """A file being written (a tar shard, a list), hashed as it is written (never read back to hash it)."""
 
     def __init__(self, fh):
         self.fh, self.sha = fh, hashlib.sha256()
@@ -87,7 +87,8 @@ class _Shards:
 def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: float = 0.2, seed: int = 123456,
          roots: confine.Roots | None = None, progress: bool = True) -> dict:
     """Pack data root DATA into OUT; returns the summary (pack.json says the rest). A rerun over a finished
-    pack of the same data set does nothing; OUT must otherwise be new, empty or an earlier pack."""
+    pack of the same data set checks every file of it against pack.json's sha256 and does nothing when all
+    match, else packs again (`rebuilt` says why); OUT must otherwise be new, empty or an earlier pack."""
     if not 1 << 20 <= shard_bytes <= 1 << 40:
         raise UserError(f"--shard-bytes {shard_bytes}: must be between 1 MiB and 1 TiB")
     t0 = time.perf_counter()
@@ -98,32 +99,37 @@ def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: f
     out = confine.check(out, roots, "OUT")
     if out == root or out.startswith(root + os.sep) or root.startswith(out + os.sep):
         raise UserError(f"{out}: the pack and the data set {root} must not hold one another")
-    done = _finished(out, split.manifest_hash, roots)
+    done, rebuilt = _finished(out, split.manifest_hash, roots)
     if done is not None:
-        return {**done, "skipped": True, "seconds": round(time.perf_counter() - t0, 3)}
+        return {**done, "skipped": True, "rebuilt": None, "seconds": round(time.perf_counter() - t0, 3)}
     _check_out(out, roots)
-    confine.remove(out, packfile.PACK_FILE, roots, "OUT")  # an earlier pack's header goes first: a cut-short rerun is no pack
     pairs_path = pairs_file_in(root)
     pairs = read_pairs(pairs_path, root, roots, "verification pairs") if pairs_path else None
     sources = {"train": split.train, "test": split.test}
     if pairs is not None:
         sources["pairs"] = [(path, -1) for path in pairs.images()]
+    _check_packable(root, sources)
+    # An earlier pack's header goes first (a cut-short rerun is no pack), and its pair lists (this one may have none).
+    for name in (packfile.PACK_FILE, packfile.LISTS["pairs"], packfile.PAIRS_FILE):
+        confine.remove(out, name, roots, "OUT")
     total = sum(len(v) for v in sources.values())
     confine.ensure_dir(out, roots, "OUT")
     shards = _Shards(out, shard_bytes, roots)
     index: dict[str, np.ndarray] = {}
+    lists: dict[str, str] = {}
     unreadable = {"count": 0, "named": []}
     bar = _progress(total, progress)
     try:
         for part, samples in sources.items():
-            index.update(_pack_part(part, samples, root, out, shards, roots, unreadable, bar))
+            index.update(_pack_part(part, samples, root, out, shards, roots, unreadable, bar, lists))
     finally:
         bar.close()
     shards.close()
     _remove_other_shards(out, {s["name"] for s in shards.done}, roots)
     if pairs is not None:
-        confine.write_bytes(os.path.join(out, "test_pairs.txt"), format_pairs(pairs.pairs, root).encode(), roots,
-                            "pack list")
+        text = format_pairs(pairs.pairs, root).encode()
+        confine.write_bytes(os.path.join(out, packfile.PAIRS_FILE), text, roots, "pack list")
+        lists[packfile.PAIRS_FILE] = hashlib.sha256(text).hexdigest()
     buf = io.BytesIO()
     np.savez(buf, **index)
     confine.write_bytes(os.path.join(out, packfile.INDEX_FILE), buf.getvalue(), roots, "pack index")
@@ -132,28 +138,48 @@ def pack(data: str, out: str, shard_bytes: int = DEFAULT_SHARD_BYTES, holdout: f
               "split": "as listed" if split.layout == "lists" else {"holdout": holdout, "seed": seed},
               "classes": split.classes, "counts": {part: len(sources.get(part, ())) for part in packfile.LISTS},
               "bytes": sum(s["bytes"] for s in shards.done), "shards": shards.done,
+              "index_sha256": hashlib.sha256(buf.getbuffer()).hexdigest(), "lists": lists,
               "unreadable": unreadable["count"], "unreadable_named": unreadable["named"]}
-    confine.write_bytes(os.path.join(out, packfile.PACK_FILE), (json.dumps(header, indent=1) + "\n").encode(),
-                        roots, "pack header")  # last: says the pack is whole
+    text = (json.dumps(header, indent=1) + "\n").encode()
+    if len(text) > packfile.MAX_HEADER_BYTES:  # the reader would refuse it: say so now, with what to change
+        raise InputError(f"{out}: its {packfile.PACK_FILE} would be {len(text)} bytes, more than the "
+                         f"{packfile.MAX_HEADER_BYTES} a pack's reader accepts ({len(shards.done)} shards, "
+                         f"{len(split.classes)} classes); pack again with a larger --shard-bytes")
+    confine.write_bytes(os.path.join(out, packfile.PACK_FILE), text, roots, "pack header")  # last: the pack is whole
     seconds = time.perf_counter() - t0
-    return {**_summary(out, header), "skipped": False, "seconds": round(seconds, 3),
+    return {**_summary(out, header), "skipped": False, "rebuilt": rebuilt, "seconds": round(seconds, 3),
             "img_per_s": round(total / seconds, 1) if seconds > 0 else 0.0}
 
 
-ENTRY = np.dtype([("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("sha256", np.uint8, 32)])
+def _check_packable(root: str, sources: dict) -> None:
+    """What a pack cannot hold, said before anything is written: more images than an index may hold, a
+    file name that is not UTF-8 (the lists are UTF-8 text; the folder loader reads such a name, a pack's
+    list could not say it)."""
+    total = sum(len(v) for v in sources.values())
+    if total > packfile.MAX_INDEX_ENTRIES:
+        raise InputError(f"--data {root}: {total} images, more than the {packfile.MAX_INDEX_ENTRIES} a pack may "
+                         "index (facenet/data/packfile.py)")
+    for samples in (sources["train"], sources["test"]):
+        k = samples.first_not_utf8()
+        if k is not None:
+            raise InputError(f"{samples[k][0]}: its name is not UTF-8, and a pack's lists are UTF-8 text; rename "
+                             "it (or train on the folder)")
 
 
 def _pack_part(part: str, samples, root: str, out: str, shards: _Shards, roots, unreadable: dict,
-               bar) -> dict[str, np.ndarray]:
-    """One list's images into the shards, its list file written as they go: nothing per image is kept but
-    its index entry (a list of 2.5M lines and a dict of what was packed were ~1 GB at VGGFace2's size)."""
-    entries = np.zeros(len(samples), dtype=ENTRY)
+               bar, lists: dict[str, str]) -> dict[str, np.ndarray]:
+    """One list's images into the shards, its list file written as they go (its sha256 into `lists`): nothing
+    per image is kept but its index entry (a list of 2.5M lines and a dict of what was packed were ~1 GB at
+    VGGFace2's size)."""
+    entries = np.zeros(len(samples), dtype=packfile.ENTRY)
     with confine.confined_write(os.path.join(out, packfile.LISTS[part]), roots, "pack list") as fh:
+        hashing = _Hashing(fh)
         for k, (path, label) in enumerate(samples):
             rel = os.path.relpath(path, root)
             entries[k] = _add(shards, root, rel, roots, unreadable)
-            fh.write(f"{rel}\n".encode() if part == "pairs" else f"{rel} {label}\n".encode())
+            hashing.write(f"{rel}\n".encode() if part == "pairs" else f"{rel} {label}\n".encode())
             bar.update(1)
+    lists[packfile.LISTS[part]] = hashing.sha.hexdigest()
     return {f"{part}_{name}": entries[name] for name in packfile.INDEX_FIELDS}
 
 
@@ -171,15 +197,37 @@ def _add(shards: _Shards, root: str, rel: str, roots, unreadable: dict) -> tuple
     return shard, offset, len(data), np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
 
 
-def _finished(out: str, manifest_hash: str | None, roots) -> dict | None:
-    """The summary of a whole pack of this same data set already in OUT, else None."""
+def _finished(out: str, manifest_hash: str | None, roots) -> tuple[dict | None, str | None]:
+    """(the summary of a whole pack of this same data set in OUT, None), or (None, why the pack in OUT is
+    packed again: a file of it is not the one its pack.json records), or (None, None): no pack of it."""
     if manifest_hash is None or not packfile.is_pack(out):
-        return None
+        return None, None
     try:
         header = packfile.read_header(out, roots)
-    except UserError:
-        return None
-    return _summary(out, header) if header.get("manifest_hash") == manifest_hash else None
+    except UserError as exc:
+        return None, f"{packfile.PACK_FILE} is not a readable pack header ({exc})"
+    if header["manifest_hash"] != manifest_hash:
+        return None, None
+    wrong = _spoiled(out, header, roots)
+    return (None, wrong) if wrong else (_summary(out, header), None)
+
+
+def _spoiled(out: str, header: dict, roots) -> str | None:
+    """The first file of a pack whose bytes are not the ones its pack.json records, or a list it does not
+    record (None: all are as packed). Each is hashed whole, shards too: reading a pack once costs less than
+    packing it, which reads and hashes every image and writes every byte."""
+    expected = {packfile.INDEX_FILE: header["index_sha256"], **header["lists"],
+                **{s["name"]: s["sha256"] for s in header["shards"]}}
+    for name in (*packfile.LISTS.values(), packfile.PAIRS_FILE):
+        if name not in expected and os.path.exists(os.path.join(out, name)):
+            return f"{name} is not one {packfile.PACK_FILE} records"
+    for name, sha256 in expected.items():
+        try:
+            if confine.sha256_file(os.path.join(out, name), roots, "pack file") != sha256:
+                return f"{name} is not the file {packfile.PACK_FILE} records (its sha256 differs)"
+        except FileNotFoundError:
+            return f"{name} is missing"
+    return None
 
 
 def _check_out(out: str, roots) -> None:

@@ -17,6 +17,9 @@ WATCH_PID_ENV = "FACENET_WATCH_PID"
 ATTEMPT_ENV = "FACENET_ATTEMPT"  # the attempt's lease holder, <job id>:<attempt token>; a gang's node R adds #node<R>
 LEASE_ENV = "FACENET_LEASE"  # <node>:<device>,<device>
 HEARTBEAT_ENV = "FACENET_TRAINER_HEARTBEAT"  # a file the trainer's loops touch: the worker's stall detector reads it
+# <fd>:<deadline>: a pipe from the attempt carrying each new deadline (CLOCK_MONOTONIC seconds, one per line) and
+# the one at start. Past its deadline the trainer kills itself, whatever its worker does (services/queue/fence.py).
+FENCE_ENV = "FACENET_FENCE"
 MLFLOW_CONNECT_ENV = "FACENET_MLFLOW_CONNECT_SECONDS"  # how long the trainer waits for MLflow at start
 MLFLOW_CONNECT_DEFAULT = 15.0  # by hand; a worker hands its own wait (FACENET_MLFLOW_WAIT_SECONDS) down
 # A job over several nodes: this node's rank and node 0's rendezvous endpoint (HOST:PORT).
@@ -35,6 +38,8 @@ CPU_THREADS_ENV = "FACENET_CPU_THREADS"
 # Set by hand ----------------------------------------------------------------------------------------------
 # How many processes the ModelZoo scripts start (scripts/*.sh).
 NPROC_ENV = "FACENET_NPROC"
+# Seconds a trainer waits for another trainer of its output folder and rank to go (facenet/train/sole.py).
+TRAINER_LOCK_WAIT_ENV = "FACENET_TRAINER_LOCK_WAIT"
 
 
 def parse_devices(text: str) -> list[int]:

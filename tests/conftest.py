@@ -8,6 +8,7 @@ ship; tests copy what they need into their own tmp dirs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,33 @@ from dataclasses import dataclass
 
 import pytest
 
-from facenet.samples import copy_subset
+# Side by side (pytest-xdist, below), each test process and what it starts computes on one thread unless told
+# otherwise: N workers whose trainers each took every core spun against each other (OpenMP waits by spinning), as
+# the launcher's own cpu_share keeps N ranks from doing. What a test sets for its own processes still wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+from facenet.samples import copy_subset  # noqa: E402
 from facenet.fsutil import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_VERSION = "v2"
+
+
+@contextlib.contextmanager
+def _cache_lock(name: str):
+    """One builder of a cached data set at a time: the suite's worker processes (pytest-xdist) each open the
+    session fixtures, and two builders of one folder would write over each other."""
+    import fcntl
+
+    from facenet.samples import cache_dir
+
+    folder = os.path.join(cache_dir(), "test-data")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f".{name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +55,10 @@ def sample_root() -> str:
 
     root = os.path.join(cache_dir(), "test-data", SAMPLE_VERSION)
     done = os.path.join(root, ".complete")
-    if not os.path.exists(done):
-        build_sample_dataset(root, per_identity=40, identities=8, seed=0)
-        open(done, "w").close()
+    with _cache_lock(SAMPLE_VERSION):
+        if not os.path.exists(done):
+            build_sample_dataset(root, per_identity=40, identities=8, seed=0)
+            open(done, "w").close()
     return root
 
 
@@ -47,9 +71,10 @@ def orl_faces() -> str:
 
     root = os.path.join(cache_dir(), "test-data", "orl-v1")
     done = os.path.join(root, ".complete")
-    if not os.path.exists(done):
-        build_orl_dataset(root, train_people=30, image_size=96)
-        open(done, "w").close()
+    with _cache_lock("orl-v1"):
+        if not os.path.exists(done):
+            build_orl_dataset(root, train_people=30, image_size=96)
+            open(done, "w").close()
     return os.path.join(root, "prep")
 
 
@@ -191,3 +216,164 @@ def redis_url(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+# ---- disk accounting ----------------------------------------------------------------------------------------
+# A CI run once died with a full disk (35 GiB free at the start, 1 at the low point). Each test's change of
+# free space on the checkout's file system goes to build/test-disk.jsonl, and the session ends with the tests
+# that took the most and the lowest point, so the next such run names its culprit.
+_DISK: dict = {"rows": []}
+
+
+def _free_bytes() -> int:
+    st = os.statvfs(REPO)
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = _free_bytes()
+    yield
+    after = _free_bytes()
+    _DISK["rows"].append({"test": item.nodeid, "used_mib": round((before - after) / 2**20), "free_gib": round(after / 2**30, 1)})
+
+
+def _worker_id(config) -> str | None:
+    """This process' name among pytest-xdist's workers (gw0, gw1, ...); None in the controller or a plain run."""
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def _disk_file(worker: str | None) -> str:
+    return os.path.join(REPO, "build", f"test-disk{'-' + worker if worker else ''}.jsonl")
+
+
+def pytest_sessionstart(session):
+    if _worker_id(session.config) is None:  # the controller (or a plain run): last session's files go
+        import glob
+
+        for path in glob.glob(os.path.join(REPO, "build", "test-disk*.jsonl")):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def pytest_sessionfinish(session):
+    worker = _worker_id(session.config)
+    if worker is None or not _DISK["rows"]:
+        return
+    with contextlib.suppress(OSError):  # the worker's rows, for the controller's summary
+        os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
+        with open(_disk_file(worker), "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({**r, "worker": worker}) + "\n" for r in _DISK["rows"])
+
+
+def pytest_terminal_summary(terminalreporter):
+    import glob
+
+    rows = list(_DISK["rows"])
+    for path in glob.glob(os.path.join(REPO, "build", "test-disk-*.jsonl")):  # each worker's, under pytest-xdist
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as fh:
+            rows += [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        return
+    with contextlib.suppress(OSError):  # every worker's rows in one file
+        os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
+        with open(_disk_file(None), "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    # Free space is the file system's, shared by the workers: each row is the change while that test ran.
+    low = min(r["free_gib"] for r in rows)
+    top = sorted(rows, key=lambda r: -r["used_mib"])[:8]
+    terminalreporter.write_sep("=", f"disk: lowest free {low:.1f} GiB; tests that kept the most")
+    for r in top:
+        terminalreporter.write_line(f"{r['used_mib']:>8} MiB  {r['test']}  ({r['free_gib']} GiB free after)")
+
+
+# ---- reclaiming a module's models -----------------------------------------------------------------------------
+# Module- and session-scoped folders (a module's stack with its runs, the session's MLflow artifact store) live
+# until the session ends; each trained model, checkpoint and export in them is ~90 MB, and a CI run kept 13 GB of
+# them by 80% of the suite. When a module ends with no failure, the model files made during it under the
+# session's basetemp are deleted (a failed module keeps everything to look at). A session-scoped fixture whose
+# files must outlive the module that made them puts a `.keep-for-session` file in its folder.
+MODEL_SUFFIXES = (".pt", ".pt2", ".onnx", ".ckpt", ".pth", ".safetensors")
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        _FAILED_MODULES.add(item.module.__name__)
+
+
+def _reclaim_models(base: str, since: float) -> None:
+    for folder, dirs, files in os.walk(base):
+        if ".keep-for-session" in files:
+            dirs[:] = []
+            continue
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_mtime >= since and (name.endswith(MODEL_SUFFIXES) or st.st_size > 16 << 20):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reclaim_module_models(request, tmp_path_factory):
+    since = time.time() - 1
+    yield  # an autouse module fixture ends after the module's own fixtures (its stack is down by then)
+    if request.module.__name__ not in _FAILED_MODULES:
+        _reclaim_models(str(tmp_path_factory.getbasetemp()), since)
+
+
+# ---- side by side (pytest-xdist) ---------------------------------------------------------------------------
+# `make test` runs the suite in several worker processes (`-n`, Makefile: TEST_WORKERS): most tests wait on
+# processes and services, and one at a time left the CPUs idle through those waits. A module whose tests share a
+# module-scoped fixture (a stack, a trained model, a Redis, the compose project) is one unit, run on one worker in
+# its own order (the scheduler below; xdist's own xdist_group marks no longer reach its scheduler under pytest 9);
+# every other test is a unit of its own. Units are handed out in the order of LONG_FIRST, the longest first, so
+# that no long one starts last and holds the session's end.
+LONG_FIRST = ("test_compose_e2e", "test_chaos", "test_service", "test_losses", "test_train", "test_ascend",
+              "test_verification", "test_fencing", "test_export", "test_hostile_files", "test_fast_path",
+              "test_messages", "test_hostile_models", "test_scale")
+# Modules that are one unit: a test run on another worker would set their module fixtures up a second time, and
+# some of their tests build on the one before (the compose e2e's job). A module that shares a module-scoped fixture
+# and is not named here fails collection, saying so; a Redis (redis_url) is cheap enough to start once per worker.
+WHOLE_MODULES = {"test_compose_e2e", "test_service", "test_losses", "test_messages", "test_export",
+                 "test_hostile_models", "test_hostile_packs", "test_hostile_input", "test_scale", "test_verification"}
+CHEAP_MODULE_FIXTURES = {"redis_url"}
+
+
+def _shares_module_fixture(item) -> str | None:
+    for name, defs in item._fixtureinfo.name2fixturedefs.items():
+        if defs and defs[-1].scope == "module" and not name.startswith("_") and name not in CHEAP_MODULE_FIXTURES:
+            return name
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = _shares_module_fixture(item)
+        if shared and item.module.__name__ not in WHOLE_MODULES:
+            raise pytest.UsageError(f"{item.nodeid}: its module shares the module-scoped fixture {shared!r}; add "
+                                    f"{item.module.__name__!r} to WHOLE_MODULES in tests/conftest.py")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process (TEST_WORKERS=0) keeps file order
+        rank = {name: i for i, name in enumerate(LONG_FIRST)}
+        items.sort(key=lambda it: rank.get(it.module.__name__, len(rank)))  # stable: a module keeps its own order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadscope"):  # --dist each, loadfile, ...: xdist's own
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModules(LoadScopeScheduling):
+        """LoadScopeScheduling whose unit is the module for WHOLE_MODULES and the test for the rest."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if os.path.splitext(os.path.basename(path))[0] in WHOLE_MODULES else nodeid
+
+    return WholeModules(config, log)

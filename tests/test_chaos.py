@@ -1,6 +1,9 @@
 """The chaos run, small: jobs through a real local stack while workers, trainers, Redis and MLflow are
-killed under them (services/bench/chaos.py). Every real job must still succeed once, in one MLflow run, with
-crops equal to an undisturbed run's; the poison job must fail with its reason; nothing may be left over."""
+killed under them, the links of two of its workers to Redis and MLflow freeze, slow down and lose half their
+connections for longer than the heartbeat TTL, and well-formed messages of each of our stages are forged for jobs
+in the wrong state (services/bench/chaos.py). Every forged message must be dropped; every real job must still succeed
+once, in one MLflow run, with crops equal to an undisturbed run's; the poison job must fail with its reason; never two
+trainers of one job alive at once; nothing may be left over."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_root):
     out = tmp_path / "chaos.json"
+    # 3 epochs: the nine kinds of fault take ~130 s of the jobs' time here (partitions wait for a job training behind
+    # the proxy); 2 epochs left ~50 s to spare on this host, too little on one twice as fast.
     proc = subprocess.run([sys.executable, "-m", "services.bench.chaos", "--seed", "5", "--jobs", "4", "--timeout", "480",
-                           "--fault-gap", "1", "4", "--mlflow-outage", "20", "30", "--out", str(out),
+                           "--epochs", "3", "--fault-gap", "1", "4", "--mlflow-outage", "20", "30", "--out", str(out),
                            "--workdir", str(tmp_path / "work"), "--sample-root", sample_root],
                           capture_output=True, text=True, timeout=840, cwd=REPO)
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -30,7 +35,8 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     # The driver's verdict, checked again from its figures.
     real = [j["id"] for j in r["jobs"] if not j["poison"]]
     poison = [j for j in r["jobs"] if j["poison"]]
-    assert len(real) == 3 and len(poison) == 1
+    # An ordinary job more when the four ended before every fault kind or forged message had landed (a slow host).
+    assert len(real) == 3 + r["extra_jobs"] and r["extra_jobs"] <= 2 and len(poison) == 1
     assert sorted(r["succeeded"]) == sorted(real), r["jobs"]
     assert [f["id"] for f in r["failed"]] == [poison[0]["id"]]
     assert "--pretrained" in r["failed"][0]["reason"], r["failed"]
@@ -39,9 +45,15 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     assert r["missing_epoch_metrics"] == []
     assert r["crops_equal"] == {j: True for j in real}
     assert r["double_leases"] == 0, r["double_lease_detail"]
+    assert r["two_trainers_of_a_job"] == [] and r["trainer_lock_waits"] == [], r
+    assert r["trainer_locks_taken"] >= 4  # every attempt's trainer journaled its lock (2p: one per rank)
     assert r["leftover_processes"] == [] and r["leftover_leases"] == [] and r["leftover_temp_files"] == []
 
     # The run was a real one: every kind of fault hit while jobs ran, and the trainers' leases were watched.
     assert all(r["faults"][kind] >= 1 for kind in ("device_worker", "preprocess_worker", "trainer", "redis",
-                                                    "mlflow")), r["fault_log"]
+                                                    "mlflow", "redis_freeze", "redis_slow", "redis_cut",
+                                                    "mlflow_freeze")), r["fault_log"]
+    # One message of each stage, for a job in a state it does not act in, and each was dropped.
+    assert r["forged"] == {"plan": 1, "shard": 1, "finalize": 1, "train": 1}, r["forged_log"]
+    assert all(f["dropped"] for f in r["forged_log"]), r["forged_log"]
     assert r["lease_check"] == "ok" and r["attempts_seen"] >= 4 and r["lease_samples"] > 100, r

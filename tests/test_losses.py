@@ -188,13 +188,23 @@ def test_runs_compare_puts_the_losses_side_by_side(trained, mlflow_server, tmp_p
 
 @pytest.mark.parametrize("loss", ["triplet", "arcface"])
 def test_metric_losses_train_on_two_processes(sample_split, loss, tmp_path):
-    out = tmp_path / "ddp"
+    """Each rank lets go of its DDP model before it destroys the process group: with the collector off
+    (tests/fixtures/group_probe), no DistributedDataParallel is alive when a rank exits. A reference cycle once kept
+    it, and through its reducer the gloo group, alive into the interpreter's teardown, where rank 1 aborted now
+    and then ("terminate called without an active exception") after a training that had succeeded."""
+    out, probe = tmp_path / "ddp", tmp_path / "probe"
+    probe.mkdir()
+    path = os.pathsep.join([os.path.join(REPO, "tests", "fixtures", "group_probe"),
+                            *filter(None, [os.environ.get("PYTHONPATH")])])
     res = run_train("--data", sample_split, "--loss", loss, "--npus", "2", "--device", "cpu", "--epochs", "1",
                     "--batch-size", "16", "--workers", "0", "--verify-every", "1", "--output", str(out),
-                    "--json-out", str(out / "summary.json"))
+                    "--json-out", str(out / "summary.json"),
+                    env={"PYTHONPATH": path, "FACENET_TEST_GROUP_PROBE": str(probe)})
     assert res.returncode == 0, res.stderr[-3000:]
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["loss_function"] == loss and 0 <= summary["verify_acc"] <= 1
+    ranks = sorted((read_json(p)["rank"], read_json(p)["ddp_alive"]) for p in probe.iterdir())
+    assert ranks == [(0, 0), (1, 0)], ranks
 
 
 def test_bad_loss_settings_are_one_line(sample_split, tmp_path):
@@ -207,3 +217,48 @@ def test_bad_loss_settings_are_one_line(sample_split, tmp_path):
         data = [] if "--data" in args else ["--data", sample_split]
         res = run_train(*data, *args, "--epochs", "1", "--output", str(tmp_path / "o"))
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def test_triplet_loss_is_total():
+    """A batch without a positive pair, without a negative, or both is a zero loss with zero (finite) gradients,
+    not an error that requeues the job to fail again at the same epoch; a normal batch's loss is the mean hinge
+    over its valid (anchor, positive) pairs."""
+    import torch
+
+    from facenet.train.losses import Triplet
+
+    triplet = Triplet(0.2)
+    torch.manual_seed(0)
+    for labels in ([0, 0, 0, 0], [0, 1, 2, 3], [5], [0, 0, 1, 2]):
+        emb = torch.nn.functional.normalize(torch.randn(len(labels), 16), dim=1).requires_grad_()
+        loss, correct = triplet.loss(emb, torch.tensor(labels))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(emb.grad).all(), labels
+        if len(set(labels)) in (1, len(labels)):  # no negative, or no positive pair
+            assert loss.item() == 0 and not emb.grad.any(), labels
+        assert 0 <= int(correct) <= len(labels)
+    # One anchor-positive pair each way (0-1, 1-0), one negative (2): the semi-hard/farthest rule by hand.
+    emb = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    loss, _ = triplet.loss(emb, torch.tensor([0, 0, 1]))
+    d = torch.cdist(emb, emb).pow(2)
+    want = ((d[0, 1] - d[0, 2] + 0.2).clamp_min(0) + (d[1, 0] - d[1, 2] + 0.2).clamp_min(0)) / 2
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+
+def test_arcface_cosines_stay_fp32_under_autocast():
+    """Under bf16 autocast the margin head's cosines are float32 and equal the fp32 computation: in bf16 (F.linear
+    is on autocast's low-precision list) a cosine near 1 moves in steps of 2^-8, a logit (x s = 64) of ~0.25."""
+    import torch
+    from facenet.model import build_model
+    from facenet.train.losses import Trainable
+
+    torch.manual_seed(0)
+    trainable = Trainable(build_model(6, None), "arcface").eval()
+    x = torch.randn(2, 3, 80, 80)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = trainable(x)
+        emb = trainable.net(x)  # the network's own output stays under autocast: only the head is compared
+    want = torch.nn.functional.linear(emb.float(), torch.nn.functional.normalize(trainable.net.logits.weight, dim=1))
+    assert cos.dtype == torch.float32
+    assert (cos - want.clamp(-1, 1)).abs().max().item() <= 1e-6

@@ -23,6 +23,7 @@ import uuid
 import pytest
 
 from conftest import REPO
+from facenet.samples import copy_subset
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -364,3 +365,184 @@ def test_messages_queued_before_the_code_moved_still_run(worker, redis_url):
     for name, meta in results.items():
         assert meta["status"] == "SUCCESS", (name, meta)
         assert meta["result"]["job"] == JOB and meta["result"]["skipped"] == "finished", (name, meta)
+
+
+# ---- well-formed messages of ours, for a job in the wrong state (issue: forged stage messages) ----------------------
+# Before the stage checks (services.queue.registry: _FIT) a stage never looked at its job's state: a forged plan for a
+# RUNNING train job failed it (KeyError 'preprocess_from') while its trainer ran on, a forged finalize while shards ran
+# failed the job, a forged train during preprocessing trained on the crops made so far, and one for a preprocessing
+# job ended in a KeyError traceback in the device worker.
+
+@pytest.fixture(scope="module")
+def device_worker(redis_url, worker, mlflow_server):
+    """A CPU device worker with 2 devices (`worker-device`, as the stack starts it) beside the module's preprocessing
+    worker, sharing its data root and state folder, its runs tracked by the session's MLflow server; (process, log,
+    environment for the CLI)."""
+    _, _, tmp = worker
+    env = {**_env(redis_url, tmp), "FACENET_MLFLOW_URI": mlflow_server.uri, "FACENET_DEVICE_TYPE": "cpu",
+           "FACENET_DEVICES": "0-1", "FACENET_WORKER_NAME": "cpu-forged@%h"}
+    log_path = tmp / "device-worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "worker-device"], env=env,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while " ready." not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.3)
+    yield proc, log_path, env
+    _stop(proc)
+    _kill_trainers(str(tmp / "data"))
+
+
+def _kill_trainers(data_root: str) -> list[int]:
+    """Trainer processes of this module's jobs (their FACENET_DATA_ROOTS): killed; returns their pids."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "facenet.train" in " ".join(p.info["cmdline"] or []) and \
+                    p.environ().get("FACENET_DATA_ROOTS") == data_root:
+                p.kill()
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_worker, redis_url, templates,
+                                                                 sample_root, mlflow_server):
+    """Real messages of our own tasks and arguments, pushed onto the real queues to be taken next, each for a job in a
+    state its stage does not act in: a train message for a preprocessing job; a finalize while a job's shards run; a
+    plan, a shard, a finalize and a train for a train job whose trainer runs; a train message for a train job still
+    preprocessing. Each is dropped with one line in its worker's log naming the job and why, and changes nothing: the
+    preprocessing job and the train job's preprocessing end with every photo, the running job runs on and `cancel`
+    stops its trainer, its MLflow run KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from facenet.samples import make_raw_identities
+    from services.queue.registry import Registry, connect
+
+    _, log_path, tmp = worker
+    _, device_log, env = device_worker
+    r = connect(redis_url)
+    reg = Registry(r)
+    data = tmp / "data"
+    got_through: list[str] = []  # what a forged message did; empty when every one was dropped
+    logged_before = (len(log_path.read_bytes()), len(device_log.read_bytes()))
+
+    def cli(*args: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "services.cli", *args, "--json"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(proc.stdout)
+
+    def forge(queue: str, task: str, *args) -> str:
+        """Our own message for `task`, pushed where the queue's worker takes it next; its task id."""
+        template = templates["facenet.train" if task == "facenet.train" else "facenet.plan_dataset"]
+        item = variant(template, task=task, args=list(args))
+        r.rpush(queue, item)
+        return json.loads(item)["headers"]["id"]
+
+    def result(task_id: str, seconds: float = 20) -> dict | None:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            meta = json.loads(r.get(f"celery-task-meta-{task_id}") or "{}")
+            if meta.get("status") in ("SUCCESS", "FAILURE"):
+                return meta["result"] if meta["status"] == "SUCCESS" else {"raised": str(meta["result"])[:200]}
+            time.sleep(0.2)
+        return None
+
+    def expect_dropped(what: str, task_id: str, skipped: str) -> None:
+        out = result(task_id)
+        if not out or out.get("skipped") != skipped:
+            got_through.append(f"{what}: {out or 'not answered within 20 s (still running?)'}")
+
+    def wait(job_id: str, predicate, seconds: float = 180) -> dict:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            job = reg.get(job_id)
+            if predicate(job) or job["status"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                return job
+            time.sleep(0.1)
+        return reg.get(job_id)
+
+    def shards_pending(job: dict) -> bool:
+        return bool(job.get("plan_id")) and r.scard(reg.key(job["id"]) + ":shards") < job["shards"]
+
+    # A preprocessing job: a train message for it at once, a finalize while its shards run.
+    raw_p, raw_t2 = data / "forged-raw-p", data / "forged-raw-t2"
+    for raw in (raw_p, raw_t2):
+        make_raw_identities(str(raw), per_identity=2, identities=2)
+    p = cli("submit-preprocess", str(raw_p), str(data / "forged-out-p"), "--shard-size", "1",
+            "--image-size", "96")["id"]
+    train_p = forge("train.cpu", "facenet.train", p)
+    wait(p, shards_pending, 120)
+    finalize_p = forge("preprocess", "facenet.finalize_dataset", p)
+    expect_dropped("train for a preprocessing job", train_p, "unfit")
+    expect_dropped("finalize while its shards run", finalize_p, "unfit")
+    job = wait(p, lambda j: False)
+    if job["status"] != "SUCCEEDED" or (job.get("result") or {}).get("images") != 4 or job.get("attempts"):
+        got_through.append(f"preprocessing job {p} ended {job['status']} ({job.get('error')}), "
+                           f"{job.get('attempts')} train attempt(s), result {job.get('result')}")
+
+    # A train job with its trainer running: plan, shard, finalize and train messages for it.
+    crops = copy_subset(os.path.join(sample_root, "prep", "train"), str(data / "forged-crops"), 4, 8)
+    t = cli("submit-train", "--data", crops, "--npus", "1", "--epochs", "50", "--batch-size", "8", "--image-size",
+            "96", "--log-checkpoints", "none", "--no-log-model")["id"]
+    job = wait(t, lambda j: j["status"] == "RUNNING" and j.get("trainer_pid"), 180)
+    assert job["status"] == "RUNNING", job
+    for what, task_id, skipped in [
+            ("plan for a running job", forge("preprocess", "facenet.plan_dataset", t), "unfit"),
+            ("shard for a running job", forge("preprocess", "facenet.preprocess_shard", t, 0), "unfit"),
+            ("finalize for a running job", forge("preprocess", "facenet.finalize_dataset", t), "unfit"),
+            ("train for a running job", forge("train.cpu", "facenet.train", t), "busy")]:
+        expect_dropped(what, task_id, skipped)
+    job = reg.get(t)
+    if job["status"] != "RUNNING" or job.get("error") or job["attempts"] != 1:
+        got_through.append(f"running job {t} is {job['status']} ({job.get('error')}) after {job['attempts']} "
+                           "attempt(s)")
+
+    # A train job still preprocessing (2 devices: its own attempt waits while the running job holds one).
+    t2 = cli("submit-train", "--preprocess-from", str(raw_t2), "--data", str(data / "forged-out-t2"), "--npus", "2",
+             "--shard-size", "1", "--epochs", "1", "--image-size", "96", "--log-checkpoints", "none")["id"]
+    wait(t2, shards_pending, 120)
+    train_t2 = forge("train.cpu", "facenet.train", t2)
+    finalize_t2 = forge("preprocess", "facenet.finalize_dataset", t2)
+    expect_dropped("train during preprocessing", train_t2, "unfit")
+    expect_dropped("finalize while its shards run (a train job)", finalize_t2, "unfit")
+    job = reg.get(t2)
+    if job.get("attempts") or job.get("claimed") == "1":
+        got_through.append(f"train job {t2} was claimed while {job['status']} ({job.get('message')})")
+    job = wait(t2, lambda j: j.get("preprocessed") and "waiting for 2 free" in (j.get("message") or ""), 120)
+    if not job.get("preprocessed") or (job.get("dataset") or {}).get("images") != 4 or job["attempts"] != 1:
+        got_through.append(f"train job {t2} is {job['status']} ({job.get('error') or job.get('message')}), "
+                           f"{job['attempts']} attempt(s), data set {job.get('dataset')}")
+
+    # `cancel` still stops both: the waiting attempt, and the running trainer (its run KILLED, not FINISHED).
+    job = cli("cancel", t2)
+    if job["status"] != "CANCELLED":
+        got_through.append(f"cancel found job {t2} {job['status']} ({job.get('error')})")
+    job = cli("cancel", t)
+    run = MlflowClient(mlflow_server.uri).get_run(job["mlflow_run_id"]) if job.get("mlflow_run_id") else None
+    if job["status"] != "CANCELLED" or run is None or run.info.status != "KILLED":
+        got_through.append(f"cancel left job {t} {job['status']} ({job.get('error')}), its run "
+                           f"{run.info.status if run else None}")
+    left = _kill_trainers(str(data))  # the attempt reaps its trainer before it records the cancel
+    if left:
+        got_through.append(f"trainer process(es) {left} outlived their jobs")
+    assert not got_through, "forged messages that acted:\n" + "\n".join(got_through)
+
+    # One line each, naming the job and why, in the worker that took it.
+    logs = "".join(path.read_bytes()[at:].decode(errors="replace")
+                   for path, at in zip((log_path, device_log), logged_before))
+    for line in (f"job {p}: train message dropped: it is a preprocess job, not a train job",
+                 f"job {p}: finalize message dropped: only ",
+                 f"job {t}: plan message dropped: it is RUNNING, not preprocessing",
+                 f"job {t}: shard:0 message dropped: it is RUNNING, not preprocessing",
+                 f"job {t}: finalize message dropped: it is RUNNING, not preprocessing",
+                 f"job {t}: train message dropped: another attempt holds it",
+                 f"job {t2}: train message dropped: ",
+                 f"job {t2}: finalize message dropped: only "):
+        assert line in logs, line
+    assert "Traceback" not in logs

@@ -111,7 +111,9 @@ def test_cancelling_a_job_queued_again_after_a_lost_attempt_kills_its_run(reg, m
     from services.queue import jobs, mlflow_runs
 
     job = reg.create("train", {"spec": {"data": "/tmp"}, "device_type": "cpu", "npus": 1})
-    run_id = mlflow_runs.find_or_create_run(mlflow_server.uri, "test-cancel", f"1p-cpu-{job}", {"job_id": job}, job)
+    run_id, made = mlflow_runs.find_or_create_run(mlflow_server.uri, "test-cancel", f"1p-cpu-{job}", {"job_id": job},
+                                                  job)
+    assert made
     assert reg.claim(job, "dead-1") == ("ok", 1)
     reg.update(job, mlflow_run_id=run_id)
     time.sleep(2.5)  # attempt 1's heartbeat expired (its worker died)
@@ -119,6 +121,23 @@ def test_cancelling_a_job_queued_again_after_a_lost_attempt_kills_its_run(reg, m
     assert reg.get(job)["status"] == QUEUED
     assert jobs.cancel(reg, job, mlflow_uri=mlflow_server.uri)["status"] == CANCELLED
     assert mlflow_runs.client(mlflow_server.uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_two_attempts_that_both_made_a_run_settle_on_the_oldest(reg, mlflow_server):
+    """Attempt A (cut off from Redis, its create delivered late) and attempt B both found no run and made one: the
+    oldest run with the job's tag is the job's run, B's own newer one is deleted, and a later attempt finds A's."""
+    from services.queue import mlflow_runs
+
+    job = reg.create("train", {})
+    first, made = mlflow_runs.find_or_create_run(mlflow_server.uri, "test-settle", "a", {"job_id": job}, job)
+    c = mlflow_runs.client(mlflow_server.uri)
+    time.sleep(0.01)  # start times in ms
+    second = c.create_run(mlflow_runs.experiment_id(c, "test-settle"), tags={"job_id": job}).info.run_id
+    mlflow_runs.drop_if_not_oldest(mlflow_server.uri, "test-settle", job, second)
+    assert c.get_run(second).info.lifecycle_stage == "deleted"
+    mlflow_runs.drop_if_not_oldest(mlflow_server.uri, "test-settle", job, first)  # the oldest stays
+    assert c.get_run(first).info.lifecycle_stage == "active"
+    assert mlflow_runs.find_or_create_run(mlflow_server.uri, "test-settle", "c", {"job_id": job}, job) == (first, False)
 
 
 def test_a_gang_takes_devices_on_several_workers_all_at_once_or_none(reg):
@@ -145,3 +164,24 @@ def test_a_gang_takes_devices_on_several_workers_all_at_once_or_none(reg):
     # The leader's own worker must be in the gang: no gang without it, even if others would fit.
     assert reg.gang_lease([w2, w3], 1, 1, "C:t") == []
     assert reg.gang_lease([w3, w1], 2, 1, "C:t") == []  # three has one device left, one is A's
+
+
+def test_a_stopping_worker_removes_its_own_registration_only(reg):
+    """Two processes given one node name (a second worker started by hand, a test's) take turns writing its key; the
+    one that stops first removed the other's registration too, and for up to a heartbeat no worker of the queue was
+    listed (`submit-preprocess` refused: "no preprocessing worker is registered"). Now only the registrant's token
+    removes it; a value that is not a registration (anything can write to Redis) is left alone."""
+    reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 1, "queues": ["preprocess"], "token": "first"})
+    reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 2, "queues": ["preprocess"], "token": "second"})
+    assert reg.unregister_worker("preprocess@h", "first") is False
+    assert reg.workers() == [{"node": "preprocess@h", "pid": 2, "queues": ["preprocess"]}]  # the token is not shown
+    assert reg.unregister_worker("preprocess@h", "second") is True and reg.workers() == []
+    reg.r.set("facenet:worker:odd@h", "not json")
+    reg.r.set("facenet:worker:odder@h", b"\xff not text")
+    reg.r.set("facenet:worker:deep@h", "[" * 100_000 + "]" * 100_000)
+    reg.r.set("facenet:worker:nameless@h", '{"queues": ["preprocess"]}')
+    reg.register_worker("real@h", {"node": "real@h", "queues": ["preprocess"], "token": "t"})
+    assert reg.unregister_worker("odd@h", "") is False and reg.r.exists("facenet:worker:odd@h")
+    assert reg.unregister_worker("odder@h", "") is False and reg.r.exists("facenet:worker:odder@h")
+    # Neither is listed, and listing the workers still works (every submit and `workers` lists them).
+    assert [w["node"] for w in reg.workers()] == ["real@h"]

@@ -272,8 +272,9 @@ def test_a_lost_attempt_cannot_drop_the_next_attempts_leases(redis_url):
     assert reg.lease("w", [0], 1, "other:C") == []  # no other job can take B's device
 
     # An attempt whose lease was taken stops (its heartbeat sets `lost`), instead of training on.
+    claimed_at = time.monotonic()
     assert reg.claim(job, "B")[0] == "ok"
-    beat = Heartbeat(reg, job, "B", "w", [0, 1])
+    beat = Heartbeat(reg, job, "B", "w", [0, 1], claimed_at)
     beat.leased = [0]
     client.set("facenet:lease:w:0", "other:C", ex=30)
     beat.start()

@@ -117,3 +117,75 @@ def test_quoted_text_is_one_short_line():
     assert clipped("a\nb") == "a\\nb" and clipped("x" * 100, 10) == "xxxxxxx..." and clipped("short") == "short"
     assert first_line(ValueError("")) == "ValueError" and first_line(OSError("one\ntwo")) == "one"
     assert len(first_line(RuntimeError("y" * 500), 120)) == 120
+
+
+def test_identity_batches_hold_min_p_people_for_any_labels():
+    """Property test over seeded label sets (1-10 people of 1-60 photos, P from 2, K from 2, 1-3 ranks): every
+    batch is P groups of K images of one person each, holding min(P, people) different people (a short last
+    batch is filled with people not already in it); every image is read each epoch, every rank takes the same
+    number of steps every epoch, and the epoch has the fewest batches a dealing can have. The triplet loss of
+    every batch is finite (issue 33: [0]*6 + [1]*4, P 2, K 2 dealt a batch of one person, and the loss raised)."""
+    import random
+
+    import torch
+
+    from facenet.data.loader import IdentityBatchSampler
+    from facenet.train.losses import Triplet
+
+    triplet = Triplet(0.2)
+    cases = [([0] * 6 + [1] * 4, 2, 2, 1)]
+    rng = random.Random(33)
+    for _ in range(300):
+        counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 10))]
+        labels = [person for person, n in enumerate(counts) for _ in range(n)]
+        rng.shuffle(labels)
+        cases.append((labels, rng.randint(2, 6), rng.randint(2, 5), rng.randint(1, 3)))
+    for labels, p, k, world in cases:
+        people = len(set(labels))
+        groups = [-(-labels.count(person) // k) for person in set(labels)]
+        for epoch in (0, 1):
+            orders = []
+            for rank in range(world):
+                sampler = IdentityBatchSampler(labels, rank, world, batch_size=p * k, per_identity=k, seed=epoch)
+                sampler.set_epoch(epoch)
+                if rank == 0:
+                    assert len(sampler._batches()) == max(max(groups), -(-sum(groups) // p)), (labels, p, k)
+                order = list(sampler)
+                assert len(order) == len(sampler) and len(order) % (p * k) == 0
+                orders.append(order)
+                for b in range(0, len(order), p * k):
+                    batch = [labels[i] for i in order[b:b + p * k]]
+                    assert all(len(set(batch[g:g + k])) == 1 for g in range(0, p * k, k)), (batch, p, k)
+                    assert len(set(batch)) == min(p, people), (sorted(labels), p, k, world, batch)
+                    if rank == 0 and b == len(order) - p * k:  # the last batch: the short one, when there is one
+                        loss, _ = triplet.loss(torch.nn.functional.normalize(torch.randn(len(batch), 8), dim=1),
+                                               torch.tensor(batch))
+                        assert torch.isfinite(loss), batch
+            assert len({len(o) for o in orders}) == 1, "every rank takes the same steps"
+            assert set().union(*orders) == set(range(len(labels))), "every image each epoch"
+
+
+def test_augmented_batches_depend_on_the_epoch_not_on_workers_or_resume(small_faces):
+    """The training loader with --augment feeds the same bytes with 0 or 2 workers, and a fresh loader started at
+    epoch 1 (a resumed run's) feeds what a loader that ran epoch 0 first feeds in epoch 1; the augmentation does
+    change from epoch to epoch."""
+    import torch
+
+    from facenet.data.loader import train_loader
+
+    split = load_dataset(small_faces)
+    fed = {}
+    for workers in (0, 2):
+        for start in (0, 1):
+            dl = train_loader(split.train, 8, 0, 1, 7, workers, 80, True, False)
+            for epoch in range(start, 2):
+                dl.sampler.set_epoch(epoch)
+                fed[workers, start, epoch] = [(b.images, b.fed) for b in dl]
+    want = fed[0, 0, 1]
+    for got in (fed[2, 0, 1], fed[0, 1, 1], fed[2, 1, 1]):
+        assert [p for _, p in got] == [p for _, p in want]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(fed[2, 0, 0], fed[0, 0, 0]))
+    first = {p: img for images, paths in fed[0, 0, 0] for p, img in zip(paths, images)}
+    second = {p: img for images, paths in want for p, img in zip(paths, images)}
+    assert sum(not torch.equal(first[p], second[p]) for p in first) > len(first) // 2

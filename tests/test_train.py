@@ -138,8 +138,18 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     assert summary["acc1"] == pytest.approx((predicted == batch.labels).float().mean().item())
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["writer_rank"] == 0 and ckpt["epoch"] == 2
+    # Both ranks evaluated one model, the one saved (DDP updates each rank's BatchNorm statistics from its own
+    # batch: without the epoch-end broadcast each rank scored a model of its own, and rank 1's was not saved).
+    from facenet.train.checkpoint import state_digest
+
+    digests = [[read_json(audit / f"rank{r}_epoch{epoch}_eval.json")["model_sha256"] for r in (0, 1)]
+               for epoch in (1, 2)]
+    assert all(d0 == d1 for d0, d1 in digests), digests
+    assert digests[1][0] == state_digest(torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"])
+    assert digests[1][0] == state_digest(ckpt["model"])
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "events.jsonl", "model.pt", "spec.json", "summary.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "events.jsonl", "model.pt", "spec.json", "summary.json",
+                                       "trainer.rank0.lock", "trainer.rank1.lock", "trainers.jsonl"]
 
     # The same job over two "nodes": two launchers of one process each (--nnodes 2, what each worker of a gang
     # runs), meeting at node 0's endpoint on loopback. Global rank r runs on node r and is fed exactly what
@@ -164,6 +174,25 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
     assert two["loss"] == pytest.approx(summary["loss"], rel=1e-4)
     for name in sorted(os.listdir(audit)):
         assert (audit2 / name).read_text() == (audit / name).read_text(), name
+
+
+def test_state_digest_is_deterministic_for_equal_tensors():
+    """The digest --audit-samples records: equal for equal tensors (another copy, another memory layout, another
+    insertion order), different for one changed value, dtype or name."""
+    from facenet.model import build_model
+    from facenet.train.checkpoint import state_digest
+
+    torch.manual_seed(0)
+    state = build_model(4, None).state_dict()
+    copy = {name: state[name].clone() for name in reversed(list(state))}
+    strided = {name: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for name, t in state.items()}
+    assert state_digest(state) == state_digest(copy) == state_digest(strided) == state_digest(state)
+    name = "logits.weight"
+    changed = dict(copy, **{name: copy[name].clone()})
+    changed[name][0, 0] += 1e-6
+    assert state_digest(changed) != state_digest(state)
+    assert state_digest(dict(copy, **{name: copy[name].double()})) != state_digest(state)
+    assert state_digest({"x" + k: v for k, v in copy.items()}) != state_digest(state)
 
 
 def _split(root):
@@ -421,3 +450,67 @@ def test_make_bench_runs_on_a_tiny_setting(small_faces, tmp_path):
     assert queue["direct_seconds"] > 0 and queue["queue_seconds"] > 0
     assert queue["ratio"] == pytest.approx(queue["queue_seconds"] / queue["direct_seconds"], rel=1e-3)
     assert queue["fps"]["direct"] > 0 and queue["fps"]["queue"] > 0
+
+
+def test_an_fp32_checkpoint_resumes_with_fp16_amp(sample_faces, tmp_path):
+    """Mixed fleets: a job requeued from an fp32 (or bf16) worker onto an fp16 one resumes a checkpoint whose scaler
+    state is empty (a disabled GradScaler's). The enabled scaler starts fresh, said in one line, instead of a
+    RuntimeError on every remaining attempt. (2 people x 5 crops, one step an epoch: fp16 is emulated on a CPU.)"""
+    from facenet.samples import copy_subset
+
+    data, out = copy_subset(sample_faces, str(tmp_path / "tiny"), 2, 5), tmp_path / "run"
+    common = ["--data", data, "--batch-size", "8", "--workers", "0", "--image-size", "80", "--output", str(out),
+              "--json-out", str(out / "summary.json")]
+    res = run_train(*common, "--epochs", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["scaler"] == {}
+    res = run_train(*common, "--epochs", "2", "--resume", "auto", "--amp", "--amp-dtype", "fp16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "precision fp16 + GradScaler" in res.stdout
+    assert [line for line in res.stdout.splitlines() if "GradScaler state" in line] == [
+        "the checkpoint has no GradScaler state (written by a bf16 or fp32 run): fp16 starts with a fresh scaler"]
+    summary = read_json(out / "summary.json")
+    assert summary["epochs"] == 2 and summary["precision"] == "fp16"
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["scaler"]["scale"] > 0
+
+
+def test_steps_per_epoch_line_is_the_loaders_for_triplet_batches(small_faces, tmp_path):
+    """The identity sampler makes its own number of P x K batches (4 people x 10 training crops, K 4: 3 groups each,
+    12 groups, P 2: 6 batches, not 40 / 8 = 5): the console line says what the loader runs, as the events do."""
+    import re
+
+    out = tmp_path / "run"
+    res = run_train("--data", small_faces, "--loss", "triplet", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                    "--image-size", "80", "--log-every", "1", "--output", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [int(n) for n in re.findall(r"; (\d+) steps per epoch;", res.stdout)]
+    events = read_events(out / "events.jsonl")
+    start = next(e for e in events if e["event"] == "start")
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert said == [start["steps_per_epoch"]] == [len(steps)] == [6], res.stdout[-2000:]
+
+
+def test_resume_is_exact_with_loader_workers(small_faces, tmp_path):
+    """With loader workers, augmentation and dropout, 1 epoch then --resume auto to 3 trains exactly what 3 epochs
+    straight do: the same per-epoch loss (==, not approx) and the same final model. (Persistent workers drew their
+    seed from the global RNG when the loader's iterator was first made, so a resumed run shifted its dropout stream
+    and its workers' augmentation streams for the rest of the run.)"""
+    from facenet.train.checkpoint import state_digest
+
+    common = ["--data", small_faces, "--batch-size", "8", "--lr", "0.001", "--workers", "2", "--augment",
+              "--dropout", "0.5", "--image-size", "80"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for args in (["--epochs", "3", "--output", str(straight)], ["--epochs", "1", "--output", str(resumed)],
+                 ["--epochs", "3", "--output", str(resumed), "--resume", "auto"]):
+        res = run_train(*common, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "2 loader worker(s) per process" in res.stdout
+
+    def curve(out):
+        return [(e["epoch"], e["loss"], e["train_acc"], e["acc1"]) for e in read_events(out / "events.jsonl")
+                if e["event"] == "epoch"]
+
+    assert [c[0] for c in curve(resumed)] == [1, 2, 3]
+    assert curve(resumed) == curve(straight)
+    models = [torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"] for out in (straight, resumed)]
+    assert state_digest(models[0]) == state_digest(models[1])

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import REPO
 from facenet.errors import UserError
+from facenet.evaluate import format_report
 from facenet.verification import metrics as vm
 from facenet.verification.pairs import find_pairs, format_pairs, generate_pairs, read_pairs
 
@@ -301,7 +302,10 @@ def _python2_bin(bins: list[bytes], issame: list[bool]) -> bytes:
 
 @pytest.fixture(scope="module")
 def orl_pairs_as_bins(orl_faces, tmp_path_factory):
-    """ORL's unseen people's pairs as .bin files in the formats such files come in, pairs ordered by fold."""
+    """ORL's unseen people's pairs as .bin files in the formats such files come in, pairs ordered by fold: lfw.bin
+    as insightface's published sets (Python 2, byte strings), agedb_30.bin with a numpy bool array, cfp_fp.bin as
+    insightface's build_eval_pack.py writes one (each image cv2.imencode's uint8 (n, 1) array, HIGHEST_PROTOCOL;
+    tests/test_insightface.py cites it)."""
     import pickle
 
     pairs = read_pairs(os.path.join(orl_faces, "test_pairs.txt"), orl_faces)
@@ -311,22 +315,28 @@ def orl_pairs_as_bins(orl_faces, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bins")
     (folder / "lfw.bin").write_bytes(_python2_bin(bins, issame))
     (folder / "agedb_30.bin").write_bytes(pickle.dumps((bins, np.array(issame)), protocol=4))
+    imencoded = [np.frombuffer(b, np.uint8).reshape(-1, 1).copy() for b in bins]
+    (folder / "cfp_fp.bin").write_bytes(pickle.dumps((imencoded, issame), protocol=pickle.HIGHEST_PROTOCOL))
     return folder, len(issame)
 
 
 def test_evaluate_scores_insightface_bins_as_the_folder(untrained_model, orl_faces, orl_pairs_as_bins):
     folder, n = orl_pairs_as_bins
     res = cli("evaluate", "--model", untrained_model, "--bin", str(folder / "lfw.bin"), "--bin",
-              str(folder / "agedb_30.bin"), "--device", "cpu", "--json", "--no-log")
+              str(folder / "agedb_30.bin"), "--bin", str(folder / "cfp_fp.bin"), "--device", "cpu", "--json", "--no-log")
     assert res.returncode == 0, res.stderr[-2000:]
-    lfw, agedb = json.loads(res.stdout)
+    lfw, agedb, cfp = json.loads(res.stdout)
     ours = json.loads(cli("evaluate", "--model", untrained_model, "--data", orl_faces, "--device", "cpu", "--json",
                           "--no-log").stdout)
-    for report, name in ((lfw, "lfw"), (agedb, "agedb_30")):
+    for report, name in ((lfw, "lfw"), (agedb, "agedb_30"), (cfp, "cfp_fp")):
         assert report["set"] == name and report["pairs"] == n == ours["pairs"] and report["folds"] == 10
         assert report["identities"] is None and report["pairs_source"].startswith(f"{name}.bin ({n} pairs")
         assert report["auc"] == pytest.approx(ours["auc"], abs=1e-6)  # the same bytes, the same embeddings
-    assert lfw["accuracy"] == agedb["accuracy"]
+        assert 0 <= report["accuracy_insightface"] <= 1 and len(report["thresholds_insightface"]) == 10
+    assert lfw["accuracy"] == agedb["accuracy"] == cfp["accuracy"]
+    assert lfw["accuracy_insightface"] == agedb["accuracy_insightface"] == cfp["accuracy_insightface"]
+    assert "accuracy_insightface" not in ours  # our own folds: insightface's procedure does not apply
+    assert f"  insightface   {cfp['accuracy_insightface']:.4f} +- " in format_report(cfp)  # what the text prints
     flipped = json.loads(cli("evaluate", "--model", untrained_model, "--bin", str(folder / "lfw.bin"), "--flip",
                              "--device", "cpu", "--json", "--no-log").stdout)
     assert flipped["flip"] and flipped["auc"] != lfw["auc"]
@@ -373,8 +383,10 @@ def test_training_verifies_on_bins_beside_its_pairs(orl_faces, orl_pairs_as_bins
     for e in records:
         assert e["lfw_pairs"] == e["agedb_30_pairs"] == e["verify_pairs"] == n
         assert e["lfw_auc"] == pytest.approx(e["auc"], abs=1e-6) and e["agedb_30_auc"] == pytest.approx(e["auc"], abs=1e-6)
+        assert 0 <= e["lfw_verify_acc_insightface"] <= 1 and "verify_acc_insightface" not in e
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["lfw_verify_acc"] == records[-1]["lfw_verify_acc"]
+    assert summary["agedb_30_verify_acc_insightface"] == records[-1]["agedb_30_verify_acc_insightface"]
     bad = run_train("--data", orl_faces, "--output", str(tmp_path / "bad"), "--epochs", "1", "--verify-bin",
                     str(tmp_path / "nothere.bin"))
     assert bad.returncode != 0 and f"--verify-bin {tmp_path / 'nothere.bin'}: no such file" in bad.stderr

@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
 from facenet import confine
 from facenet.data import packfile
-from facenet.errors import UserError
+from facenet.data.packfile import MAX_CLASSES
+from facenet.errors import InputError, clipped
 
 # The largest training image read (a face crop is ~10 KB): the loader and `facenet-cli pack` refuse bigger files.
 MAX_IMAGE_BYTES = 32 << 20
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+# A manifest names every rejected photo with its reason (VGGFace2's are a few MB); what read_metadata
+# allowed any file a job quotes before there was a bound of its own.
+MAX_MANIFEST_BYTES = 256 << 20
+# A list line's class: ASCII digits, checked against MAX_CLASSES as text (a 5000-digit one made int() raise,
+# 10^12 made the check for unused classes walk 10^12 integers).
+_LABEL = re.compile(r"-?[0-9]+")
 
 Sample = tuple[str, int]  # (absolute path, class index)
 
@@ -78,6 +85,17 @@ class Samples:
         return f"Samples({len(self)} under {self.base or '/'})"
 
     reader = None  # a packfile.PackedReader when the images lie in a pack's shards, not in files
+
+    def first_not_utf8(self) -> int | None:
+        """The first sample whose path is not UTF-8 (a file name listed from a folder with other bytes in it,
+        kept as surrogate escapes), else None."""
+        try:
+            self._blob.tobytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            import numpy as np
+
+            return int(np.searchsorted(self._ends, exc.start, side="right"))
+        return None
 
     def select(self, paths: list[str]) -> "Samples | None":
         """These paths as Samples (labels: their positions in `paths`), read as these are read; None when a
@@ -138,15 +156,16 @@ class DatasetSplit:
 
 def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
                  roots: confine.Roots | None = None) -> DatasetSplit:
-    """Resolve ROOT to train / held-out samples. Raises UserError naming what is wrong.
+    """Resolve ROOT to train / held-out samples. Raises InputError (a UserError: one line, exit 2) naming what
+    is wrong.
 
     With `roots` (a queued job), ROOT, the lists, the manifest and every folder images come from must
     resolve inside them; each image is checked again when the loader opens it."""
     root = confine.check(root, roots, "--data")
     if not os.path.exists(root):
-        raise UserError(f"--data {root}: no such directory")
+        raise InputError(f"--data {root}: no such directory")
     if not os.path.isdir(root):
-        raise UserError(f"--data {root}: not a directory")
+        raise InputError(f"--data {root}: not a directory")
     train_list = os.path.join(root, "train_list.txt")
     if packfile.is_pack(root):  # a pack holds its split as it was made (facenet/pack.py)
         split = _from_pack(root, roots)
@@ -160,9 +179,12 @@ def load_dataset(root: str, holdout: float = 0.2, seed: int = 123456,
     if split.layout != "packed":
         split.manifest_hash = _manifest_hash(root, roots)
     if split.num_classes < 2:
-        raise UserError(f"--data {root}: found {split.num_classes} identity; classification needs at least 2")
+        raise InputError(f"--data {root}: found {split.num_classes} identity; classification needs at least 2")
+    if split.num_classes > MAX_CLASSES:
+        raise InputError(f"--data {root}: {split.num_classes} identities, more than the {MAX_CLASSES} a classifier "
+                         "head here can hold (facenet/data/packfile.py, MAX_CLASSES)")
     if not split.train:
-        raise UserError(f"--data {root}: no training images found")
+        raise InputError(f"--data {root}: no training images found")
     return split
 
 
@@ -171,7 +193,7 @@ def load_for_training(root: str, holdout: float, seed: int, batch_size: int,
     """load_dataset, plus the check that one global batch fits in the training split."""
     split = load_dataset(root, holdout, seed, roots)
     if len(split.train) < batch_size:
-        raise UserError(f"--batch-size {batch_size}: larger than the training split ({len(split.train)} images)")
+        raise InputError(f"--batch-size {batch_size}: larger than the training split ({len(split.train)} images)")
     return split
 
 
@@ -186,7 +208,7 @@ def identity_dirs(folder: str, roots: confine.Roots | None = None) -> list[str]:
                           and not n.startswith("."))
         return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     except PermissionError:
-        raise UserError(f"--data {folder}: permission denied") from None
+        raise InputError(f"--data {folder}: permission denied") from None
 
 
 def list_images(folder: str, roots: confine.Roots | None = None) -> list[str]:
@@ -217,50 +239,56 @@ def _from_folders(root: str, folder: str, holdout: float, seed: int, roots: conf
             for f in part:
                 builder.add(f"{name}/{f}", label)
     if not classes:
-        raise UserError(f"--data {root}: no identity sub-folders with images "
+        raise InputError(f"--data {root}: no identity sub-folders with images "
                         f"(expected ROOT/<identity>/<image> or ROOT/train_list.txt)")
     return DatasetSplit(root, "folders", classes, train.done(), test.done())
 
 
 def _from_lists(root: str, train_list: str, test_list: str, roots: confine.Roots | None) -> DatasetSplit:
     if not os.path.isfile(test_list):
-        raise UserError(f"{test_list}: missing (train_list.txt is present; both lists are needed)")
+        raise InputError(f"{test_list}: missing (train_list.txt is present; both lists are needed)")
     names: dict[int, str] = {}
     train = _read_list(root, train_list, names, roots)
     test = _read_list(root, test_list, names, roots)
     if not names:
-        raise UserError(f"{train_list}: lists no images")
+        raise InputError(f"{train_list}: lists no images")
     n = max(names) + 1
     missing = [i for i in range(n) if i not in names]
     if missing:
-        raise UserError(f"{train_list}: class indices must be 0..{n - 1}; {len(missing)} unused (first: {missing[0]})")
+        raise InputError(f"{train_list}: class indices must be 0..{n - 1}; {len(missing)} unused (first: {missing[0]})")
     unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
     if unseen:
-        raise UserError(f"{test_list}: class {unseen[0]} ({names[unseen[0]]}) has no training images")
+        raise InputError(f"{test_list}: class {unseen[0]} ({names[unseen[0]]}) has no training images")
     return DatasetSplit(root, "lists", [names[i] for i in range(n)], train, test)
 
 
-def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots | None) -> Samples:
-    """Parse one list file; `names` maps class index -> identity name, shared across lists."""
+def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots | None,
+               sha256: str | None = None) -> Samples:
+    """Parse one list file; `names` maps class index -> identity name, shared across lists. `sha256`: what a
+    pack's header records for it (a list swapped for one of the same length would relabel its images)."""
     by_name = {v: k for k, v in names.items()}
     samples = SamplesBuilder(root)
     folders_seen: set[str] = set()
-    text = confine.read_metadata(path, roots, "list file", 1 << 30).decode("utf-8", errors="replace")
+    data = confine.read_metadata(path, roots, "list file", 1 << 30)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise InputError(f"{confine.shown(path)}: the pack is corrupt: its sha256 is not the one "
+                         f"{packfile.PACK_FILE} records (changed since it was packed; pack the data set again)")
+    text = data.decode("utf-8", errors="replace")
     for lineno, raw in enumerate(io.StringIO(text, newline="\n"), 1):  # line by line, not a list of them all
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if not line.isprintable() and not all(c.isprintable() or c in " \t" for c in line):
             # A NUL or control character cannot name a file; said here, once, not as a trainer crash.
-            raise UserError(f"{path}:{lineno}: {line[:200]!r} holds a control character (NUL, escape, ...); "
+            raise InputError(f"{path}:{lineno}: {line[:200]!r} holds a control character (NUL, escape, ...); "
                             "list lines are 'relative/path [class]'")
         parts = line.rsplit(None, 1)
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            rel, label = parts[0], int(parts[1])
+        if len(parts) == 2 and _LABEL.fullmatch(parts[1]):
+            rel, label = parts[0], _label(path, lineno, parts[1])
         else:
             rel, label = line, None
         if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-            raise UserError(f"{path}:{lineno}: path {rel!r} must be relative to the dataset root")
+            raise InputError(f"{path}:{lineno}: path {rel!r} must be relative to the dataset root")
         folder = os.path.dirname(rel)
         if roots is not None and folder not in folders_seen:  # once per folder; each file again at open
             folders_seen.add(folder)
@@ -271,37 +299,80 @@ def _read_list(root: str, path: str, names: dict[int, str], roots: confine.Roots
         identity = os.path.basename(os.path.dirname(rel)) or rel
         if label is None:
             label = by_name.setdefault(identity, len(by_name))
-        if label < 0:
-            raise UserError(f"{path}:{lineno}: class index {label} is negative")
         names.setdefault(label, identity)
         by_name.setdefault(identity, label)
         samples.add(rel, label)
     return samples.done()
 
 
+def _label(path: str, lineno: int, text: str) -> int:
+    """A list line's class index, refused in one line (the text clipped) unless it is one of MAX_CLASSES."""
+    if text.startswith("-"):
+        raise InputError(f"{path}:{lineno}: class index {clipped(text, 24)} is negative")
+    if len(text) > len(str(MAX_CLASSES)) or int(text) >= MAX_CLASSES:
+        raise InputError(f"{path}:{lineno}: class index {clipped(text, 24)} ({len(text)} digits) is past "
+                         f"{MAX_CLASSES - 1}: at most {MAX_CLASSES} classes (a classifier head's bound, "
+                         "facenet/data/packfile.py)")
+    return int(text)
+
+
 def _from_pack(root: str, roots: confine.Roots | None) -> DatasetSplit:
-    """A pack's split: its lists, their images read from its shards (facenet/data/packfile.py)."""
+    """A pack's split: its lists, their images read from its shards (facenet/data/packfile.py). Its lists
+    must use every class pack.json names and no other: the head is sized by the classes trained."""
     head = packfile.read_header(root, roots)
-    names = dict(enumerate(str(c) for c in head["classes"]))
+    names = dict(enumerate(head["classes"]))
+    parts = {part: _read_list(root, os.path.join(root, packfile.LISTS[part]), names, roots,
+                              head["lists"].get(packfile.LISTS[part]))
+             for part in ("train", "test")}
+    pair_images = _pair_images(root, roots)
+    if pair_images is not None:
+        parts["pairs"] = pair_images
+    header = confine.shown(os.path.join(root, packfile.PACK_FILE))
+    for part, listed in head["counts"].items():
+        found = len(parts[part]) if part in parts else 0
+        if found != listed:
+            raise InputError(f"{header}: counts {listed} {part} images; {packfile.LISTS[part]} lists {found} "
+                             "(the pack is corrupt)")
+    _check_pack_classes(header, len(head["classes"]), parts["train"], parts["test"])
+    index = packfile.read_index(root, roots, head, {part: len(samples) for part, samples in parts.items()})
     shards = [s["name"] for s in head["shards"]]
-    parts = {}
-    for part in ("train", "test"):
-        samples = _read_list(root, os.path.join(root, packfile.LISTS[part]), names, roots)
-        samples.reader = packfile.PackedReader(root, shards, packfile.read_index(root, roots, part, len(samples)))
-        parts[part] = samples
-    if len(names) != len(head["classes"]):
-        raise UserError(f"{root}: its lists name {len(names)} classes, its {packfile.PACK_FILE} {len(head['classes'])}")
-    pairs_list = os.path.join(root, packfile.LISTS["pairs"])
-    pair_images = None
-    if os.path.isfile(pairs_list):
-        rels = [line for line in confine.read_metadata(pairs_list, roots, "list file", 1 << 30).decode().split("\n")
-                if line]
-        if any(os.path.isabs(rel) or ".." in rel.split("/") for rel in rels):
-            raise UserError(f"{pairs_list}: paths must be relative to the pack")
-        pair_images = Samples.build(root, rels, range(len(rels)))
-        pair_images.reader = packfile.PackedReader(root, shards, packfile.read_index(root, roots, "pairs", len(rels)))
-    return DatasetSplit(root, "packed", [names[i] for i in range(len(names))], parts["train"], parts["test"],
+    for part, samples in parts.items():
+        samples.reader = packfile.PackedReader(root, shards, index[part])
+    return DatasetSplit(root, "packed", list(head["classes"]), parts["train"], parts["test"],
                         head.get("manifest_hash"), pair_images)
+
+
+def _check_pack_classes(header: str, named: int, train: Samples, test: Samples) -> None:
+    """The classes a pack's lists use are 0..named-1, every one (pack.json naming 200k classes for lists
+    that use 8 trained a 200k-way head: 3.5 GB at its peak, a 509 MB model)."""
+    import numpy as np
+
+    used = np.union1d(np.unique(train.labels), np.unique(test.labels))
+    if used.size != named or (used.size and int(used[-1]) != named - 1):
+        raise InputError(f"{header}: names {named} classes; its lists use {used.size} (labels "
+                         f"{int(used[0]) if used.size else '-'}..{int(used[-1]) if used.size else '-'}): "
+                         "the pack is corrupt (a classifier head is sized by the classes trained)")
+    unseen = np.setdiff1d(np.unique(test.labels), np.unique(train.labels))
+    if unseen.size:
+        raise InputError(f"{header}: class {int(unseen[0])} has held-out images and no training images")
+
+
+def _pair_images(root: str, roots: confine.Roots | None) -> Samples | None:
+    """A pack's pair_images.txt (one path a line, UTF-8 as `pack` writes it), or None when it has none."""
+    pairs_list = os.path.join(root, packfile.LISTS["pairs"])
+    if not os.path.isfile(pairs_list):
+        return None
+    data = confine.read_metadata(pairs_list, roots, "list file", 1 << 30)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{confine.shown(pairs_list)}:{line}: not UTF-8 text (byte {exc.start} is "
+                         f"{data[exc.start]:#04x}); `pack` writes UTF-8, so the pack is corrupt") from None
+    rels = [line for line in text.split("\n") if line]
+    if any(os.path.isabs(rel) or ".." in rel.split("/") for rel in rels):
+        raise InputError(f"{confine.shown(pairs_list)}: paths must be relative to the pack")
+    return Samples.build(root, rels, range(len(rels)))
 
 
 def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:
@@ -309,11 +380,14 @@ def _manifest_hash(root: str, roots: confine.Roots | None) -> str | None:
     manifest = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest):
         try:
-            value = json.loads(confine.read_metadata(manifest, roots, "manifest")).get("content_hash")
-            if value:
-                return str(value)
-        except (OSError, ValueError, AttributeError):
-            pass
+            value = packfile.read_json(manifest, roots, "manifest", MAX_MANIFEST_BYTES)
+        except OSError:
+            value = {}  # unreadable (permissions): identified by its lists, as a data set without one
+        if not isinstance(value, dict) or not isinstance(value.get("content_hash", ""), str):
+            raise InputError(f"{confine.shown(manifest)}: not a preprocessing manifest (a JSON object whose "
+                             "content_hash is text)")
+        if value.get("content_hash"):
+            return value["content_hash"]
     lists = [os.path.join(root, n) for n in ("train_list.txt", "test_list.txt")]
     if all(os.path.isfile(p) for p in lists):
         h = hashlib.sha256()

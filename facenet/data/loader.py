@@ -83,7 +83,9 @@ def _decode_with_pil(img) -> torch.Tensor:
 
 
 class FaceImages(Dataset):
-    """(uint8 image, label, bad paths) triples over samples (a `Samples`, or a list of (path, label))."""
+    """(uint8 image, label, bad paths, path fed) over samples (a `Samples`, or a list of (path, label)), indexed by
+    a position or by (position, augmentation seed): the training loaders' keys (see `AugmentSeeds`), so that an
+    image's flip and crop depend on the seed alone, not on which loader worker read it or what it read before."""
 
     def __init__(self, samples: "Samples | list[Sample]", image_size: int = 160, augment: bool = False,
                  replace_bad: bool = True, roots: confine.Roots | None = None):
@@ -96,7 +98,8 @@ class FaceImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: "int | tuple[int, int]"):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         bad = []
         tries = MAX_REPLACEMENTS if self.replace_bad else 1
         reader = getattr(self.samples, "reader", None)
@@ -110,18 +113,19 @@ class FaceImages(Dataset):
                 bad.append(path)
                 continue
             if self.augment:
-                img = self._augment(img)
+                img = self._augment(img, None if seed is None else torch.Generator().manual_seed(seed))
             return img, label, bad, path
         return None, -1, bad, None
 
-    def _augment(self, img: torch.Tensor) -> torch.Tensor:
-        # Off by default (the ModelZoo recipe has none): flip and a small scale/shift crop.
-        if torch.rand(()) < 0.5:
+    def _augment(self, img: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        # Off by default (the ModelZoo recipe has none): flip and a small scale/shift crop, drawn from `g` (the
+        # process's global generator when indexed without a seed).
+        if torch.rand((), generator=g) < 0.5:
             img = TF.horizontal_flip(img)
         size = self.image_size
-        crop = int(size * (0.88 + 0.12 * float(torch.rand(()))))
-        top = int(torch.randint(0, size - crop + 1, ()))
-        left = int(torch.randint(0, size - crop + 1, ()))
+        crop = int(size * (0.88 + 0.12 * float(torch.rand((), generator=g))))
+        top = int(torch.randint(0, size - crop + 1, (), generator=g))
+        left = int(torch.randint(0, size - crop + 1, (), generator=g))
         return TF.resized_crop(img, top, left, crop, crop, [size, size], antialias=True)
 
 
@@ -190,9 +194,10 @@ class IdentityBatchSampler(Sampler[int]):
 
     Each epoch, each person's images are shuffled and cut into groups of K (a person's last group, or a
     person with fewer than K images, is filled by repeating their images). Each batch takes one group from
-    each of the P people with the most groups left (ties broken at random), so a batch holds P different
-    people whenever that many are left, and people run out together rather than one person filling the
-    last batches. Batches are dealt to ranks in turn; the last round is filled by wrapping around to the
+    each of the P people with the most groups left (ties broken at random), and people run out together
+    rather than one person filling the last batches. When fewer than P people have groups left, the batch
+    is filled with groups already dealt of people not in it, so every batch holds min(P, people) different
+    people (a batch of one person has no triplet). Batches are dealt to ranks in turn; the last round is filled by wrapping around to the
     first batches, as `TrainSampler` does: every image is read every epoch, every batch has the same
     shape, every rank takes the same number of steps. Use with batch_size = P x K and drop_last.
     """
@@ -251,19 +256,35 @@ class IdentityBatchSampler(Sampler[int]):
         left = {label: len(row) for label, row in zip(labels, rows)}
         tie = dict(zip(labels, torch.randperm(len(labels), generator=g).tolist()))
         batches: list[list[int]] = []
-        dealt: list[int] = []
+        dealt: list[int] = []  # every group dealt this epoch, in order, and whose it is
+        owner: list[int] = []
+        cursor = 0  # where the next fill looks in `dealt`: fills rotate over the people dealt before
         for people in self._deal(left, tie):
             batch = []
             for label in people:  # each person's groups are dealt from their last
                 left[label] -= 1
                 batch.append(first[label] + left[label])
             dealt += batch
-            fill = 0
-            while len(batch) < self.p:  # fewer people left than P: reuse groups already dealt this epoch
-                batch.append(dealt[fill % len(dealt)])
-                fill += 1
+            owner += people
+            cursor = self._fill(batch, set(people), dealt, owner, cursor, min(self.p, len(labels)))
             batches.append(batch)
         return groups[np.asarray(batches, dtype=np.int64).reshape(len(batches), self.p)].reshape(len(batches), -1)
+
+    def _fill(self, batch: list[int], present: set[int], dealt: list[int], owner: list[int], cursor: int,
+              distinct: int) -> int:
+        """Fill a short batch (fewer than P people had groups left) to P groups with groups already dealt this
+        epoch, first of people not in it, until it holds `distinct` = min(P, people) people: a triplet batch of
+        one person has no negative. Everyone not in a short batch has been dealt already (the dealing takes
+        every person left with groups), so such groups exist. Returns the cursor for the next fill."""
+        while len(batch) < self.p:
+            if len(present) < distinct:
+                while owner[cursor % len(dealt)] in present:
+                    cursor += 1
+            at = cursor % len(dealt)
+            batch.append(dealt[at])
+            present.add(owner[at])
+            cursor += 1
+        return cursor
 
     def __iter__(self) -> Iterator[int]:
         batches = self._batches()
@@ -275,6 +296,31 @@ class IdentityBatchSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.steps * self.p * self.k
+
+
+class AugmentSeeds(Sampler[tuple[int, int]]):
+    """A training sampler's indices, each with its augmentation seed: (index, seed), the seed a function of (seed,
+    epoch, rank, position in this rank's epoch) only. So an image's augmentation is the same whichever worker
+    reads it, however many workers there are, and whether the run was resumed: a persistent worker's own RNG
+    stream runs on across epochs, so a run resumed at epoch E drew other augmentations from E on. `set_epoch`
+    and `len` are the wrapped sampler's."""
+
+    def __init__(self, sampler, rank: int, seed: int):
+        self.sampler, self.rank, self.seed = sampler, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # One hashed base per (seed, epoch, rank), then base + position: no hashing per image. torch's CPU
+        # generator scrambles its seed (mt19937's initialisation), so neighbouring seeds give unrelated draws.
+        base = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0])
+        return ((index, (base + position) % 2**63) for position, index in enumerate(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class StridedSampler(Sampler[int]):
@@ -316,8 +362,8 @@ def train_loader(samples: "Samples | list[Sample]", batch_size: int, rank: int, 
     folder and so trained on its own validation images.
     """
     dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
-    sampler = TrainSampler(len(dataset), rank, world_size, batch_size, seed)
-    return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
+    sampler = AugmentSeeds(TrainSampler(len(dataset), rank, world_size, batch_size, seed), rank, seed)
+    return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True, seed=seed + rank)
 
 
 def identity_loader(samples: "Samples | list[Sample]", batch_size: int, per_identity: int, rank: int, world_size: int,
@@ -326,8 +372,8 @@ def identity_loader(samples: "Samples | list[Sample]", batch_size: int, per_iden
     """P people x K images per batch (see IdentityBatchSampler); `batch_size` is this process's."""
     dataset = FaceImages(samples, image_size, augment, replace_bad=True, roots=roots)
     labels = samples.labels if isinstance(samples, Samples) else [label for _, label in samples]
-    sampler = IdentityBatchSampler(labels, rank, world_size, batch_size, per_identity, seed)
-    return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True)
+    sampler = AugmentSeeds(IdentityBatchSampler(labels, rank, world_size, batch_size, per_identity, seed), rank, seed)
+    return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=True, seed=seed + rank)
 
 
 def eval_loader(samples: "Samples | list[Sample]", batch_size: int, rank: int, world_size: int,
@@ -337,10 +383,14 @@ def eval_loader(samples: "Samples | list[Sample]", batch_size: int, rank: int, w
     return _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last=False)
 
 
-def _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last) -> DataLoader:
+def _loader(dataset, sampler, batch_size, workers, pin_memory, drop_last, seed: int = 0) -> DataLoader:
+    """The DataLoader over `sampler`, with a generator of its own (seeded with `seed`): a loader draws its workers'
+    base seed from its generator each time it makes an iterator, from the global RNG without one, and persistent
+    workers make one iterator per run, not per epoch, so a resumed run's dropout stream was one draw off."""
     extra = {"persistent_workers": True, "prefetch_factor": 4} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last, **extra)
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed), **extra)
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

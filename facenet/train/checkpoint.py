@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -27,6 +28,18 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+
+
+def state_digest(state: dict) -> str:
+    """sha256 (hex) of a state dict: each tensor's name, dtype, shape and values in logical order, by name. Equal
+    tensors give equal digests whatever their device or memory layout (a channels_last weight hashes as its
+    contiguous copy); any changed value, name, dtype or shape changes it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}\0{t.dtype}\0{tuple(state[name].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_atomic(obj: dict, path: str) -> None:

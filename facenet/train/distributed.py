@@ -49,7 +49,14 @@ def collective_timeout() -> int:
 
 
 def shutdown() -> None:
+    """Destroy the process group while this interpreter is whole. Whatever still holds the group only through a
+    reference cycle (a model inside DDP holds it through its reducer) is collected first, so the group's backend
+    and its threads end here, not in the interpreter's teardown, where a rank once aborted in C++ ("terminate
+    called without an active exception") after its training had succeeded."""
     if dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -63,6 +70,26 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
     t = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers of `module` (BatchNorm's running statistics), in place; nothing for world
+    size 1. DDP broadcasts rank 0's buffers before each forward, then each rank updates them from its own batch, so
+    after an epoch's last step the ranks hold W slightly different models (parameters are equal). One broadcast per
+    buffer dtype, of the same tensors DDP's own buffer sync sends (torch/nn/parallel/distributed.py, _sync_buffers)."""
+    if not dist.is_initialized():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    with torch.no_grad():
+        for bufs in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src)
+            at = 0
+            for b in bufs:
+                b.copy_(flat[at:at + b.numel()].view(b.shape))
+                at += b.numel()
 
 
 def all_gather_object(obj):

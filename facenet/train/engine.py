@@ -6,11 +6,13 @@ everything else is symmetric, and world size 1 runs the same code.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +100,11 @@ def run(spec: TrainSpec) -> dict:
     say = Console(info.is_main)
     try:
         return _train(spec, info, device, say, t_start)
+    except BaseException as exc:
+        # The traceback's frames hold the run (its DDP model, and through its reducer the process group): cleared
+        # here, so the group below is destroyed whole on the error path too, not in the interpreter's teardown.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         dist.shutdown()
 
@@ -149,6 +156,9 @@ def _train(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: Co
     report = Reporter(r)
     r.run_id = report.open()
     r.train_loader, r.eval_loader = _loaders(r)
+    # The loader's own length: the identity sampler (--loss triplet) deals its own number of P x K batches.
+    say(f"global batch {spec.batch_size} = {r.per_rank_batch} per process x {info.world_size}; "
+        f"{len(r.train_loader)} steps per epoch; {r.workers} loader worker(s) per process")
     report.started(len(r.train_loader))
     if (r.pairs is not None or r.bins) and r.start_epoch == 0:
         r.baseline = {"epoch": 0, **verify(r), "logged_ms": int(time.time() * 1000)}
@@ -189,8 +199,6 @@ def _prepare(spec: TrainSpec, info: dist.DistInfo, device: devices.Device, say: 
         say(amp.note)
     say(f"device {device.type} x {info.world_size} ({device.dist_backend}), precision {amp.label}"
         f"{' + GradScaler' if amp.scaler.is_enabled() else ''}, channels_last {device.channels_last}")
-    say(f"global batch {spec.batch_size} = {spec.batch_size // info.world_size} per process x {info.world_size}; "
-        f"{-(-len(data.train) // spec.batch_size)} steps per epoch; {workers} loader worker(s) per process")
     if spec.loss == "triplet" and data.num_classes < 2:
         raise UserError(f"--loss triplet: {spec.data} has {data.num_classes} identity; triplets need 2 or more")
     pairs, verify_every = _verification_pairs(spec, data, roots, say, has_bins=bool(spec.verify_bin))
@@ -229,12 +237,24 @@ def _resume(r: Run) -> None:
     r.model.load_state_dict(state["model"])
     r.optimizer.load_state_dict(state["optimizer"])
     r.scheduler.load_state_dict(state["scheduler"])
-    r.amp.scaler.load_state_dict(state["scaler"])
+    _resume_scaler(r, state.get("scaler"))
     r.start_epoch, r.history, r.baseline = state["epoch"], state.get("history", []), state.get("verify_baseline")
     r.run_id = r.run_id or state.get("mlflow_run_id")
     if r.info.is_main and state.get("rng"):
         ckpt_io.set_rng_state(state["rng"])
     r.say(f"resumed from {r.resume_path}: {r.start_epoch} epoch(s) done")
+
+
+def _resume_scaler(r: Run, state: dict | None) -> None:
+    """The checkpoint's GradScaler state, when it has one. A job requeued from a bf16 or fp32 worker onto an fp16
+    one finds the empty state of a disabled scaler, which an enabled one refuses (RuntimeError, on every attempt):
+    it starts fresh instead (a few skipped steps while the scale settles), said in one line. A disabled scaler
+    ignores whatever it is given."""
+    if state:
+        r.amp.scaler.load_state_dict(state)
+    elif r.amp.scaler.is_enabled():
+        r.say(f"the checkpoint has no GradScaler state (written by a bf16 or fp32 run): {r.amp.label} starts with "
+              "a fresh scaler")
 
 
 def _loaders(r: Run):
@@ -256,13 +276,16 @@ def train_and_evaluate(r: Run, epoch: int, report: Reporter) -> tuple[dict, int]
     """One epoch: train, evaluate on the held-out split, verify when due, step the schedule. Returns (the
     epoch's record, which the history keeps and MLflow gets; held-out images evaluated)."""
     spec, info = r.spec, r.info
-    # Re-seed per (epoch, rank): a resumed run draws the same dropout masks and augmentations.
+    # Re-seed per (epoch, rank): a resumed run draws the same dropout masks. (Augmentations are seeded per image
+    # by the loader, and no loader draws from this RNG: `data_loader.AugmentSeeds`, `_loader`.)
     seed_everything(spec.seed + 1000 * epoch + info.rank)
     r.train_loader.sampler.set_epoch(epoch)
     audit = Audit(spec.audit_samples, info.rank, epoch,
                   None if r.roots is None else confine.Roots(r.roots.roots + [spec.output]))
     t_epoch = time.time()
     stats = train_one_epoch(r, epoch, audit, report)
+    # Every rank evaluates, verifies and (rank 0) checkpoints rank 0's model: the same one everywhere.
+    dist.broadcast_buffers(r.model)
     train_seconds = time.time() - t_epoch
     acc1, n_eval = evaluate(r, audit) if r.objective.has_classifier else (None, 0)
     verification = {}
@@ -296,17 +319,21 @@ def _save_checkpoint(r: Run, epoch: int) -> str:
     return path
 
 
+def _forward_loss(model, objective, device: devices.Device, amp: Amp, x: torch.Tensor, y: torch.Tensor):
+    with device.autocast(amp.enabled, amp.dtype):
+        return objective.loss(model(x), y)
+
+
 class Step:
     """The training step's forward and loss, compiled per --compile (backward is compiled with it: AOTAutograd).
     Static shapes (the samplers give every step the same batch) mean one compilation, one CUDA graph."""
 
     def __init__(self, model, objective, device: devices.Device, amp: Amp, mode: str | None):
         self.model, self.objective, self.device, self.amp, self.mode = model, objective, device, amp, mode
-        self._fn = device.compile(self._forward_loss, mode)
-
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
-        with self.device.autocast(self.amp.enabled, self.amp.dtype):
-            return self.objective.loss(self.model(x), y)
+        # A function of its own, not a method of this object: `self._fn = self._forward_loss` was a cycle (Step ->
+        # bound method -> Step) that kept the DDP model, and through its reducer the process group, alive after
+        # destroy_process_group until the collector ran, at the latest during the interpreter's teardown.
+        self._fn = device.compile(functools.partial(_forward_loss, model, objective, device, amp), mode)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         self.device.mark_step(self.mode)
@@ -344,7 +371,7 @@ def train_one_epoch(r: Run, epoch: int, audit: "Audit", report: Reporter) -> dic
         r.bad_paths.update(bad)
         audit.fed(fed)
         if y.numel() == 0:
-            raise _unreadable_batch(bad)
+            raise _unreadable_batch(bad, r.data)
         loss, n_correct = step_fn.train(x, y, r.optimizer)
         n = y.numel()
         seen += n
@@ -373,10 +400,15 @@ def train_one_epoch(r: Run, epoch: int, audit: "Audit", report: Reporter) -> dic
             "images": int(seen_total)}
 
 
-def _unreadable_batch(bad: list[str]) -> UserError:
+def _unreadable_batch(bad: list[str], data: DatasetSplit) -> UserError:
     """The error for a batch with no readable image: say whether its files are unreadable or gone (a data
-    set deleted or unmounted mid-run), naming one and the folder to check."""
+    set deleted or unmounted mid-run), naming one and the folder to check. A pack's images are no files of
+    their own: a whole batch of them unreadable means its shards changed or were cut short."""
     example = bad[0] if bad else "?"
+    if data.layout == "packed":
+        return UserError(f"no readable image in a whole batch (e.g. {example}) of the pack {data.root}: its "
+                         "shards changed or were cut short since it was loaded (each image is checked against "
+                         "its sha256); pack the data set again")
     if bad and not os.path.exists(example):
         folder = os.path.dirname(example)
         while folder and not os.path.isdir(folder) and os.path.dirname(folder) != folder:
@@ -407,7 +439,7 @@ def evaluate(r: Run, audit: "Audit"):
             predicted = objective.predict(model(x))
         correct += (predicted == labels.to(device.torch_device)).sum()
         total += labels.numel()
-    audit.write_eval(int(correct.item()))
+    audit.write_eval(int(correct.item()), r.model)
     correct_all, total_all = dist.all_reduce([float(correct.item()), float(total)], device.torch_device)
     model.train()
     return (correct_all / total_all if total_all else None), int(total_all)
@@ -476,6 +508,7 @@ def _verify_on(r: Run, pairs, source) -> dict:
     `source` reads images that are not files (a pack's, a .bin's)."""
     from facenet.evaluate import score_pairs
     from facenet.verification.embed import embed_paths
+    from facenet.verification.metrics import ScoreError
 
     model, spec, device, amp, info, roots = r.model, r.spec, r.device, r.amp, r.info, r.roots
     images = pairs.images()
@@ -488,7 +521,10 @@ def _verify_on(r: Run, pairs, source) -> dict:
     for rank, part, part_bad in dist.all_gather_object((info.rank, emb, bad)):
         full[rank::info.world_size] = part
         unreadable.update(part_bad)
-    result, _, _ = score_pairs(pairs, images, full, unreadable)
+    try:
+        result, _, _ = score_pairs(pairs, images, full, unreadable)
+    except ScoreError as exc:  # NaN embeddings (a diverged model), too few pairs left: one line, exit 2
+        raise ScoreError(f"verification on {pairs.source}: {exc}") from None
     return result
 
 
@@ -507,7 +543,8 @@ def _share_bad_paths(local: set, reported: set, say: Console) -> set:
 class Audit:
     """--audit-samples DIR: each rank writes the images its loader really fed the model (a bad image's
     replacement included), not what its sampler would yield: DIR/rank<R>_epoch<E>.txt for training and
-    DIR/rank<R>_epoch<E>_eval.json (images, correct) for the held-out Acc@1. A queued job's folder must lie
+    DIR/rank<R>_epoch<E>_eval.json (images, correct, model_sha256: the `state_digest` of the model that scored
+    them) for the held-out Acc@1. A queued job's folder must lie
     in the data roots or its output. Does nothing without DIR."""
 
     def __init__(self, folder: str | None, rank: int, epoch: int, roots: confine.Roots | None):
@@ -526,10 +563,11 @@ class Audit:
         if self.folder:
             self._write(f"rank{self.rank}_epoch{self.epoch}.txt", "".join(p + "\n" for p in self.paths))
 
-    def write_eval(self, correct: int) -> None:
+    def write_eval(self, correct: int, model: torch.nn.Module) -> None:
         if self.folder:
             self._write(f"rank{self.rank}_epoch{self.epoch}_eval.json",
-                        json.dumps({"images": self.paths, "correct": correct}))
+                        json.dumps({"images": self.paths, "correct": correct,
+                                    "model_sha256": ckpt_io.state_digest(model.state_dict())}))
 
 
 def _check_resumable(state: dict, data: DatasetSplit, path: str) -> None:

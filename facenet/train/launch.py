@@ -9,30 +9,35 @@ starts `torch.distributed.run --nproc-per-node N -m facenet.train --spec FILE`.
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 from facenet import devices
 from facenet.data.dataset import load_for_training
 from facenet.errors import UserError, one_line
 from facenet import confine
 from facenet.model import resolve_pretrained
-from facenet.runenv import NODE_ADDRESS_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share
+from facenet.runenv import FENCE_ENV, NODE_ADDRESS_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share
 from facenet.spec import TrainSpec
 from facenet.train import checkpoint as ckpt_io
 from facenet.train.options import spec_and_file
+from facenet.train.sole import BUSY_EXIT, TrainerBusy, sole_trainer
 
 
 
 def watch_supervisor() -> None:
+    """Kill this process group when the worker that started it is gone (FACENET_WATCH_PID) or the attempt's
+    deadline passes (FACENET_FENCE: the trainer fences itself even when its worker is alive but cut off from
+    Redis, or frozen). A rank whose launcher died (it was re-parented) stops itself too."""
     raw = os.environ.get(WATCH_PID_ENV)
-    if not raw:
+    fence = _Fence.take()
+    if not raw and fence is None:
         return
-    import signal
-    import threading
-    import time
-
-    pid = int(raw)
+    pid = int(raw) if raw else None
     parent = os.getppid()
 
     def gone() -> bool:
@@ -40,6 +45,8 @@ def watch_supervisor() -> None:
         # does not reach the ranks: a rank whose parent died (it was re-parented) stops itself too.
         if "RANK" in os.environ and os.getppid() != parent:
             return True
+        if pid is None:
+            return False
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -53,12 +60,67 @@ def watch_supervisor() -> None:
             return False
 
     def loop() -> None:
-        while not gone():
-            time.sleep(0.5)
-        # Nothing is printed first: stdout was a pipe to the dead supervisor, and a write would raise.
+        # The deadline is a number in memory, checked right after the pipe is drained (without blocking) and before
+        # anything touches /proc: nothing here can wait on I/O, and a renewal already written is never missed.
+        while not (fence is not None and fence.passed()) and not gone():
+            if fence is not None:
+                fence.wait(0.1)
+            else:
+                time.sleep(0.5)
+        # Nothing is printed first: stdout is a pipe to the supervisor, which may be dead or not reading.
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=loop, daemon=True, name="watch-supervisor").start()
+
+
+class _Fence:
+    """The attempt's deadline for this trainer (FACENET_FENCE, services/queue/fence.py): the one at start, then
+    each one the attempt writes to the pipe after a renewal (non-blocking reads: the watcher never waits on it)."""
+
+    def __init__(self, fd: int, deadline: float):
+        self.fd: int | None = fd
+        self.deadline = deadline
+        self._pending = b""
+        os.set_blocking(fd, False)
+        self._poll = select.poll()  # not select(): a worker's descriptor may be numbered past 1023
+        self._poll.register(fd, select.POLLIN)
+
+    @classmethod
+    def take(cls) -> "_Fence | None":
+        """The fence of this process, taken out of the environment: the processes it starts (torchrun and its
+        ranks) do not hold the pipe, and die with this one."""
+        raw = os.environ.pop(FENCE_ENV, None)
+        if not raw:
+            return None
+        fd, _, deadline = raw.partition(":")
+        return cls(int(fd), float(deadline))
+
+    def wait(self, seconds: float) -> None:
+        """Up to `seconds` for news on the pipe; read all there is (a closed pipe: the last deadline stands)."""
+        if self.fd is None:
+            time.sleep(seconds)
+            return
+        self._poll.poll(seconds * 1000)
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._poll.unregister(self.fd)
+                os.close(self.fd)
+                self.fd = None
+                return
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    self.deadline = max(self.deadline, float(line))
+                except ValueError:
+                    continue
+
+    def passed(self) -> bool:
+        self.wait(0)  # what was written before now counts
+        return time.monotonic() >= self.deadline
 
 
 def preflight(spec: TrainSpec) -> str:
@@ -144,4 +206,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m facenet.train") -
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    return main_worker(spec)
+    try:
+        with sole_trainer(spec.output, int(os.environ.get("RANK", "0"))):
+            return main_worker(spec)
+    except TrainerBusy as exc:  # not the job's input: another attempt's trainer still runs; try again later
+        print(f"busy: {one_line(exc)}", file=sys.stderr)
+        return BUSY_EXIT
+    except UserError as exc:  # its folder cannot be written
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2

@@ -43,8 +43,24 @@ class Trainable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)  # logits when classify, else the normalised embedding
         if self.loss == "arcface":
-            return F.linear(out.float(), F.normalize(self.net.logits.weight.float(), dim=1)).clamp(-1.0, 1.0)
+            return arcface_cosines(out, self.net.logits.weight)
         return out
+
+
+def arcface_cosines(embedding: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """float32 cosines [N, classes] of unit embeddings [N, D] to the class centres (rows of `centres` [classes, D],
+    normalised here), in [-1, 1].
+
+    Computed with autocast off, whatever the step runs under: F.linear is on autocast's low-precision list, so the
+    `.float()` casts alone still ran it in bf16, where a cosine near 1 moves in steps of 2^-8 and a logit (x s = 64)
+    in steps of ~0.25. `torch.autocast(device_type=..., enabled=False)` is the same call on every type: autocast takes
+    the PrivateUse1 backend's name as a device type (pytorch/pytorch@v2.14.1:torch/amp/autocast_mode.py:250-262,
+    autocast.__init__, `custom_backend_name = torch._C._get_privateuse1_backend_name()`; it needs
+    torch.npu.get_amp_supported_dtype, torch_npu:torch_npu/npu/autocast_utils.py:8), and torch_npu names that backend
+    "npu" (torch_npu:torch_npu/_init/registry/backend.py:7, torch.utils.rename_privateuse1_backend). With
+    enabled=False no dtype is checked. (torch_npu:PATH as in facenet/devices.py: Ascend/pytorch v26.1.0-pytorch2.12.0.)"""
+    with torch.autocast(device_type=embedding.device.type, enabled=False):
+        return F.linear(embedding.float(), F.normalize(centres.float(), dim=1)).clamp(-1.0, 1.0)
 
 
 class Objective:
@@ -95,8 +111,6 @@ class Triplet(Objective):
         eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
         positive = same & ~eye
         negative = ~same
-        if not positive.any() or not negative.any():
-            raise ValueError("a triplet batch needs 2+ images of a person and 2+ people")
         # For each (anchor a, positive p): the closest negative farther than d(a, p) (semi-hard), else the
         # farthest negative. Each anchor's negative distances sorted once, then searched: O(B^2 log B) memory
         # and time, not the [B, B, B] of a broadcast (537 MB at a batch of 512).
@@ -107,13 +121,18 @@ class Triplet(Objective):
         semi_hard = sorted_neg.gather(1, first_farther.clamp(max=len(labels) - 1))
         farthest = sorted_neg.gather(1, (n_neg - 1).clamp_min(0)[:, None]).expand_as(semi_hard)
         chosen = torch.where(first_farther < n_neg[:, None], semi_hard, farthest)
-        losses = (d - chosen + self.margin).clamp_min(0.0)[positive]
+        # Total, and without a branch or a data-dependent shape: the mean hinge over the valid (anchor, positive)
+        # pairs, 0 when there are none. An anchor without negatives gets chosen = inf (an all-inf row), so its
+        # hinge is clamp(-inf) = 0, with a zero gradient. A batch of one person, or of one image per person, is
+        # then a zero loss rather than an error that requeues the job to fail at the same step again.
+        hinge = (d - chosen + self.margin).clamp_min(0.0)
+        loss = torch.where(positive, hinge, 0.0).sum() / positive.sum().clamp_min(1)
         # "correct": anchors whose farthest positive is nearer than their nearest negative.
         far_pos = torch.where(positive, d, -inf).amax(1)
         near_neg = torch.where(negative, d, inf).amin(1)
         has_pos = positive.any(1)
         correct = ((far_pos < near_neg) & has_pos).sum()
-        return losses.mean(), correct.detach()
+        return loss, correct.detach()
 
     def predict(self, out):
         raise RuntimeError("--loss triplet trains no classifier")

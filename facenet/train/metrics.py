@@ -38,15 +38,16 @@ class EpochClock:
 
 
 class EventLog:
-    """Append-only JSON lines a supervisor can tail (one per logged step and per epoch)."""
+    """Append-only JSON lines a supervisor can tail (one per logged step and per epoch). Every run appends, a new
+    one too (its `start` event begins its part): a file cut back to nothing under a supervisor that follows it
+    from where it had read would hide the new run's events (a queued job's retry without a checkpoint)."""
 
-    def __init__(self, path: str | None, append: bool = False):
-        """append: a resumed run continues its file; a new run starts it afresh."""
+    def __init__(self, path: str | None):
         self.path = path
         self._fh = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._fh = open(path, "a" if append else "w", encoding="utf-8", buffering=1)
+            self._fh = open(path, "a", encoding="utf-8", buffering=1)
 
     def emit(self, event: str, **fields) -> None:
         if self._fh is None:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from facenet import devices
-from facenet.errors import UserError, one_line
+from facenet.errors import UserError, one_line, unwritable
+from facenet.fsutil import atomic_write
 from facenet.runenv import mlflow_connect_seconds
 from facenet.train import checkpoint as ckpt_io
 from facenet.train import distributed as dist
@@ -24,17 +25,12 @@ from facenet.tracking import Tracker, resolve_uri
 EPOCH_METRICS = ("loss", "train_acc", "acc1", "fps", "fps_per_device", "lr", "epoch_time", "device_memory_mb",
                  "verify_acc", "val_far_1e-3", "auc", "eer")
 VERIFY_METRICS = ("verify_acc", "val_far_1e-3", "auc", "eer")
+BIN_VERIFY_METRICS = VERIFY_METRICS + ("verify_acc_insightface",)  # a .bin's accuracy as insightface computes it too
 
 
 def bin_metrics(r) -> tuple[str, ...]:
     """The per-epoch metric names of the run's --verify-bin sets: <set>_verify_acc, <set>_auc, ..."""
-    return tuple(f"{name}_{m}" for name, _, _ in r.bins for m in VERIFY_METRICS)
-
-
-def unwritable(exc: OSError, path: str | None = None) -> UserError:
-    """`exc` from writing `path` (the file the error names, when the OSError has none: a full disk)."""
-    return UserError(f"cannot write {one_line(exc.filename or path or 'an output file')}: {exc.strerror or exc} "
-                     "(a path from --output, --events or --json-out)")
+    return tuple(f"{name}_{m}" for name, _, _ in r.bins for m in BIN_VERIFY_METRICS)
 
 
 class Reporter:
@@ -56,8 +52,7 @@ class Reporter:
         if r.info.is_main:
             try:  # an output path the spec names that cannot be written: said now, in one line, not a traceback later
                 os.makedirs(spec.output, exist_ok=True)
-                self.events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"),
-                                       append=bool(r.resume_path))
+                self.events = EventLog(spec.events or os.path.join(spec.output, "events.jsonl"))
                 if spec.json_out:
                     os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
                     if os.path.isdir(spec.json_out):
@@ -150,8 +145,10 @@ class Reporter:
         if spec.json_out:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(spec.json_out)), exist_ok=True)
-                with open(spec.json_out, "w", encoding="utf-8") as fh:
-                    json.dump(summary, fh, indent=2)
+                # Atomically: a summary is what tells the service that training completed; a trainer killed
+                # while writing it must leave none, never half of one (the job would be FAILED, not resumed).
+                with atomic_write(spec.json_out, fsync=True) as fh:
+                    fh.write(json.dumps(summary, indent=2).encode())
             except OSError as exc:
                 raise unwritable(exc, spec.json_out) from None
         self.say(json.dumps(summary))

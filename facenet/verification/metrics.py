@@ -12,11 +12,36 @@ Unlike a fixed grid of thresholds (0.00, 0.01, ... 4.00 in davidsandberg's
 code), every distinct cut between two observed distances is considered, so
 the numbers do not depend on the grid or on the distance's scale (Euclidean
 on unit vectors lies in [0, 2], cosine distance in [0, 2]).
+
+For insightface's .bin sets, `insightface_accuracy` also gives the accuracy exactly as insightface's
+arcface_torch computes it (its grid, its folds, its squared distance), the number papers quote, which can
+differ from ours by a point or two on the same embeddings.
+
+Pairs that cannot be scored are a ScoreError in one line, never a traceback and never a number: fewer than 2
+folds, fewer pairs than insightface's folds, or a NaN or inf distance or embedding (a model that diverged gives
+NaN embeddings; a comparison with NaN is simply False, so they would score as a plausible but meaningless
+accuracy).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from facenet.errors import UserError
+
+
+class ScoreError(UserError, ValueError):
+    """Pairs these numbers cannot be computed for, in one line. A UserError: the trainer exits 2 with it, so a
+    queued job fails at once instead of being retried as a crash; a ValueError, as these functions raised."""
+
+
+def _finite(finite: np.ndarray, what: str) -> None:
+    """ScoreError naming how many pairs are not `finite` (a bool a pair) in their `what`."""
+    bad = ~finite
+    if bad.any():
+        raise ScoreError(f"{int(bad.sum())} of {len(finite)} pairs have a NaN or inf {what} (the model gave "
+                         "embeddings that are not finite numbers: did training diverge?); no accuracy can be "
+                         "computed from them")
 
 
 def cuts(distances: np.ndarray) -> np.ndarray:
@@ -42,6 +67,7 @@ def roc(distances: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """(false-accept rates, true-accept rates, thresholds), thresholds ascending from "nobody is the
     same person" (0, 0) to "everybody is" (1, 1)."""
     distances, same = np.asarray(distances, float), np.asarray(same, bool)
+    _finite(np.isfinite(distances), "distance")
     thresholds = cuts(distances)
     tp, fp = _counts(distances, same, thresholds)
     n_pos, n_neg = int(same.sum()), int((~same).sum())
@@ -90,11 +116,13 @@ def verification_metrics(distances, same, folds, far_target: float = 1e-3) -> di
     d = np.asarray(distances, dtype=float)
     s = np.asarray(same, dtype=bool)
     f = np.asarray(folds)
-    if not (len(d) == len(s) == len(f)):
-        raise ValueError(f"{len(d)} distances, {len(s)} labels, {len(f)} fold numbers")
+    if not (d.ndim == s.ndim == f.ndim == 1 and len(d) == len(s) == len(f)):
+        raise ScoreError(f"{len(d)} distances, {len(s)} labels, {len(f)} fold numbers")
+    _finite(np.isfinite(d), "distance")
     fold_ids = np.unique(f)
     if len(fold_ids) < 2:
-        raise ValueError("the protocol needs at least 2 folds of pairs")
+        raise ScoreError(f"{len(d)} pair(s) in {len(fold_ids)} fold(s): the protocol needs at least 2 folds of "
+                         "pairs (each fold is scored at the threshold best on the others)")
     accs, thresholds, vals, fars = [], [], [], []
     for k in fold_ids:
         test, train = f == k, f != k
@@ -112,3 +140,48 @@ def verification_metrics(distances, same, folds, far_target: float = 1e-3) -> di
             "threshold": float(np.mean(thresholds)),
             "val": float(np.mean(vals)), "val_std": float(np.std(vals)), "far": float(np.mean(fars)),
             "far_target": far_target, "auc": auc(fpr, tpr), "eer": eer(fpr, tpr)}
+
+
+# ---- insightface's accuracy -----------------------------------------------------------------------------------
+# deepinsight/insightface@7fadd420c2351d0ffa8cac403421c1a3ed733365:recognition/arcface_torch/eval/verification.py:
+# evaluate() L181 (the accuracy's grid), calculate_roc() L54-106, calculate_accuracy() L109-121.
+INSIGHTFACE_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def kfold_folds(n: int, folds: int) -> list[int]:
+    """The fold of each of n items in order as sklearn's KFold(n_splits=folds, shuffle=False) cuts them:
+    contiguous, the first n % folds folds one item longer (scikit-learn@7c20fa7b:sklearn/model_selection/
+    _split.py, KFold._iter_test_indices). Plain Python: binset uses it without numpy work."""
+    sizes = [n // folds + (1 if f < n % folds else 0) for f in range(folds)]
+    return [f for f, size in enumerate(sizes) for _ in range(size)]
+
+
+def insightface_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, same, folds: int = 10) -> dict:
+    """The accuracy of pairs (embeddings1[i], embeddings2[i]) (unit rows, in file order; at least `folds` pairs)
+    exactly as arcface_torch's eval/verification.py computes it: squared Euclidean distance in float64, the
+    pairs cut into `folds` KFold folds in order, each fold scored at the first threshold of the grid 0.00,
+    0.01, ..., 3.99 that is best on the other folds (`distance < threshold` is "same"). Returns
+    accuracy_insightface (mean over folds: its test()'s acc2), accuracy_insightface_std (std2) and
+    thresholds_insightface (each fold's threshold on squared distance)."""
+    e1, e2 = np.asarray(embeddings1, np.float64), np.asarray(embeddings2, np.float64)
+    if not (e1.ndim == e2.ndim == 2 and e1.shape == e2.shape):
+        raise ScoreError(f"embeddings of shapes {e1.shape} and {e2.shape}: expected two equal [pairs, dims]")
+    _finite(np.isfinite(e1).all(axis=1) & np.isfinite(e2).all(axis=1), "embedding")
+    with np.errstate(over="ignore"):  # finite rows whose squared difference overflows: refused just below
+        d = np.sum(np.square(np.subtract(e1, e2)), 1)  # as calculate_roc computes it, to the last bit
+    _finite(np.isfinite(d), "distance")
+    s = np.asarray(same, dtype=bool)
+    if len(d) < folds:
+        raise ScoreError(f"{len(d)} pairs: insightface's procedure needs at least {folds} (one a fold)")
+    fold_of = np.array(kfold_folds(len(d), folds))
+    accs, thresholds = np.zeros(folds), []
+    for k in range(folds):
+        test, train = fold_of == k, fold_of != k
+        tp, fp = _counts(d[train], s[train], INSIGHTFACE_THRESHOLDS)
+        # argmax of the correct counts is calculate_roc's argmax of their accuracies (the same counts over the
+        # same size): the first best threshold on ties.
+        t = INSIGHTFACE_THRESHOLDS[int(np.argmax(tp + (int((~s[train]).sum()) - fp)))]
+        thresholds.append(float(t))
+        accs[k] = float(np.sum((d[test] < t) == s[test])) / int(test.sum())  # calculate_accuracy's float(tp + tn) / size
+    return {"accuracy_insightface": float(np.mean(accs)), "accuracy_insightface_std": float(np.std(accs)),
+            "thresholds_insightface": thresholds}

@@ -45,6 +45,8 @@ class Pair:
 class PairSet:
     pairs: list[Pair]
     source: str  # where they came from, for the report
+    # An insightface .bin's pairs in file order: scored by insightface's own procedure too (evaluate.score_pairs).
+    insightface: bool = False
 
     def images(self) -> list[str]:
         """Every image the pairs name, once, sorted."""

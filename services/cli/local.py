@@ -111,10 +111,12 @@ def pack(out, data, shard_bytes, holdout, seed, as_json) -> None:
     try:
         summary = pack_data(data, out, shard_bytes, holdout, seed, confine.Roots.from_env(), progress=not as_json)
     except UserError as exc:
-        raise click.ClickException(one_line(exc)) from None
+        fail(exc)  # a refused data set or pack is exit 2, as everywhere else
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    if summary.get("rebuilt"):
+        click.echo(f"{summary['out']}: the pack there did not check out ({summary['rebuilt']}); packed again")
     if summary["skipped"]:
         click.echo(f"{summary['out']}: already a whole pack of this data set ({summary['manifest_hash']}); nothing to do")
         return
@@ -130,6 +132,8 @@ def pack(out, data, shard_bytes, holdout, seed, as_json) -> None:
 
 MODEL_HELP = ("a model file (OUTPUT/model.pt) or checkpoint, an exported .onnx model (the onnx extra), a training "
               "output folder, or an MLflow model URI runs:/<run id>/model")
+RUN_ID_HELP = ("log to this MLflow run (32 hex digits) [default: the run the model was read from (runs:/...); "
+               "a run a model file only names is not logged into]")
 
 
 def _mlflow_uri(explicit: str | None) -> str | None:
@@ -193,15 +197,16 @@ def _embedding_command(as_json: bool, run):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="write the ROC curve to this PNG")
 @click.option("--mlflow-uri", default=None, help="MLflow server for runs:/ models and logging "
               "[default: FACENET_MLFLOW_URI, else the local stack's]")
+@click.option("--run-id", default=None, help=RUN_ID_HELP)
 @click.option("--no-log", is_flag=True, help="do not log to the model's MLflow run")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (with the ROC points)")
 def evaluate(model_ref, data, bin_files, pairs_file, distance, flip, device, batch_size, seed, plot, mlflow_uri,
-             no_log, as_json) -> None:
+             run_id, no_log, as_json) -> None:
     """Face verification by the LFW protocol: 10-fold accuracy (each fold's threshold chosen on the other
     folds), VAL@FAR=1e-3, ROC AUC and EER, on pairs of people the report says whether the model saw.
 
-    For a model from an MLflow run (runs:/..., or a model file naming its run), the numbers (eval_*), the
-    ROC curve and the report are logged to that run.
+    For a model read from an MLflow run (runs:/...), or with --run-id, the numbers (eval_*), the ROC curve and
+    the report are logged to that run; a run a model file only names is not logged into (it says so).
     """
     import json
 
@@ -214,7 +219,7 @@ def evaluate(model_ref, data, bin_files, pairs_file, distance, flip, device, bat
     uri = _mlflow_uri(mlflow_uri)
     reports = [_embedding_command(as_json, lambda progress, one=one: run_evaluation(
         model_ref, data, pairs_file, distance, flip, device, batch_size, mlflow_uri=uri, log=not no_log, plot=plot,
-        seed=seed, progress=progress, bin_file=one)) for one in (bin_files or [None])]
+        seed=seed, progress=progress, bin_file=one, run_id=run_id)) for one in (bin_files or [None])]
     if as_json:
         click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
@@ -257,19 +262,21 @@ def embed(model_ref, folder, out, flip, device, batch_size, mlflow_uri, as_json)
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23)")
 @click.option("--mlflow-uri", default=None, help="MLflow server for runs:/ models and logging "
               "[default: FACENET_MLFLOW_URI, else the local stack's]")
+@click.option("--run-id", default=None, help=RUN_ID_HELP)
 @click.option("--no-log", is_flag=True, help="do not log the file to the model's MLflow run")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def export_model(model_ref, out, fmt, opset, mlflow_uri, no_log, as_json) -> None:
+def export_model(model_ref, out, fmt, opset, mlflow_uri, run_id, no_log, as_json) -> None:
     """Export MODEL (a model.pt or checkpoint, a training output folder, or runs:/<run id>/model) to OUT for
     serving: the embedding network (float32 RGB crops [batch, 3, S, S] standardised as (pixel - 127.5) / 128
     in, unit 512-d embeddings out), batch size dynamic. The file is checked before it is kept (onnxruntime or
-    torch.export.load must match PyTorch within 1e-4) and logged to the model's MLflow run under export/.
-    `embed` and `evaluate` take an .onnx file as --model."""
+    torch.export.load must match PyTorch within 1e-4), written whole or not at all, and logged under export/
+    to the MLflow run the model was read from (runs:/...) or --run-id names. `embed` and `evaluate` take an
+    .onnx file as --model."""
     from facenet.errors import UserError
     from facenet.export import export
 
     try:
-        summary = export(model_ref, out, fmt, opset, _mlflow_uri(mlflow_uri), log=not no_log)
+        summary = export(model_ref, out, fmt, opset, _mlflow_uri(mlflow_uri), log=not no_log, run_id=run_id)
     except UserError as exc:
         fail(exc)
     if as_json:

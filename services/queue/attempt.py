@@ -21,26 +21,34 @@ import time
 import uuid
 from typing import Callable
 
+import redis
+
 from facenet.errors import UserError
 from facenet.fsutil import atomic_write, remove_stale_temp_files
 from facenet.spec import RESERVED_TAGS, TrainSpec
 from facenet.runenv import worker_devices
 from facenet.tracking import LOGIN_HINT, refused_login
 from services.config import Settings, check_path_allowed
-from services.procs import KILL_GRACE_SECONDS, stop_group
+from services.procs import stop_group
 from services.queue import gang, mlflow_runs
+from services.queue.fence import LEASE_SAFETY, Fence
 from services.queue.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, Registry
 from services.queue.send import requeue_train
 from services.queue.trainer import attempt_env, check_job_paths, job_output, pump_output, reap_attempt, start_trainer
 
-LEASE_SAFETY = 0.6
+class Lost(Exception):
+    """This attempt no longer holds its job (its fence deadline passed, or another attempt took it): it stops and
+    writes nothing more to the job's record, output folder or MLflow run."""
 
 
 class Heartbeat(threading.Thread):
-    """Renews the attempt's heartbeat and its device leases; sets `lost` (the attempt must stop at once)
-    when another attempt took the job over or a lease is no longer this attempt's."""
+    """Renews the attempt's heartbeat and its device leases, moving its fence (services.queue.fence) on after each
+    renewal that succeeded; sets `lost` (the attempt must stop at once) when another attempt took the job over, a
+    lease is no longer this attempt's, or the fence deadline passed (then the fence has killed the trainer
+    already). Each renewal is one registry call bounded by the registry's call timeout, never retried here."""
 
-    def __init__(self, reg: Registry, job_id: str, token: str, node: str, devices: list[int]):
+    def __init__(self, reg: Registry, job_id: str, token: str, node: str, devices: list[int], claimed_at: float):
+        """`claimed_at`: the monotonic time the claim was sent (the fence holds from there)."""
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.reg, self.job_id, self.token, self.node, self.devices = reg, job_id, token, node, devices
         # Leases name the attempt, not just the job: attempt A of a job cleaning up after losing its
@@ -48,79 +56,130 @@ class Heartbeat(threading.Thread):
         self.holder = f"{job_id}:{token}"
         self.leased: list[int] = []
         self.gang: list[tuple[str, list[int]]] = []  # a job over several nodes: (node, devices), this one first
-        self.lost = threading.Event()
-        # Stop at once, no grace: the lease could not be renewed in time, or another attempt holds it now.
-        self.stop_now = False
+        self.lost = threading.Event()  # set: stop the trainer at once, no grace (another attempt may hold the job)
+        self.withdrawn = False  # a gang's other nodes were withdrawn (once)
         self.why = ""
         self.stopped = threading.Event()
-        self.renewed_at = time.monotonic()
+        self.fence = Fence(LEASE_SAFETY * reg.ttl, claimed_at, job_id)
+        self.fence.on_expiry(lambda: self._lose(f"could not renew its claim for {self.fence.hold:.0f} s (Redis "
+                                                "away, stalled or cut off): its trainer was stopped"))
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.why = why
+            self.lost.set()
 
     def run(self) -> None:
-        while not self.stopped.wait(max(0.5, self.reg.ttl / 6)):
+        wait = max(0.5, self.reg.ttl / 6)
+        while not self.stopped.wait(wait):
+            if self.lost.is_set():
+                return  # never take a claim back once the fence passed: the job may be another attempt's now
             try:
-                if not self.reg.heartbeat(self.job_id, self.token):
-                    self.why = "another attempt took the job over"
-                    self.lost.set()
-                held = [(self.node, self.leased)] if self.leased else []
-                held += self.gang[1:]
-                if any(self.reg.renew_leases(node, devs, self.holder) < len(devs) for node, devs in held):
-                    self.why = "another attempt holds its device (its lease lapsed while Redis was away)"
-                    self.stop_now = True  # the other holder may be training there already
-                    self.lost.set()
-                else:
-                    self.renewed_at = time.monotonic()
-                if self.gang:
-                    gang.renew_assignments(self.reg, self.holder, self.gang)
-            except Exception:  # Redis briefly away: the next beat retries
-                pass
-            # A lease not renewed for most of its TTL may expire and pass to another job: stop the trainer
-            # before that can happen, so no device is ever used by two jobs at once (Redis restarts shorter
-            # than LEASE_SAFETY x TTL are ridden out).
-            if self.leased and time.monotonic() - self.renewed_at > LEASE_SAFETY * self.reg.ttl:
-                self.why = f"could not renew its device lease for {LEASE_SAFETY * self.reg.ttl:.0f} s (Redis away)"
-                self.stop_now = True
-                self.lost.set()
+                self.renew()
+                wait = max(0.5, self.reg.ttl / 6)
+            except redis.RedisError as exc:  # away or slow: tried again soon; the fence runs out unless one gets through
+                wait = 0.5
+                self.why = f"Redis: {type(exc).__name__}"
+
+    def renew(self) -> bool:
+        """One renewal of the claim, the leases and a gang's assignments; True when all held (the fence moves
+        on from when it was sent). Raises on a Redis error."""
+        sent = time.monotonic()
+        if not self.reg.heartbeat(self.job_id, self.token):
+            self._lose("another attempt took the job over")
+            return False
+        if self.gang:  # before the leases: an assignment (what a follower fences on) never outlives its node's lease
+            gang.renew_assignments(self.reg, self.holder, self.gang)
+        held = ([(self.node, self.leased)] if self.leased else []) + self.gang[1:]
+        if any(self.reg.renew_leases(node, devs, self.holder) < len(devs) for node, devs in held):
+            self._lose("another attempt holds its device (its lease lapsed while Redis was away)")
+            return False
+        self.fence.renewed(sent)
+        return True
+
+    def confirm(self) -> bool:
+        """Renew now and say whether this attempt still holds its job: asked right before a write that Redis cannot
+        make conditional (the MLflow run, the output folder). A Redis error is tried again while the fence holds
+        (a restart); False once it has passed."""
+        if self.lost.is_set() or not self.fence.holds():
+            return False
+        return bool(_retrying(self.renew, self)) and self.fence.holds()
+
+    def require(self) -> None:
+        """Lost unless this attempt still holds its job (confirm)."""
+        if not self.confirm():
+            raise Lost(self.why or "its claim could not be confirmed (Redis not answering)")
 
     def stop(self) -> None:
         self.stopped.set()
+        self.fence.close()
+
+
+# A train message the claim refused (Registry.claim), and why, as the task's log line says it.
+CLAIM_REFUSED = {"missing": "no such job", "done": "it ended", "busy": "another attempt holds it",
+                 "unfit": "it is not a train job waiting for an attempt"}
 
 
 def run_train_job(settings: Settings, reg: Registry, job_id: str, node: str,
                   report: Callable[[dict], None] = lambda progress: None) -> dict:
     """Run one attempt of train job `job_id` on worker `node`; returns what the Celery task returns."""
     token = uuid.uuid4().hex
+    claimed_at = time.monotonic()
     state, attempts = reg.claim(job_id, token)
-    if state in ("missing", "done", "busy"):
-        return {"job": job_id, "skipped": state}
+    if state in CLAIM_REFUSED:
+        if state != "unfit":
+            return {"job": job_id, "skipped": state}
+        return {"job": job_id, "skipped": state,
+                "why": reg.misfit(job_id, "train")[1] or "its state changed as it was claimed"}
     if state == "cancel":
         _cancel_before_start(settings, reg, job_id)
         return {"job": job_id, "status": CANCELLED}
-    job = reg.get(job_id)
-    if attempts > settings.max_attempts:
-        why = job.get("message") or "the worker running it died"
-        mlflow_runs.end_job_run(settings.mlflow_uri, job, "FAILED")  # the lost attempt left it RUNNING
-        reg.finish(job_id, FAILED, error=f"gave up after {attempts - 1} attempts: {why}")
-        reg.release(job_id, token)
-        return {"job": job_id, "status": FAILED}
     device_type, devices = worker_devices()
-    beat = Heartbeat(reg, job_id, token, node, devices)
-    beat.start()
+    beat = Heartbeat(reg, job_id, token, node, devices, claimed_at)
     try:
+        job = reg.get(job_id)
+        if attempts > settings.max_attempts:
+            why = job.get("message") or "the worker running it died"
+            _end_run(settings, beat, job, "FAILED")  # the lost attempt left it RUNNING
+            reg.finish(job_id, FAILED, token, error=f"gave up after {attempts - 1} attempts: {why}")
+            return {"job": job_id, "status": FAILED}
+        beat.start()
         return _attempt(settings, reg, job, attempts, node, device_type, devices, beat, report)
     except UserError as exc:
-        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")  # the run first, then the job
-        reg.finish(job_id, FAILED, error=str(exc))
+        _end_run(settings, beat, reg.get(job_id), "FAILED")  # the run first, then the job
+        reg.finish(job_id, FAILED, token, error=str(exc))
         return {"job": job_id, "status": FAILED, "error": str(exc)}
+    except Lost as exc:  # another attempt owns the job now (or may): leave its record, folder and run alone
+        print(f"job {job_id} attempt {attempts}: stopped, {exc}", file=sys.stderr)
+        return {"job": job_id, "skipped": "taken over"}
     finally:
         beat.stop()
         reap_attempt(beat.holder)  # nothing of this attempt may run on a device it gives back
         if beat.gang[1:]:
-            _retrying(lambda: gang.withdraw(reg, job_id, beat.holder, beat.gang))  # the other nodes' trainers first
+            _withdraw(reg, beat)  # the other nodes' trainers first
             for other, devs in beat.gang[1:]:
                 _retrying(lambda: reg.renew_leases(other, devs, beat.holder, drop=True))
         if beat.leased:
             _retrying(lambda: reg.renew_leases(node, beat.leased, beat.holder, drop=True))
         _retrying(lambda: reg.release(job_id, token))
+
+
+# How long a gang's other trainers may take to end on their own after rank 0's ended well (they write nothing
+# after it; a few seconds under load), before their parts are withdrawn (killed).
+GANG_SETTLE_SECONDS = 10.0
+
+
+def _withdraw(reg: Registry, beat: Heartbeat, settle: float = 0.0) -> None:
+    """Take back a gang's other nodes' parts and wait until their trainers are gone (once per attempt)."""
+    if not beat.withdrawn:
+        _retrying(lambda: gang.withdraw(reg, beat.job_id, beat.holder, beat.gang, settle=settle))
+        beat.withdrawn = True
+
+
+def _end_run(settings: Settings, beat: Heartbeat, job: dict | None, status: str) -> None:
+    """End the job's MLflow run with `status`, only while this attempt still holds the job (confirmed now)."""
+    if beat.confirm():
+        mlflow_runs.end_job_run(settings.mlflow_uri, job, status)
 
 
 def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: str, device_type: str,
@@ -139,13 +198,15 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     got = _wait_for_devices(settings, reg, job_id, spec, node, devices, device_type, beat)
     if got is None:
         return {"job": job_id, "status": CANCELLED}
-    os.makedirs(output, exist_ok=True)
     resumed = attempts > 1
-    reg.update(job_id, status=RUNNING, started=job.get("started") or time.time(), worker=node,
-               host=socket.gethostname(), devices=got, output=output,
-               nodes=[n for n, _ in beat.gang] if beat.gang else [node],
-               message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else "")
-    run_id = job.get("mlflow_run_id") or _job_run(settings, reg, job, spec, device_type, data, output)
+    # Before anything of the job is touched: the conditional write that says this attempt still holds it.
+    if not _retrying(lambda: reg.update(
+            job_id, beat.token, status=RUNNING, started=job.get("started") or time.time(), worker=node,
+            host=socket.gethostname(), devices=got, output=output,
+            nodes=[n for n, _ in beat.gang] if beat.gang else [node],
+            message=f"attempt {attempts}: resuming after the previous worker was lost" if resumed else ""), beat):
+        raise Lost("the job was taken over, or ended, while this attempt waited for its devices")
+    run_id = job.get("mlflow_run_id") or _job_run(settings, reg, job, spec, device_type, data, output, beat)
     # What the service decides for the trainer, in one place (TrainSpec.placed); node 0's spec is written once,
     # each other node's (its own devices) once by gang.assign.
     spec = spec.placed(**paths, device=device_type, device_list=got if device_type in ("npu", "cuda") else None,
@@ -154,10 +215,14 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
                        experiment=job.get("experiment") or settings.experiment,
                        tags={**spec.tags, "job_id": job_id, "attempts": str(attempts)})
     spec_path = os.path.join(output, "spec.json")
+    beat.require()  # the output folder is written from here on
+    os.makedirs(output, exist_ok=True)
     endpoint = None
     if beat.gang:
         endpoint = gang.advertised_endpoint()
-        gang.assign(reg, job_id, beat.holder, beat.gang, endpoint, spec, output, device_type, job.get("task_id"))
+        if not gang.assign(reg, job_id, beat.holder, beat.gang, endpoint, spec, output, device_type,
+                           job.get("task_id")):
+            raise Lost("the job was taken over while its gang was assigned")
     with atomic_write(spec_path) as fh:
         fh.write(spec.to_json().encode())
     if os.path.exists(spec.json_out):
@@ -166,29 +231,40 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
     env = attempt_env(settings, beat.holder, node, got, os.path.join(output, "heartbeat"),
                       rank=0 if endpoint else None, endpoint=endpoint)
     log_path = os.path.join(output, "train.log")
+    events_at = os.path.getsize(spec.events) if os.path.exists(spec.events) else 0  # what earlier attempts wrote
+    beat.require()
     log = open(log_path, "a", encoding="utf-8", buffering=1)
-    proc = start_trainer(spec_path, env, output)
-    reg.update(job_id, trainer_pid=proc.pid, trainer_started=time.time())
-    follower = _Follower(reg, job_id, spec.events, proc, log)
+    try:
+        proc = start_trainer(spec_path, env, output, beat.fence)
+    except BaseException:
+        log.close()
+        raise
+    follower = _Follower(reg, job_id, spec.events, proc, log, events_at)
     follower.start()
+    _retrying(lambda: reg.update(job_id, beat.token, trainer_pid=proc.pid, trainer_started=time.time()), beat)
     outcome, detail = _watch(reg, job_id, proc, beat, follower, report, settings)
     reap_attempt(beat.holder)  # before another attempt may resume into the same output folder
+    beat.fence.unguard(proc.pid)  # reaped: its group id may be reused by anyone
+    if beat.gang[1:]:  # and the other nodes' parts too, before the job is given up or requeued
+        _withdraw(reg, beat, GANG_SETTLE_SECONDS if outcome == "done" and proc.returncode == 0 else 0.0)
     follower.join(timeout=30)
     log.close()
+    if outcome == "lost":  # another attempt owns the job now (or may); leave its record, folder and run alone
+        raise Lost(beat.why)
+    beat.require()
     remove_stale_temp_files(output)  # a checkpoint half-written by a trainer killed mid-save
-    if outcome == "lost":  # another attempt owns the job now (or its leases lapsed); leave its record alone
-        print(f"job {job_id} attempt {attempts}: stopped, {beat.why}", file=sys.stderr)
-        return {"job": job_id, "skipped": "taken over"}
     rc = proc.returncode
     if outcome == "done" and rc and not os.path.exists(spec.json_out) and not follower.user_error():
-        # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash: not the
-        # job's own input (that exits 2 with an `error:` line and fails at once). Resume from the checkpoint.
+        # Killed by a signal from outside (the OOM killer, an operator), a rank that died, a crash, another
+        # attempt's trainer still holding the folder (BUSY_EXIT): not the job's own input (that exits 2 with an
+        # `error:` line and fails at once). Resume from the checkpoint.
         outcome = "killed" if rc < 0 else "crashed"
-    _log_training_log(settings, run_id, log_path)
+    if beat.confirm():
+        _log_training_log(settings, run_id, log_path)
     if outcome == "cancelled":
-        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
-        _retrying(lambda: reg.finish(job_id, CANCELLED, message="cancelled while running; trainer stopped",
-                                     trainer_pid=None))
+        _end_run(settings, beat, reg.get(job_id), "KILLED")
+        _retrying(lambda: reg.finish(job_id, CANCELLED, beat.token, message="cancelled while running; trainer "
+                                     "stopped", trainer_pid=None), beat)
         return {"job": job_id, "status": CANCELLED}
     if outcome != "done":
         why = {"node lost": detail,
@@ -198,7 +274,7 @@ def _attempt(settings: Settings, reg: Registry, job: dict, attempts: int, node: 
                "killed": f"the trainer was killed by signal {-(rc or 0)} (out of memory?)",
                "crashed": f"the trainer exited with code {rc}: {follower.error_line()}"}[outcome]
         return _stopped(settings, reg, job, attempts, beat, outcome, why)
-    return _finished(settings, reg, job_id, spec.json_out, rc, follower.error_line())
+    return _finished(settings, reg, job_id, spec.json_out, rc, follower.error_line(), beat)
 
 
 def _stopped(settings: Settings, reg: Registry, job: dict, attempts: int, beat: Heartbeat, outcome: str,
@@ -209,16 +285,18 @@ def _stopped(settings: Settings, reg: Registry, job: dict, attempts: int, beat: 
     if outcome != "overtime" and attempts < settings.max_attempts:
         # The same step drops this attempt's heartbeat, or the new message would find the job held and drop
         # itself. (False: a sweeper got there first because this heartbeat had lapsed; it sent the message.)
-        requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again", token=beat.token)
+        # Only while it holds the job (the requeue is conditional on its token, like every write here).
+        _retrying(lambda: requeue_train(reg, job, f"attempt {attempts} stopped: {why}; trying again",
+                                        token=beat.token), beat)
         return {"job": job_id, "requeued": why}
-    mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "FAILED")
+    _end_run(settings, beat, reg.get(job_id), "FAILED")
     error = why if outcome == "overtime" else f"gave up after {attempts} attempt(s): {why}"
-    _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+    _retrying(lambda: reg.finish(job_id, FAILED, beat.token, error=error, trainer_pid=None), beat)
     return {"job": job_id, "status": FAILED, "error": error}
 
 
 def _finished(settings: Settings, reg: Registry, job_id: str, summary_path: str, rc: int | None,
-              error_line: str | None) -> dict:
+              error_line: str | None, beat: Heartbeat) -> dict:
     """A trainer that exited by itself: SUCCEEDED with its summary's numbers, or FAILED with its error line.
     summary.json is written (atomically) when training is complete: a trainer killed after it succeeded."""
     summary = _read_json(summary_path)
@@ -226,13 +304,16 @@ def _finished(settings: Settings, reg: Registry, job_id: str, summary_path: str,
         error = error_line or f"trainer exited with code {rc}"
         if rc is not None and rc < 0:
             error = f"trainer killed by signal {-rc}; {error}"
-        mlflow_runs.end_job_run(settings.mlflow_uri, _retrying(lambda: reg.get(job_id)), "FAILED")
-        _retrying(lambda: reg.finish(job_id, FAILED, error=error, trainer_pid=None))
+        _end_run(settings, beat, _retrying(lambda: reg.get(job_id), beat), "FAILED")
+        _retrying(lambda: reg.finish(job_id, FAILED, beat.token, error=error, trainer_pid=None), beat)
         return {"job": job_id, "status": FAILED, "error": error}
     result = {k: summary.get(k) for k in ("fps", "acc1", "epochs", "world_size", "device", "precision",
                                           "e2e_seconds", "model", "checkpoint", "mlflow_run_id")}
-    _retrying(lambda: reg.finish(job_id, SUCCEEDED, result=result, trainer_pid=None,
-                                 checkpoint=summary.get("checkpoint")))
+    if not _retrying(lambda: reg.finish(job_id, SUCCEEDED, beat.token, result=result, trainer_pid=None,
+                                        checkpoint=summary.get("checkpoint")), beat):
+        # It lost the job before it could say so (a sweeper requeued it): the next attempt finds the last
+        # checkpoint complete, has nothing to train, and ends the job with the same numbers.
+        raise Lost("the job was requeued before its result could be recorded")
     return {"job": job_id, "status": SUCCEEDED, **{k: result[k] for k in ("fps", "acc1")}}
 
 
@@ -243,26 +324,28 @@ def _wait_for_devices(settings: Settings, reg: Registry, job_id: str, spec: Trai
     node 0's devices, or None when the job was cancelled meanwhile."""
     per_node = spec.npus_per_node
     while True:
+        if not beat.fence.holds() or beat.lost.is_set():  # no lease taken, nothing written for a claim it lost
+            raise Lost(beat.why or "its claim lapsed while it waited for devices")
         if spec.nnodes == 1:
-            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder))
+            got = _retrying(lambda: reg.lease(node, devices, spec.npus, beat.holder), beat)
             team = [(node, got)] if got else []
         else:
             team = _retrying(lambda: reg.gang_lease(gang.candidates(reg, node, devices, device_type, per_node),
-                                                    per_node, spec.nnodes, beat.holder))
+                                                    per_node, spec.nnodes, beat.holder), beat)
         if team:
             beat.leased, beat.gang = team[0][1], team if spec.nnodes > 1 else []
             return team[0][1]
-        if _retrying(lambda: reg.cancel_requested(job_id)):
-            _cancel_before_start(settings, reg, job_id)
+        if _retrying(lambda: reg.cancel_requested(job_id), beat):
+            _cancel_before_start(settings, reg, job_id, beat)
             return None
         wanted = (f"{spec.npus} free {device_type} device(s) on {node}" if spec.nnodes == 1 else
                   f"{spec.nnodes} {device_type} workers with {per_node} free device(s) each, {node} among them")
-        _retrying(lambda: reg.update(job_id, message=f"waiting for {wanted}"))
+        _retrying(lambda: reg.update(job_id, beat.token, message=f"waiting for {wanted}"), beat)
         time.sleep(1.0)
 
 
 def _job_run(settings: Settings, reg: Registry, job: dict, spec: TrainSpec, device_type: str, data: str,
-             output: str) -> str | None:
+             output: str, beat: Heartbeat) -> str | None:
     """The job's MLflow run, created on its first attempt (none without a server), with the data set's manifest
     attached. MLflow restarting is no reason to fail a job: wait for it (the job keeps its devices and place)."""
     if not settings.mlflow_uri:
@@ -272,10 +355,14 @@ def _job_run(settings: Settings, reg: Registry, job: dict, spec: TrainSpec, devi
     tags = {**user_tags, "job_id": job_id, "npus": str(spec.npus), "device_type": device_type,
             "amp": str(spec.amp_enabled).lower(), "host": socket.gethostname()}
     name = f"{spec.default_run_name(device_type)}-{job_id}"
-    run_id = _while_mlflow_away(settings, reg, job_id, lambda: mlflow_runs.find_or_create_run(
-        settings.mlflow_uri, job.get("experiment") or settings.experiment, name, tags, job_id))
-    reg.update(job_id, mlflow_run_id=run_id)
-    _while_mlflow_away(settings, reg, job_id, lambda: _log_manifest(settings, run_id, data, output))
+    experiment = job.get("experiment") or settings.experiment
+    run_id, made = _while_mlflow_away(settings, reg, beat, lambda: mlflow_runs.find_or_create_run(
+        settings.mlflow_uri, experiment, name, tags, job_id))
+    if not _retrying(lambda: reg.update(job_id, beat.token, mlflow_run_id=run_id), beat):
+        if made:  # a run made for a job that is another attempt's now: not left beside the job's own
+            mlflow_runs.drop_if_not_oldest(settings.mlflow_uri, experiment, job_id, run_id)
+        raise Lost("the job was taken over while its MLflow run was made")
+    _while_mlflow_away(settings, reg, beat, lambda: _log_manifest(settings, run_id, data, output))
     return run_id
 
 
@@ -283,8 +370,6 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
            report: Callable[[dict], None], settings: Settings) -> tuple[str, str]:
     """Follow the trainer until it exits: ('done', ''), ('cancelled', ''), ('lost', ''), ('stalled', '') (no
     output for the stall limit), ('overtime', '') (past the longest a job may run) or ('node lost', which)."""
-    import redis
-
     last_progress = None
     started_at = time.time()
     deadline = time.time() + settings.max_job_seconds
@@ -292,16 +377,16 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
         try:
             proc.wait(timeout=0.5)
             follower.poll_events()
-            _retrying(lambda: _push_progress(reg, job_id, follower, report, last_progress))
-            return "done", ""
+            _retrying(lambda: _push_progress(reg, job_id, beat.token, follower, report, last_progress), beat)
+            return ("lost" if beat.lost.is_set() else "done"), ""
         except subprocess.TimeoutExpired:
             pass
         follower.poll_events()
         if beat.lost.is_set():
-            stop_group(proc, grace=0 if beat.stop_now else KILL_GRACE_SECONDS)
+            stop_group(proc, grace=0)  # another attempt may hold the job now: no grace
             return "lost", ""
         if beat.gang:
-            gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at))
+            gone = _retrying(lambda: gang.lost_nodes(reg, job_id, beat.holder, beat.gang, started_at), beat)
             if gone:
                 stop_group(proc, grace=0)
                 return "node lost", f"worker {', '.join(node for _, node in gone)} of the job's nodes was lost"
@@ -312,7 +397,7 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
             stop_group(proc)
             return "overtime", ""
         try:
-            last_progress = _push_progress(reg, job_id, follower, report, last_progress)
+            last_progress = _push_progress(reg, job_id, beat.token, follower, report, last_progress)
             if reg.cancel_requested(job_id):
                 stop_group(proc)
                 return "cancelled", ""
@@ -320,27 +405,29 @@ def _watch(reg: Registry, job_id: str, proc: subprocess.Popen, beat: Heartbeat, 
             continue  # Redis restarting: training goes on; progress catches up when it is back
 
 
-def _retrying(fn, seconds: float = 120.0):
-    """Run a registry write, retrying while Redis is briefly away (a restart): results must not be lost."""
-    import redis
-
-    deadline = time.time() + seconds
+def _retrying(fn, beat: Heartbeat | None = None, seconds: float = 120.0):
+    """Run a registry call, retrying while Redis is briefly away (a restart): results must not be lost. With
+    `beat`, only while that attempt holds its job (its fence): past it the job may be another attempt's, and the
+    call (conditional on the attempt's token) could only be refused; None then."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             return fn()
         except redis.RedisError:
-            if time.time() > deadline:
+            if beat is not None and not beat.fence.holds():
+                return None
+            if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
 
 
-def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, last):
+def _push_progress(reg: Registry, job_id: str, token: str, follower: "_Follower", report, last):
     progress = dict(follower.progress)
     if progress and progress != last:
         fields = {"progress": progress}
         if follower.checkpoint:
             fields["checkpoint"] = follower.checkpoint
-        reg.update(job_id, **fields)
+        reg.update(job_id, token, **fields)
         try:
             report(progress)
         except Exception:  # Flower's view is a mirror; never stop training for it
@@ -351,13 +438,14 @@ def _push_progress(reg: Registry, job_id: str, follower: "_Follower", report, la
 class _Follower(threading.Thread):
     """Copies the trainer's output to train.log and the registry; parses events.jsonl into progress."""
 
-    def __init__(self, reg: Registry, job_id: str, events_path: str, proc: subprocess.Popen, log):
+    def __init__(self, reg: Registry, job_id: str, events_path: str, proc: subprocess.Popen, log, offset: int):
+        """`offset`: the size of the events file before the trainer started (earlier attempts' events)."""
         super().__init__(daemon=True, name=f"follow-{job_id}")
         self.reg, self.job_id, self.events_path, self.proc, self.log = reg, job_id, events_path, proc, log
         self.progress: dict = {}
         self.checkpoint: str | None = None
-        self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
-        self._partial = ""
+        self._offset = offset
+        self._partial = b""
         self._tail: list[str] = []
         self.last_activity = time.time()  # the last output line or event: a hung trainer writes neither
 
@@ -393,24 +481,27 @@ class _Follower(threading.Thread):
         return None
 
     def poll_events(self) -> None:
+        """Apply the events written since the last poll. The file only grows (the trainer appends, whatever the
+        attempt); one that shrank was replaced by hand, and is read again from its start."""
         try:
-            with open(self.events_path, encoding="utf-8") as fh:
+            with open(self.events_path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self._offset:
+                    self._offset, self._partial = 0, b""
                 fh.seek(self._offset)
                 chunk = fh.read()
         except FileNotFoundError:
             return
-        self._offset += len(chunk.encode("utf-8"))
+        self._offset += len(chunk)
         if chunk:
             self.last_activity = time.time()
-        text = self._partial + chunk
-        lines = text.split("\n")
-        self._partial = lines.pop()
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
         for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            self._apply(event)
+            if isinstance(event, dict):
+                self._apply(event)
 
     def _apply(self, e: dict) -> None:
         p = self.progress
@@ -430,15 +521,25 @@ class _Follower(threading.Thread):
             p.update(fps=e.get("fps"), acc1=e.get("acc1"), epochs_done=e.get("epochs"))
 
 
-def _cancel_before_start(settings: Settings, reg: Registry, job_id: str) -> None:
-    mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
-    reg.finish(job_id, CANCELLED, message="cancelled before it started")
+def _cancel_before_start(settings: Settings, reg: Registry, job_id: str, beat: Heartbeat | None = None) -> None:
+    """Cancelled before its trainer started: by the claim itself (no attempt holds it; the claim refused it), or
+    while attempt `beat` waited for devices (only while that attempt holds it)."""
+    if beat is None:
+        mlflow_runs.end_job_run(settings.mlflow_uri, reg.get(job_id), "KILLED")
+        reg.finish(job_id, CANCELLED, message="cancelled before it started")
+        return
+    _end_run(settings, beat, reg.get(job_id), "KILLED")
+    if not reg.finish(job_id, CANCELLED, beat.token, message="cancelled before it started"):
+        raise Lost("the job was taken over while it was being cancelled")
 
 
-def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):
-    """fn(), retried while the MLflow server does not answer (restarting), up to settings.mlflow_wait_seconds."""
+def _while_mlflow_away(settings: Settings, reg: Registry, beat: Heartbeat, fn):
+    """fn(), retried while the MLflow server does not answer (restarting), up to settings.mlflow_wait_seconds,
+    and only while attempt `beat` holds its job (confirmed before each try: fn writes to the job's run)."""
+    job_id = beat.job_id
     deadline = time.time() + settings.mlflow_wait_seconds
     while True:
+        beat.require()
         try:
             mlflow_runs.check_reachable(settings.mlflow_uri)
             return fn()
@@ -453,7 +554,7 @@ def _while_mlflow_away(settings: Settings, reg: Registry, job_id: str, fn):
             if time.time() > deadline:
                 raise UserError(f"MLflow at {settings.mlflow_uri}: {type(exc).__name__}: {exc}") from None
             err = exc
-        _retrying(lambda: reg.update(job_id, message=f"waiting for MLflow ({str(err)[:120]})"))
+        _retrying(lambda: reg.update(job_id, beat.token, message=f"waiting for MLflow ({str(err)[:120]})"), beat)
         time.sleep(3.0)
 
 

@@ -34,6 +34,7 @@ from facenet.fsutil import free_port
 from facenet.runenv import NODE_ADDRESS_ENV
 from services.procs import stop_group
 from services.queue.events import send_task_events
+from services.queue.fence import LEASE_SAFETY, Fence
 from services.queue.names import NODE_TASK
 from services.queue.registry import PREFIX, Registry, registry_for
 from services.queue.trainer import attempt_env, job_output, pump_output, reap_attempt, start_trainer
@@ -73,25 +74,26 @@ def node_task_id(holder: str, rank: int) -> str:
 
 
 def assign(reg: Registry, job_id: str, holder: str, gang, endpoint: str, spec, output: str,
-           device_type: str, task_id: str | None = None) -> None:
-    """Write each follower's spec (node 0's, placed on its own devices) and assignment."""
+           device_type: str, task_id: str | None = None) -> bool:
+    """Write each follower's spec (node 0's, placed on its own devices) and assignment; False (stop: the job is no
+    longer this attempt's) when an assignment was refused because attempt `holder` lost its claim."""
     from facenet.fsutil import atomic_write
 
     for rank, (node, devices) in enumerate(gang[1:], 1):
         spec_path = os.path.join(output, f"spec.node{rank}.json")
         with atomic_write(spec_path) as fh:
             fh.write(spec.placed(device_list=devices if device_type in ("npu", "cuda") else None).to_json().encode())
-        reg.r.set(assignment_key(node), json.dumps({
-            "job": job_id, "holder": holder, "rank": rank, "nnodes": len(gang), "endpoint": endpoint,
-            "spec": spec_path, "output": output, "devices": devices, "device_type": device_type,
-            "task": task_id}), ex=reg.ttl)
+        if not reg.assignment("set", assignment_key(node), holder, json.dumps({
+                "job": job_id, "holder": holder, "rank": rank, "nnodes": len(gang), "endpoint": endpoint,
+                "spec": spec_path, "output": output, "devices": devices, "device_type": device_type,
+                "task": task_id})):
+            return False
+    return True
 
 
 def renew_assignments(reg: Registry, holder: str, gang) -> None:
     for node, _ in gang[1:]:
-        raw = reg.r.get(assignment_key(node))
-        if raw and json.loads(raw).get("holder") == holder:
-            reg.r.expire(assignment_key(node), reg.ttl)
+        reg.assignment("renew", assignment_key(node), holder)
 
 
 def node_said(reg: Registry, job_id: str, rank: int) -> dict:
@@ -123,22 +125,23 @@ def node_states(reg: Registry, job_id: str, nodes: list[str]) -> list[dict]:
     return states
 
 
-def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.0) -> None:
+def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.0, settle: float = 0.0) -> None:
     """Take back the followers' assignments and wait (bounded) until their trainers are gone: only then may
     their devices be leased to anyone else. A part whose agent did not say it ended (its worker died) is
-    reported failed to Flower on that worker's behalf."""
-    for node, _ in gang[1:]:
-        raw = reg.r.get(assignment_key(node))
-        if raw and json.loads(raw).get("holder") == holder:
-            reg.r.delete(assignment_key(node))
-    deadline = time.time() + timeout
-    def running(state: dict) -> bool:
-        return state.get("holder") == holder and bool(state.get("alive"))
+    reported failed to Flower on that worker's behalf. `settle`: after a leader's trainer ended well, how long
+    the followers' trainers (which end a moment after rank 0's) may end on their own before the assignments
+    are dropped; a drop kills a trainer still running, which Flower would show as REVOKED, not SUCCESS."""
+    def wait_until_parts_end(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(
+                (said := node_said(reg, job_id, rank)).get("holder") == holder and said.get("alive")
+                for rank in range(1, len(gang))):
+            time.sleep(0.3)
 
-    while time.time() < deadline:
-        if not any(running(node_said(reg, job_id, rank)) for rank in range(1, len(gang))):
-            break
-        time.sleep(0.3)
+    wait_until_parts_end(settle)
+    for node, _ in gang[1:]:
+        reg.assignment("drop", assignment_key(node), holder)
+    wait_until_parts_end(timeout)
     for rank, (node, _) in enumerate(gang[1:], 1):
         state = node_said(reg, job_id, rank)
         if state.get("holder") != holder or state.get("alive"):
@@ -148,42 +151,65 @@ def withdraw(reg: Registry, job_id: str, holder: str, gang, timeout: float = 30.
 
 
 class Agent(threading.Thread):
-    """A device worker's part in other nodes' gangs (see the module docstring)."""
+    """A device worker's part in other nodes' gangs (see the module docstring).
 
-    def __init__(self, node: str, stop: threading.Event):
+    Its part is fenced like an attempt (services.queue.fence): it acts for a job only while its last round trip
+    that read the job's assignment and wrote its own node record went through, and never past the point where the
+    assignment (renewed by the leader with the node's device leases) could expire. Its trainer dies by that
+    deadline whatever Redis, the link or the leader does."""
+
+    def __init__(self, node: str, stop: threading.Event, settings=None, reg: Registry | None = None):
+        """`settings`/`reg`: the worker's (default: load_settings() and its registry, when the thread starts)."""
         super().__init__(daemon=True, name="facenet-gang-agent")
         self.node, self.stop = node, stop
         self.current: dict | None = None  # the assignment being run
         self.proc: subprocess.Popen | None = None
+        self.fence: Fence | None = None  # the running part's
         self.done_for: str | None = None  # the holder whose part already ran to its end
         self.started_at = 0.0
-        self.reg: Registry | None = None
+        self.settings, self.reg = settings, reg
 
     def run(self) -> None:
         from services.config import load_settings
 
-        s = load_settings()
-        self.reg = registry_for(s)
+        if self.settings is None:
+            self.settings = load_settings()
+        if self.reg is None:
+            self.reg = registry_for(self.settings)
         while not self.stop.wait(0.5):
             try:
-                self._tick(s)
-            except Exception as exc:  # Redis restarting: the next tick retries
+                self._tick(self.settings)
+            except Exception as exc:  # Redis restarting or stalled: the next tick retries; the fence runs out
                 print(f"facenet gang agent: {type(exc).__name__}: {exc}", flush=True)
         self._stop_trainer("its worker stopped")
 
     def _tick(self, settings) -> None:
-        raw = self.reg.r.get(assignment_key(self.node))
+        sent = time.monotonic()
+        pipe = self.reg.r.pipeline(transaction=False)
+        pipe.get(assignment_key(self.node))
+        pipe.pttl(assignment_key(self.node))
+        raw, ttl_ms = pipe.execute()
         wanted = json.loads(raw) if raw else None
         if self.current and (not wanted or wanted["holder"] != self.current["holder"]):
             self._stop_trainer()  # the leader withdrew it, died, or a newer attempt took over
         if wanted and not self.current and wanted["holder"] != self.done_for:
-            self._start(wanted, settings)
+            self._start(wanted, settings, sent, ttl_ms)
         if self.current:
             rc = self.proc.poll()
             self._say(rc, ended=rc is not None)
-            if rc is not None:
+            if rc is None:
+                self.fence.renewed(sent, self._hold(ttl_ms))
+            else:
                 self._exited(rc)
-                self.done_for, self.current, self.proc = self.current["holder"], None, None
+                self.fence.close()
+                self.done_for, self.current, self.proc, self.fence = self.current["holder"], None, None, None
+
+    def _hold(self, ttl_ms: int) -> float:
+        """How long one round trip lets the part act: the attempt's share of the TTL, and never up to the moment
+        its assignment (and the node's device leases, renewed with it) could expire, less the same margin."""
+        ttl = self.reg.ttl
+        left = ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else 0.0
+        return max(0.0, min(LEASE_SAFETY * ttl, left - (1 - LEASE_SAFETY) * ttl))
 
     def _say(self, rc: int | None, ended: bool) -> None:
         """Write this node's record of its part (node_said): alive while the trainer runs, beat by beat; the last
@@ -200,15 +226,26 @@ class Agent(threading.Thread):
                      ("task-failed", {"exception": f"node {a['rank']}'s trainer exited with code {rc}",
                                       "traceback": ""}))
 
-    def _start(self, a: dict, settings) -> None:
+    def _start(self, a: dict, settings, sent: float, ttl_ms: int) -> None:
         # The follower's own runs folder (shared with the leader's), never a folder the assignment names.
         a = {**a, "output": job_output(settings, a["job"])}
         a["spec"] = os.path.join(a["output"], f"spec.node{int(a['rank'])}.json")
         env = attempt_env(settings, node_part(a["holder"], a["rank"]), self.node, a["devices"],
                           os.path.join(a["output"], f"heartbeat.node{a['rank']}"), a["rank"], a["endpoint"])
-        log = open(os.path.join(a["output"], f"train.node{a['rank']}.log"), "a", encoding="utf-8", buffering=1)
-        self.proc = start_trainer(a["spec"], env, a["output"])
-        self.current, self.started_at = a, time.time()
+        fence = Fence(self._hold(ttl_ms), sent, f"{a['job']}-node{a['rank']}")
+        if not fence.holds():
+            fence.close()
+            return  # the assignment is about to expire: not started (the next tick sees what replaced it)
+        log = None
+        try:
+            log = open(os.path.join(a["output"], f"train.node{a['rank']}.log"), "a", encoding="utf-8", buffering=1)
+            self.proc = start_trainer(a["spec"], env, a["output"], fence)
+        except BaseException:  # no process (out of pids, memory): nothing of this try may outlive it
+            fence.close()
+            if log is not None:
+                log.close()
+            raise
+        self.fence, self.current, self.started_at = fence, a, time.time()
 
         def copy() -> None:
             try:
@@ -220,7 +257,7 @@ class Agent(threading.Thread):
         self._report(("task-received", {"name": NODE_TASK, "args": repr([a["job"], a["rank"]]),
                                         "kwargs": "{}", "retries": 0, "eta": None, "parent_id": a.get("task"),
                                         "root_id": a.get("task")}),
-                     ("task-started", {"pid": self.proc.pid}))
+                     ("task-started", {}))  # the dispatcher adds its own pid field
         print(f"facenet gang agent: node {a['rank']} of job {a['job']} started (pid {self.proc.pid})", flush=True)
 
     def _report(self, *events: tuple[str, dict]) -> None:
@@ -243,4 +280,6 @@ class Agent(threading.Thread):
                 self._say(self.proc.returncode, ended=True)
             except Exception:  # Redis away: withdraw() says it for this node
                 pass
-        self.current, self.proc = None, None
+        if self.fence is not None:
+            self.fence.close()
+        self.current, self.proc, self.fence = None, None, None

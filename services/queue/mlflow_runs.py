@@ -38,15 +38,38 @@ def experiment_id(c, name: str) -> str:
     return exp.experiment_id
 
 
-def find_or_create_run(uri: str, experiment: str, name: str, tags: dict, job_id: str) -> str:
-    """The job's run: one created earlier (by an attempt that died, or a create call whose answer was lost
-    while the server restarted) is reused, so a job never gets two runs."""
+def find_or_create_run(uri: str, experiment: str, name: str, tags: dict, job_id: str) -> tuple[str, bool]:
+    """(the job's run, whether this call made it): one created earlier (by an attempt that died, or a create call
+    whose answer was lost while the server restarted) is reused, so a job never gets two runs. Two attempts may
+    both find none (one of them cut off from Redis, its create delivered late): the oldest run with the job's tag
+    is the job's run, and one made here that is not the oldest is deleted again."""
     c = client(uri)
     exp_id = experiment_id(c, experiment)
-    found = c.search_runs([exp_id], filter_string=f"tags.job_id = '{job_id}'", max_results=1)
+    found = _job_runs(c, exp_id, job_id)
     if found:
-        return found[0].info.run_id
-    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        return found[0], False
+    made = c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    return _settle(c, exp_id, job_id, made), True
+
+
+def drop_if_not_oldest(uri: str, experiment: str, job_id: str, run_id: str) -> None:
+    """Delete run `run_id` of job `job_id` unless it is the job's oldest run: what an attempt that made a run and
+    then found the job taken over leaves behind (the oldest may already be its successor's)."""
+    c = client(uri)
+    _settle(c, experiment_id(c, experiment), job_id, run_id)
+
+
+def _job_runs(c, exp_id: str, job_id: str) -> list[str]:
+    """The ids of job `job_id`'s live runs, oldest first (start time, then id: one order on every worker)."""
+    runs = c.search_runs([exp_id], filter_string=f"tags.job_id = '{job_id}'", max_results=100)
+    return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))]
+
+
+def _settle(c, exp_id: str, job_id: str, made: str) -> str:
+    oldest = (_job_runs(c, exp_id, job_id) or [made])[0]
+    if oldest != made:
+        c.delete_run(made)
+    return oldest
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

@@ -14,7 +14,8 @@ Keys (prefix `facenet:`):
                       host, device_type, npus, queue, cancel_requested, result (JSON), ...
   job:<id>:hb         owner token of the attempt running it, TTL = heartbeat TTL
   job:<id>:log        list of the trainer's log lines (the last LOG_LINES)
-  job:<id>:started    preprocessing stages in flight ("plan", "shard:<i>", "finalize")
+  job:<id>:started    preprocessing stages in flight ("plan", "shard:<i>", "finalize"), each entered only in
+                      the job state that calls for it (see _FIT)
   job:<id>:hb:<stage> owner token of the task running that stage, TTL = heartbeat TTL
   job:<id>:shards     indices of finished shards (the fan-in: the last one sends finalize)
   job:<id>:deliveries times each preprocessing stage was started (a stage that kills its worker process
@@ -49,32 +50,109 @@ SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 JSON_FIELDS = ("spec", "progress", "result", "devices", "params", "dataset", "nodes")
 
+# Whether job KEYS[job] is in the state a stage acts in, the one place that says so (a forged message of the right
+# shape, or one from the past, must not act in any other):
+#   plan           a preprocessing job, or the preprocessing stage of a train job (--preprocess-from), not yet planned
+#   shard <i>      a planned preprocessing job whose plan made shard i, not yet finished
+#   finalize       a planned preprocessing job whose every shard is recorded (the fan-in's last shard sends it)
+#   train          a train job QUEUED (by submit, finalize or a requeue: never claimed since), and with
+#                  --preprocess-from only once its preprocessing finished
+#   preprocessing  still preprocessing, no trainer can hold it: what a stage's failure, a cancel or progress writes in
+# Returns {verdict, why}: 'ok'; 'gone' (no such job, or it ended); 'again' (done already: a redelivery); 'unfit'.
+_FIT = """
+local function set(v) return v and v ~= '' end
+local function fit(job, shards, stage, index)
+  local f = redis.call('HMGET', job, 'status', 'kind', 'preprocess_from', 'plan_id', 'shards', 'preprocessed',
+                       'claimed')
+  local status, kind, raw, plan, total, done, claimed = f[1], f[2], f[3], f[4], tonumber(f[5]) or 0, f[6], f[7]
+  if not status then return {'gone', 'no such job'} end
+  if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then
+    return {'gone', 'it ended ' .. status}
+  end
+  if stage == 'train' then
+    if kind ~= 'train' then return {'unfit', 'it is a ' .. tostring(kind) .. ' job, not a train job'} end
+    if status ~= 'QUEUED' then return {'unfit', 'it is ' .. status .. ', not QUEUED'} end
+    if set(raw) and not set(done) then return {'unfit', 'its preprocessing has not finished'} end
+    if claimed == '1' then return {'unfit', 'a lost attempt still has it claimed (the sweep queues it again)'} end
+    return {'ok', ''}
+  end
+  if status ~= 'PREPROCESSING' or set(done) or not set(raw) then
+    return {'unfit', 'it is ' .. status .. (set(done) and ' after its preprocessing' or '') .. ', not preprocessing'}
+  end
+  if stage == 'preprocessing' then return {'ok', ''} end
+  if stage == 'plan' then
+    if set(plan) then return {'again', 'it is planned already'} end
+    return {'ok', ''}
+  end
+  if not set(plan) or total < 1 then return {'unfit', 'it is not planned yet'} end
+  if stage == 'shard' then
+    if tonumber(index) >= total then return {'unfit', 'its plan made ' .. total .. ' shard(s)'} end
+    if redis.call('SISMEMBER', shards, index) == 1 then return {'again', 'shard ' .. index .. ' is finished'} end
+    return {'ok', ''}
+  end
+  if stage == 'finalize' then
+    local n = redis.call('SCARD', shards)
+    if n < total then return {'unfit', 'only ' .. n .. ' of its ' .. total .. ' shards are finished'} end
+    return {'ok', ''}
+  end
+  return {'unfit', 'no stage ' .. stage}
+end
+"""
+
 # Write a job's fields; a write that sets a status is refused once the job has ended (a late result must
-# not turn a cancelled job into a succeeded one). Ending a job takes it off the active set and starts
-# the expiry of its keys. KEYS: job hash, active set, the job's other keys; ARGV: id, new status or '',
-# retention seconds, field/value pairs.
-_UPDATE = """
+# not turn a cancelled job into a succeeded one), and a write made for an attempt (ARGV[4], its token) is
+# refused unless that attempt still holds the job's heartbeat: an attempt that lost its claim (a stall longer
+# than the TTL, a sweeper requeued the job, another attempt took it) writes nothing. A write for a stage (ARGV[5])
+# lands only while the job is in that stage's state (_FIT), checked in the same step. Ending a job takes it off
+# the active set and starts the expiry of its keys. KEYS: job hash, active set, heartbeat, shards set, the job's
+# other keys; ARGV: id, new status or '', retention seconds, attempt token or '', stage or '', field/value pairs.
+# Returns 1 written, 0 the job had ended, -1 no such job, -2 not the holder, -3 not in the stage's state.
+_UPDATE = _FIT + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return -1 end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return -2 end
+if ARGV[5] ~= '' and fit(KEYS[1], KEYS[4], ARGV[5], '0')[1] ~= 'ok' then return -3 end
 local ended = {SUCCEEDED=true, FAILED=true, CANCELLED=true}
 if ARGV[2] ~= '' and ended[cur] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ended[ARGV[2]] then
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-  for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
+  for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
 end
 return 1
 """
 
-# Claim a job for one attempt: refuse finished jobs and jobs another live attempt holds; count attempts.
-_CLAIM = """
+# Start a preprocessing stage (the task's delivery) only in the job state that calls for it, in one step with the
+# check: count the start, mark it in flight and set its heartbeat. A cancel asked meanwhile is returned instead
+# (the task ends the job). KEYS: job hash, shards set, stages in flight, the stage's heartbeat, deliveries;
+# ARGV: stage ('plan', 'shard', 'finalize'), shard index, stage key ('shard:<i>'), token, ttl.
+# Returns {verdict, why, starts}: verdict 'ok', 'cancel' or what _FIT said.
+_STAGE_ENTER = _FIT + """
+local v = fit(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if v[1] == 'gone' or v[1] == 'unfit' then return {v[1], v[2], 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 'a cancel was asked', 0} end
+if v[1] ~= 'ok' then return {v[1], v[2], 0} end
+local n = redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'EX', tonumber(ARGV[5]))
+return {'ok', '', n}
+"""
+
+# What _FIT says, read only (the reason a refused claim names). KEYS: job hash, shards set; ARGV: stage, index.
+_MISFIT = _FIT + "return fit(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
+
+# Claim a job for one attempt: refuse finished jobs, jobs another live attempt holds, and jobs not in the state a train
+# message acts in (_FIT 'train': a forged message for a job that preprocesses, runs or is no train job); count
+# attempts. KEYS: job hash, heartbeat, shards set; ARGV: token, ttl.
+_CLAIM = _FIT + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return {'done', 0} end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 0} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {'busy', 0} end
+if fit(KEYS[1], KEYS[3], 'train', '0')[1] ~= 'ok' then return {'unfit', 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
 redis.call('HSET', KEYS[1], 'claimed', '1')
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -94,6 +172,16 @@ redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'claimed', '0', 'updated', ARGV[
 redis.call('HDEL', KEYS[1], 'trainer_pid')
 if holder then redis.call('DEL', KEYS[2]) end
 return 1
+"""
+
+# A worker's registration goes when that worker stops, not when another process that took the same node name does:
+# the registration holds its registrant's token (ARGV[1]), and only that token deletes it.
+_UNREGISTER = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, info = pcall(cjson.decode, v)
+if ok and type(info) == 'table' and info['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # A preprocessing shard finished: record it, and tell exactly one caller when the last one is in.
@@ -164,17 +252,18 @@ end
 return out
 """
 
-# Renew this attempt's heartbeat; one that expired while Redis was away (a restart longer than the TTL)
-# is taken back, with the job marked claimed and running again, unless another attempt holds it now or the
-# job ended. 1: renewed or taken back; 0: lost. KEYS: hb key, job hash; ARGV: token, ttl.
+# Renew this attempt's heartbeat; one that expired while Redis was away (a restart that lost the key) is
+# taken back, unless another attempt holds it now, the job ended, or it is no longer claimed: a sweeper that
+# found the heartbeat gone requeued it (its next attempt's message is on its way), so this attempt has lost it.
+# 1: renewed or taken back; 0: lost. KEYS: hb key, job hash; ARGV: token, ttl.
 _BEAT = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) return 1 end
 if holder then return 0 end
+if redis.call('HGET', KEYS[2], 'claimed') ~= '1' then return 0 end
 local status = redis.call('HGET', KEYS[2], 'status')
 if not status or status == 'SUCCEEDED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-redis.call('HSET', KEYS[2], 'claimed', '1', 'status', 'RUNNING')
 return 1
 """
 
@@ -195,6 +284,24 @@ end
 return n
 """
 
+# A gang's assignment of one node (gang.py: JSON naming the leader's lease holder): set only while the leader's
+# attempt holds the job's heartbeat, renewed or deleted only for the holder it names, each in one step (a stale
+# leader's late write can neither evict another gang's part nor keep it alive). KEYS: assignment key, the job's
+# heartbeat key; ARGV: 'set' | 'renew' | 'drop', holder, attempt token, ttl, value.
+_ASSIGNMENT = """
+if ARGV[1] == 'set' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+  redis.call('SET', KEYS[1], ARGV[5], 'EX', tonumber(ARGV[4]))
+  return 1
+end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local ok, a = pcall(cjson.decode, raw)
+if not ok or type(a) ~= 'table' or a['holder'] ~= ARGV[2] then return 0 end
+if ARGV[1] == 'renew' then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 # Renew (or drop) keys only while they still hold this job.
 _RENEW = """
 local n = 0
@@ -208,15 +315,31 @@ return n
 """
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=30,
+def call_timeout(heartbeat_ttl: float) -> float:
+    """The longest one registry call may wait for Redis: a tenth of the heartbeat TTL (3 s at the default 30),
+    between 1 and 5 s (a loaded 2-core host once took 0.6 s to answer). A heartbeat that waits longer could not
+    renew a lease before the attempt's own fence deadline (LEASE_SAFETY x TTL) anyway, and a stalled Redis (port
+    open, no answer) must not hold a caller for a whole TTL: that is how a job once ran twice."""
+    return min(5.0, max(1.0, heartbeat_ttl / 10))
+
+
+def connect(url: str, timeout: float = 5.0, call_seconds: float = 30.0) -> redis.Redis:
+    """A client of the Redis at `url`: `timeout` to connect, `call_seconds` for each reply, and no retries
+    (redis-py 6+ retries a timed-out call up to 10 times by default, which multiplies every timeout: the
+    callers retry when they want to, on their own deadline)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=min(timeout, call_seconds),
+                                socket_timeout=call_seconds, retry=Retry(NoBackoff(), 0),
                                 health_check_interval=30)
 
 
 def registry_at(url: str, heartbeat_ttl: int = 30, retention_seconds: int = 30 * 86400,
                 timeout: float = 5.0) -> "Registry":
-    """The one way a process opens a registry: the Redis at `url` (nothing is sent yet)."""
-    return Registry(connect(url, timeout), heartbeat_ttl, retention_seconds)
+    """The one way a process opens a registry: the Redis at `url` (nothing is sent yet), each call bounded by
+    call_timeout(heartbeat_ttl)."""
+    return Registry(connect(url, timeout, call_timeout(heartbeat_ttl)), heartbeat_ttl, retention_seconds)
 
 
 def registry_for(settings, timeout: float = 5.0) -> "Registry":
@@ -240,8 +363,11 @@ class Registry:
         self.ttl = heartbeat_ttl
         self.retention = retention_seconds
         self._update = client.register_script(_UPDATE)
+        self._stage_enter = client.register_script(_STAGE_ENTER)
+        self._misfit = client.register_script(_MISFIT)
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
+        self._unregister = client.register_script(_UNREGISTER)
         self._lease = client.register_script(_LEASE)
         self._gang_lease = client.register_script(_GANG_LEASE)
         self._renew = client.register_script(_RENEW)
@@ -249,6 +375,7 @@ class Registry:
         self._hold = client.register_script(_HOLD)
         self._shard_done = client.register_script(_SHARD_DONE)
         self._stalled = client.register_script(_STALLED)
+        self._assignment = client.register_script(_ASSIGNMENT)
 
     # ---- jobs -------------------------------------------------------------------------------------
     @staticmethod
@@ -283,15 +410,16 @@ class Registry:
             raise UserError(f"no job {prefix!r} (see `facenet-cli jobs`)")
         raise UserError(f"job id {prefix!r} is ambiguous: {', '.join(matches[:5])}")
 
-    def update(self, job_id: str, **fields) -> bool:
-        """Write fields; False (nothing written) when the write sets a status and the job already ended,
-        or the job does not exist."""
+    def update(self, job_id: str, token: str = "", when: str = "", **fields) -> bool:
+        """Write fields; False (nothing written) when the write sets a status and the job already ended, the job
+        does not exist, `token` (an attempt's, when it writes) no longer holds the job's heartbeat, or `when` (a
+        stage: 'plan', 'finalize', 'preprocessing') names a state the job is not in (checked in the same step)."""
         fields["updated"] = time.time()
         status = fields.get("status") or ""
         k = self.key(job_id)
         pairs = [x for kv in _encode(fields).items() for x in kv]
-        return self._update(keys=[k, ACTIVE_KEY] + [k + sub for sub in JOB_SUBKEYS],
-                            args=[job_id, status, self.retention, *pairs]) == 1
+        return self._update(keys=[k, ACTIVE_KEY, k + ":hb", k + ":shards"] + [k + sub for sub in JOB_SUBKEYS],
+                            args=[job_id, status, self.retention, token, when, *pairs]) == 1
 
     def active_ids(self) -> list[str]:
         if self.r.set(ACTIVE_KEY + ":seeded", 1, nx=True):  # once per Redis: jobs from before the set existed
@@ -310,13 +438,10 @@ class Registry:
             pipe.hgetall(self.key(job_id))
         return [_decode(raw) for raw in pipe.execute() if raw]
 
-    def finish(self, job_id: str, status: str, **fields) -> bool:
-        """End the job (once: False when it had already ended, and nothing is written)."""
-        return self.update(job_id, status=status, finished=time.time(), **fields)
-
-    def delivered(self, job_id: str, stage: str) -> int:
-        """Count one more start of a preprocessing stage; returns how many there have been."""
-        return int(self.r.hincrby(self.key(job_id) + ":deliveries", stage, 1))
+    def finish(self, job_id: str, status: str, token: str = "", when: str = "", **fields) -> bool:
+        """End the job (once: False when it had already ended, `token` no longer holds it, or it is not in the
+        state of stage `when`, and nothing is written)."""
+        return self.update(job_id, token, when, status=status, finished=time.time(), **fields)
 
     def prune(self, keep: int) -> int:
         """Drop ids of expired jobs from the history and end the oldest ended jobs beyond `keep`; returns
@@ -341,8 +466,19 @@ class Registry:
 
     # ---- one attempt's liveness --------------------------------------------------------------------
     def claim(self, job_id: str, token: str) -> tuple[str, int]:
-        state, attempts = self._claim(keys=[self.key(job_id), self.key(job_id) + ":hb"], args=[token, self.ttl])
+        """(state, attempts): 'ok' and the attempt's number, else 'missing', 'done' (ended), 'busy' (another attempt
+        holds it), 'unfit' (not a train job waiting for an attempt: `misfit(job_id, 'train')` says why) or
+        'cancel' (asked, and no attempt holds it), with 0."""
+        k = self.key(job_id)
+        state, attempts = self._claim(keys=[k, k + ":hb", k + ":shards"], args=[token, self.ttl])
         return state, int(attempts)
+
+    def misfit(self, job_id: str, stage: str, index: int = 0) -> tuple[str, str]:
+        """Whether the job is in the state `stage` acts in, read only: ('ok', ''), else ('gone' | 'again' | 'unfit',
+        why). A stage's own check goes with its transition (stage_enter, claim, update's `when`); this one says why."""
+        k = self.key(job_id)
+        verdict, why = self._misfit(keys=[k, k + ":shards"], args=[stage, str(index)])
+        return verdict, why
 
     def heartbeat(self, job_id: str, token: str) -> bool:
         """Renew this attempt's heartbeat (taking it back if it lapsed while Redis was away); False if another
@@ -371,11 +507,18 @@ class Registry:
     # Shards fan in here rather than in a Celery chord: a chord cannot recover a shard whose worker was
     # killed (its message waits out the visibility timeout, days), while a stage that stops
     # heartbeating here is found by the sweep and sent again.
-    def stage_start(self, job_id: str, stage: str, token: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.sadd(self.key(job_id) + ":started", stage)
-        pipe.set(self.key(job_id) + f":hb:{stage}", token, ex=self.ttl)
-        pipe.execute()
+    def stage_enter(self, job_id: str, stage: str, token: str, index: int = 0) -> tuple[str, str, int]:
+        """Start `stage` ('plan', 'shard' number `index`, 'finalize') of job `job_id` for the task holding `token`, only
+        when the job is in the state that calls for it, checked in the same step: (verdict, why, starts). 'ok': it is
+        started (in flight, heartbeating from now) and counted (`starts`: how many times it was started, this one
+        included); 'cancel': a cancel was asked; 'gone', 'again' (done already) or 'unfit' (see _FIT): nothing is
+        written."""
+        name = f"shard:{index}" if stage == "shard" else stage
+        k = self.key(job_id)
+        verdict, why, starts = self._stage_enter(
+            keys=[k, k + ":shards", k + ":started", k + f":hb:{name}", k + ":deliveries"],
+            args=[stage, str(index), name, token, self.ttl])
+        return verdict, why, int(starts)
 
     def stage_beat(self, job_id: str, stage: str, token: str) -> bool:
         return bool(self._renew(keys=[self.key(job_id) + f":hb:{stage}"], args=[token, self.ttl]))
@@ -423,13 +566,32 @@ class Registry:
     def register_worker(self, node: str, info: dict) -> None:
         self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl)
 
-    def unregister_worker(self, node: str) -> None:
-        self.r.delete(f"{PREFIX}worker:{node}")
+    def unregister_worker(self, node: str, token: str) -> bool:
+        """Remove `node`'s registration if it is still the one written with `token` (the caller's own); a worker
+        started since under the same name keeps its own. True when it was removed."""
+        return bool(self._unregister(keys=[f"{PREFIX}worker:{node}"], args=[token]))
 
     def workers(self) -> list[dict]:
         keys = sorted(self.r.scan_iter(f"{PREFIX}worker:*"))
-        values = self.r.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v]
+        try:
+            values = self.r.mget(keys) if keys else []
+        except UnicodeDecodeError:  # a value that is not text: read them one at a time, skipping such values
+            values = []
+            for key in keys:
+                try:
+                    values.append(self.r.get(key))
+                except UnicodeDecodeError:
+                    continue
+        out = []
+        for v in values:
+            try:
+                info = json.loads(v) if v else None
+            except (ValueError, RecursionError):  # not a registration of ours (anything can write to Redis)
+                continue
+            if isinstance(info, dict) and isinstance(info.get("node"), str):
+                info.pop("token", None)  # the registrant's own, for its unregistering: nobody else's to show
+                out.append(info)
+        return out
 
     def lease_keys(self, node: str, devices: list[int]) -> list[str]:
         return [f"{PREFIX}lease:{node}:{d}" for d in devices]
@@ -466,6 +628,12 @@ class Registry:
         if drop:
             return int(self._renew(keys=self.lease_keys(node, devices), args=[holder, 0]))
         return int(self._hold(keys=self.lease_keys(node, devices), args=[holder, self.ttl]))
+
+    def assignment(self, op: str, key: str, holder: str, value: str = "") -> bool:
+        """A gang assignment at `key` for lease holder `holder` (<job id>:<attempt token>): 'set' to `value` while
+        that attempt holds its job, 'renew' or 'drop' only while the assignment names it. True when done."""
+        job_id, _, token = holder.partition(":")
+        return bool(self._assignment(keys=[key, self.key(job_id) + ":hb"], args=[op, holder, token, self.ttl, value]))
 
     def leases(self, node: str, devices: list[int]) -> dict[int, str | None]:
         values = self.r.mget(self.lease_keys(node, devices)) if devices else []

@@ -29,7 +29,7 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
             old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
             if lost > max_attempts:
-                reg.finish(job["id"], FAILED, error=stage_never_finished(stage, lost))
+                reg.finish(job["id"], FAILED, when="preprocessing", error=stage_never_finished(stage, lost))
                 break
             if old_task:
                 report_lost_task(old_task, job["id"], f"preprocessing {stage}: its worker was lost")

@@ -3,6 +3,9 @@
 plan_dataset -> preprocess_shard x N -> finalize_dataset [-> train]   (fan-in in the registry)
 train (on train.<device type>) -> services.queue.attempt.run_train_job
 
+Each stage acts only in the job state that calls for it (services.queue.registry: _FIT), checked in the same step as
+its transition; a message that does not fit (forged, or from the past) is dropped with one log line (`dropped`).
+
 Tasks never import torch at module level (the prefork pool forks from a
 parent that must not have started OpenMP threads) and never wait on other
 tasks' results.
@@ -13,14 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 
 from facenet import confine
-from facenet.errors import UserError
+from facenet.errors import UserError, clipped
 from services.config import check_path_allowed, load_settings
 from services.queue.app import app
 from services.queue.names import FINALIZE_TASK, PLAN_TASK, PREPROCESS_QUEUE, SHARD_TASK, TRAIN_TASK
-from services.queue.registry import (CANCELLED, FAILED, JOB_ID, PREPROCESSING, QUEUED, SUCCEEDED, TERMINAL, Registry,
-                                     registry_for)
+from services.queue.registry import CANCELLED, FAILED, JOB_ID, QUEUED, SUCCEEDED, Registry, registry_for
 from services.queue.send import send_stage, send_train
 
 
@@ -50,20 +53,45 @@ def stage_never_finished(stage: str, starts: int) -> str:
             "each time (killed for memory?); see the preprocessing worker's log")
 
 
-def _started(reg: Registry, s, job_id: str, stage: str) -> dict | None:
-    """Count a start of `stage`; past the bound (a stage whose worker process dies every time, e.g. killed
-    for memory, is redelivered by Celery forever) the job fails with the reason. Returns what the task
-    returns then, else None."""
-    n = reg.delivered(job_id, stage)
-    if n <= s.max_attempts:
-        return None
-    error = stage_never_finished(stage, n)
-    reg.finish(job_id, FAILED, error=error)
-    return {"job": job_id, "status": FAILED, "error": error}
+def dropped(job_id: str, stage: str, why: str) -> None:
+    """The one line a worker logs for a message it does not act on: its job is not in the state the stage acts in
+    (a forged message of the right shape, or one from the past: a redelivery of work done, a job that ended)."""
+    log.warning("facenet: job %s: %s message dropped: %s", job_id, stage, why)
+
+
+# What a stage's task returns for a message it drops, by Registry.stage_enter's verdict (the words are the ones
+# tasks returned before the check moved into the registry).
+_SKIPPED = {"gone": "finished", "again": {"plan": "planned", "shard": "finished", "finalize": "finalized"},
+            "unfit": "unfit"}
+
+
+def _enter(reg: Registry, s, job_id: str, stage: str, index: int = 0) -> tuple[str | None, dict | None]:
+    """Start `stage` of job `job_id` when the job is in the state that calls for it (the check and the start are one
+    step in the registry): (the stage's token, None); else (None, what the task returns), with one log line for a
+    dropped message, the job ended for a cancel, or failed when the stage was started past the bound (a stage whose
+    worker process dies every time, e.g. killed for memory, is redelivered by Celery forever)."""
+    token = uuid.uuid4().hex
+    name = f"shard:{index}" if stage == "shard" else stage
+    verdict, why, starts = reg.stage_enter(job_id, stage, token, index)
+    out = {"job": job_id, **({"index": index} if stage == "shard" else {})}
+    if verdict == "cancel":
+        reg.finish(job_id, CANCELLED, when="preprocessing",
+                   message=f"cancelled {'before' if stage == 'plan' else 'during'} preprocessing")
+        return None, {**out, "status": CANCELLED}
+    if verdict != "ok":
+        dropped(job_id, name, why)
+        skipped = _SKIPPED[verdict]
+        return None, {**out, "skipped": skipped if isinstance(skipped, str) else skipped[stage],
+                      **({"why": why} if verdict == "unfit" else {})}
+    if starts > s.max_attempts:
+        reg.stage_end(job_id, name)
+        return None, _fail(reg, job_id, UserError(stage_never_finished(name, starts)))
+    return token, None
 
 
 def _fail(reg: Registry, job_id: str, exc: BaseException) -> dict:
-    """Fail the job with `exc` said in one line (a UserError as it is, a time limit naming the setting)."""
+    """Fail the job with `exc` said in one line (a UserError as it is, a time limit naming the setting), only while it
+    is still preprocessing: a stage never ends a job that has moved on (a trainer may hold it)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     if isinstance(exc, SoftTimeLimitExceeded):
@@ -71,30 +99,22 @@ def _fail(reg: Registry, job_id: str, exc: BaseException) -> dict:
                  "FACENET_STAGE_TIME_LIMIT)")
     else:
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    reg.finish(job_id, FAILED, error=error)
-    return {"job": job_id, "status": FAILED, "error": error}
-
-
-def _job_to_work_on(reg: Registry, job_id: str, cancelled_while: str) -> tuple[dict | None, dict | None]:
-    """(job, None) when there is work to do, else (None, what the task returns): a finished job's
-    redelivered message is dropped, a cancel request ends the job here."""
-    job = reg.get(job_id)
-    if job is None or job["status"] in TERMINAL:
-        return None, {"job": job_id, "skipped": "finished"}
-    if reg.cancel_requested(job_id):
-        reg.finish(job_id, CANCELLED, message=f"cancelled {cancelled_while}")
-        return None, {"job": job_id, "status": CANCELLED}
-    return job, None
+    if reg.finish(job_id, FAILED, when="preprocessing", error=error):
+        return {"job": job_id, "status": FAILED, "error": error}
+    why = reg.misfit(job_id, "preprocessing")[1] or "its state changed"
+    log.warning("facenet: job %s: a preprocessing stage failed (%s) but did not fail the job: %s", job_id,
+                clipped(error, 200), why)
+    return {"job": job_id, "skipped": "unfit", "why": why, "error": error}
 
 
 class _Stage:
-    """A preprocessing stage's heartbeat while its task runs (see Registry.stage_start)."""
+    """A started preprocessing stage's heartbeat while its task runs (see Registry.stage_enter); the stage is no
+    longer in flight once it ends, however it ends."""
 
-    def __init__(self, reg: Registry, job_id: str, stage: str):
+    def __init__(self, reg: Registry, job_id: str, stage: str, token: str):
         import threading
-        import uuid
 
-        self.reg, self.job_id, self.stage, self.token = reg, job_id, stage, uuid.uuid4().hex
+        self.reg, self.job_id, self.stage, self.token = reg, job_id, stage, token
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"stage-{stage}")
 
@@ -106,13 +126,12 @@ class _Stage:
                 continue
 
     def __enter__(self) -> "_Stage":
-        self.reg.stage_start(self.job_id, self.stage, self.token)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self.reg.stage_end(self.job_id, self.stage)  # no longer in flight, however it ended
+        self.reg.stage_end(self.job_id, self.stage)
 
 
 _PLANS: dict[tuple[str, str], object] = {}
@@ -145,16 +164,12 @@ def plan_dataset(self, job_id: str) -> dict:
 
     _check_args(job_id)
     s, reg = registry()
-    job, done = _job_to_work_on(reg, job_id, "before preprocessing")
+    token, done = _enter(reg, s, job_id, "plan")
     if done:
         return done
-    if job.get("plan_id"):  # a redelivered plan message: the shards were sent already
-        return {"job": job_id, "skipped": "planned"}
-    done = _started(reg, s, job_id, "plan")
-    if done:
-        return done
-    with _Stage(reg, job_id, "plan"):
+    with _Stage(reg, job_id, "plan", token):
         try:
+            job = reg.get(job_id)
             roots = confine.Roots(s.data_roots)
             if check_path_allowed(job["preprocess_from"], s.data_roots, "--preprocess-from") != job["preprocess_from"]:
                 raise UserError(f"--preprocess-from {job['preprocess_from']}: now resolves elsewhere (a symbolic "
@@ -168,9 +183,13 @@ def plan_dataset(self, job_id: str) -> dict:
             save_plan(plan, roots)
         except Exception as exc:
             return _fail(reg, job_id, exc)
-        reg.update(job_id, status=PREPROCESSING, shards=plan.num_shards, plan_id=plan.plan_id,
-                   progress={"shards": plan.num_shards, "shards_done": 0, "images": plan.count},
-                   message=f"{plan.count} images in {plan.num_shards} shards")
+        # Planned once: a second delivery that planned too (or a cancel meanwhile) sends no shards.
+        if not reg.update(job_id, when="plan", shards=plan.num_shards, plan_id=plan.plan_id,
+                          progress={"shards": plan.num_shards, "shards_done": 0, "images": plan.count},
+                          message=f"{plan.count} images in {plan.num_shards} shards"):
+            why = reg.misfit(job_id, "plan")[1] or "its state changed"
+            dropped(job_id, "plan", why)
+            return {"job": job_id, "skipped": "planned", "why": why}
         for i in range(plan.num_shards):
             send_stage(job_id, f"shard:{i}", reg)
     return {"job": job_id, "shards": plan.num_shards}
@@ -188,20 +207,13 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
 
     _check_args(job_id, index)
     s, reg = registry()
-    job, done = _job_to_work_on(reg, job_id, "during preprocessing")
-    if done:
-        return done
     stage = f"shard:{index}"
-    if reg.r.sismember(reg.key(job_id) + ":shards", str(index)):
-        return {"job": job_id, "index": index, "skipped": "finished"}
-    if index >= job.get("shards", 0):  # not a shard its plan made (0 before planning): not ours
-        log.warning("job %s has no shard %d (its plan made %s): message dropped", job_id, index, job.get("shards"))
-        return {"job": job_id, "index": index, "skipped": "no such shard"}
-    done = _started(reg, s, job_id, stage)
+    token, done = _enter(reg, s, job_id, "shard", index)
     if done:
         return done
-    with _Stage(reg, job_id, stage):
+    with _Stage(reg, job_id, stage, token):
         try:
+            job = reg.get(job_id)
             roots = confine.Roots(s.data_roots)
             plan = _plan_of(job, roots)
             rec = run_shard(plan, index, os.environ.get("FACENET_PREPROCESS_DEVICE", "cpu"), roots)
@@ -209,7 +221,7 @@ def preprocess_shard(self, job_id: str, index: int) -> dict:
             return _fail(reg, job_id, exc)
         n, last = reg.shard_done(job_id, index, plan.num_shards)
     progress = {**(job.get("progress") or {}), "shards_done": n}
-    reg.update(job_id, progress=progress)
+    reg.update(job_id, when="preprocessing", progress=progress)  # not over a trainer's progress (a late twin)
     self.update_state(state="PROGRESS", meta={"job": job_id, "shard": index, **progress})
     if last:
         send_stage(job_id, "finalize", reg)
@@ -224,33 +236,36 @@ def finalize_dataset(self, job_id: str) -> dict:
 
     _check_args(job_id)
     s, reg = registry()
-    job, done = _job_to_work_on(reg, job_id, "during preprocessing")
+    token, done = _enter(reg, s, job_id, "finalize")
     if done:
         return done
-    if job.get("preprocessed"):  # a redelivered finalize message: the train task was sent already
-        return {"job": job_id, "skipped": "finalized"}
-    done = _started(reg, s, job_id, "finalize")
-    if done:
-        return done
-    with _Stage(reg, job_id, "finalize"):
+    with _Stage(reg, job_id, "finalize", token):
         try:
+            job = reg.get(job_id)
             roots = confine.Roots(s.data_roots)
             plan = _plan_of(job, roots)
             summary = {"out": plan.out, **manifest_totals(finalize(plan, roots))}
         except Exception as exc:
             return _fail(reg, job_id, exc)
+        # Once: a twin delivery that finalized too (or a cancel meanwhile) neither ends the job nor sends training.
         if job["kind"] == "preprocess":
-            reg.finish(job_id, SUCCEEDED, result=summary, message="")
-        elif reg.update(job_id, status=QUEUED, dataset=summary, preprocessed=time.time(),
-                        message=f"preprocessed: {summary['faces']} faces of {summary['images']} images"):
-            reg.update(job_id, task_id=send_train(job["id"], job["device_type"]))  # not when the job was cancelled meanwhile
+            done = reg.finish(job_id, SUCCEEDED, when="finalize", result=summary, message="")
+        else:
+            done = reg.update(job_id, when="finalize", status=QUEUED, dataset=summary, preprocessed=time.time(),
+                              message=f"preprocessed: {summary['faces']} faces of {summary['images']} images")
+            if done:
+                reg.update(job_id, task_id=send_train(job["id"], job["device_type"]))
+        if not done:
+            why = reg.misfit(job_id, "finalize")[1] or "its state changed"
+            dropped(job_id, "finalize", why)
+            return {"job": job_id, "skipped": "finalized", "why": why}
     return {"job": job_id, "status": SUCCEEDED if job["kind"] == "preprocess" else QUEUED, **summary}
 
 
 @app.task(name=TRAIN_TASK, bind=True)
 def train(self, job_id: str) -> dict:
     """One attempt at a train job (see services.queue.attempt)."""
-    from services.queue.attempt import run_train_job
+    from services.queue.attempt import CLAIM_REFUSED, run_train_job
 
     _check_args(job_id)
     s, reg = registry()
@@ -258,4 +273,7 @@ def train(self, job_id: str) -> dict:
     def report(progress: dict) -> None:
         self.update_state(state="PROGRESS", meta={"job": job_id, **progress})
 
-    return run_train_job(s, reg, job_id, self.request.hostname or "worker", report)
+    out = run_train_job(s, reg, job_id, self.request.hostname or "worker", report)
+    if out.get("skipped") in CLAIM_REFUSED:
+        dropped(job_id, "train", out.get("why") or CLAIM_REFUSED[out["skipped"]])
+    return out

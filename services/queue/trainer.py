@@ -12,8 +12,8 @@ from typing import Callable
 
 from facenet.errors import UserError
 from facenet.spec import TrainSpec
-from facenet.runenv import (ATTEMPT_ENV, CPU_THREADS_ENV, HEARTBEAT_ENV, LEASE_ENV, MLFLOW_CONNECT_ENV, NODE_RANK_ENV,
-                            RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share, worker_devices)
+from facenet.runenv import (ATTEMPT_ENV, CPU_THREADS_ENV, FENCE_ENV, HEARTBEAT_ENV, LEASE_ENV, MLFLOW_CONNECT_ENV,
+                            NODE_RANK_ENV, RDZV_ENDPOINT_ENV, WATCH_PID_ENV, cpu_share, worker_devices)
 from services.config import Settings, check_path_allowed
 from services.queue.registry import JOB_ID, Registry
 
@@ -40,8 +40,7 @@ def attempt_env(settings: Settings, holder: str, node: str, devices: list[int], 
                 rank: int | None = None, endpoint: str | None = None) -> dict:
     """The environment of one attempt's trainer on this worker (node 0's, or another node's part of a gang):
     trainer_env, and what ties the trainer to the attempt: the worker's pid it watches, the attempt and the
-    devices it holds (readable from outside), its liveness file and, in a gang, its node rank and node 0's
-    rendezvous endpoint."""
+    devices it holds (readable from outside), its liveness file and, in a gang, its node rank and node 0's rendezvous endpoint."""
     env = trainer_env(os.environ, settings.data_roots)
     env.update({"PYTHONUNBUFFERED": "1", WATCH_PID_ENV: str(os.getpid()), ATTEMPT_ENV: holder,
                 MLFLOW_CONNECT_ENV: str(settings.mlflow_wait_seconds), HEARTBEAT_ENV: heartbeat,
@@ -56,12 +55,19 @@ def attempt_env(settings: Settings, holder: str, node: str, devices: list[int], 
     return env
 
 
-def start_trainer(spec_path: str, env: dict, cwd: str) -> subprocess.Popen:
+def start_trainer(spec_path: str, env: dict, cwd: str, fence) -> subprocess.Popen:
     """`python -m facenet.train --spec SPEC` in a process group of its own (torchrun and every rank in it), its
-    output one pipe of lines."""
-    return subprocess.Popen([sys.executable, "-m", "facenet.train", "--spec", spec_path], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, text=True,
-                            bufsize=1, start_new_session=True)
+    output one pipe of lines, fenced by `fence` (services.queue.fence.Fence): it gets the deadline pipe, and is
+    killed by the fence's watchdog when the deadline passes."""
+    read_end, value = fence.channel()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "facenet.train", "--spec", spec_path], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, FENCE_ENV: value},
+                                cwd=cwd, text=True, bufsize=1, start_new_session=True, pass_fds=(read_end,))
+    finally:
+        os.close(read_end)  # the trainer's copy is the one that counts
+    fence.guard(proc.pid)
+    return proc
 
 
 def pump_output(proc: subprocess.Popen, log, reg: Registry, job_id: str, prefix: str = "",

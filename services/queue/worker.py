@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
@@ -38,8 +39,11 @@ def _start_housekeeping(sender=None, **_):
     queues = options.get("queues") or []
     if isinstance(queues, str):
         queues = queues.split(",")
+    # token: this process' registration, which only this process removes when it stops (two processes given the
+    # same node name, a misconfiguration, each heartbeat the key; the one that stops first left the other unlisted).
+    _STATE["token"] = uuid.uuid4().hex
     info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),
-            "concurrency": int(options.get("concurrency") or 1), "started": time.time()}
+            "concurrency": int(options.get("concurrency") or 1), "started": time.time(), "token": _STATE["token"]}
     from services.queue.doctor import UNFIT_ENV
 
     unfit = os.environ.get(UNFIT_ENV)  # its doctor failed (entrypoints.check_before_taking_jobs)
@@ -65,7 +69,7 @@ def _stop_housekeeping(**_):
         stop.set()
         try:
             s = load_settings()
-            registry_for(s).unregister_worker(_STATE.get("node", ""))
+            registry_for(s).unregister_worker(_STATE.get("node", ""), _STATE.get("token", ""))
         except Exception:  # Redis gone too: the registration's TTL removes it
             pass
 
