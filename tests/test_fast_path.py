@@ -58,7 +58,7 @@ def test_the_compiled_step_computes_what_the_eager_step_does(loss="softmax"):
         step = Step(trainable, make_objective(spec), device, _fp32(), None)
         if backend:
             torch._dynamo.reset()
-            step._fn = torch.compile(step._forward_loss, backend=backend, dynamic=False)
+            step._fn = torch.compile(step._fn, backend=backend, dynamic=False)  # the eager forward and loss
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         results.append(_steps(step, optimizer, batches))
     assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-5), results
@@ -218,9 +218,13 @@ def test_a_shard_cropped_in_batches_equals_one_photo_at_a_time(tmp_path, sample_
         assert one_crops == batched_crops
         return
     # A warp samples at the landmarks' float positions, which the batched ONet gives to within ~1e-5 px of the
-    # one-photo ONet: the same crops to a grey level here and there, not byte for byte.
+    # one-photo ONet: the warps differ by a grey level here and there, and JPEG (quality 95) can turn such a
+    # difference into a flipped DCT coefficient, a few levels over its 8x8 block (CI saw 4). Landmarks 1e-3 px
+    # off already give a mean of 0.1 to 0.26 on these photos, 0.25 px off 1.2 to 2.2: the mean catches them.
     import io
 
     for rel, data in one_crops.items():
         a, b = (np.asarray(Image.open(io.BytesIO(d)), dtype=np.int16) for d in (data, batched_crops[rel]))
-        assert np.abs(a - b).max() <= 3 and np.abs(a - b).mean() < 0.05, rel
+        diff = np.abs(a - b)
+        assert diff.max() <= 16 and diff.mean() < 0.05 and (diff > 2).mean() < 0.005, (rel, diff.max(),
+                                                                                       diff.mean())
