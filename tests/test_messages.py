@@ -31,15 +31,16 @@ MARKER = "HOSTILE-PAYLOAD-7f3a"  # fills the big items: none of it may reach the
 JOB = "0123456789ab"  # a well-formed job id no job has
 
 
-def _start_worker(redis_url: str, tmp) -> tuple[subprocess.Popen, object]:
+def _start_worker(redis_url: str, tmp, name: str | None = None) -> tuple[subprocess.Popen, object]:
     """A preprocessing worker (`services.stack.entrypoints worker-preprocess`, as the stack starts it) in folder
-    `tmp`, once it says it is ready; (process, its log's path)."""
+    `tmp`, named `name` (else the stack's default, preprocess@<host>), once it says it is ready; (process, its log's
+    path)."""
     (tmp / "data").mkdir(exist_ok=True)
     log_path = tmp / "worker.log"
+    env = {**_env(redis_url, tmp), **({"FACENET_WORKER_NAME": name} if name else {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.stack.entrypoints", "worker-preprocess"],
-                                env=_env(redis_url, tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 90
     while " ready." not in log_path.read_text(errors="replace"):
         assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-3000:]
@@ -302,7 +303,9 @@ def test_forged_unacked_entries_are_dropped_when_a_worker_starts(worker, redis_u
     for tag, value in entries.items():
         r.hset("unacked", tag, value)
         r.zadd("unacked_index", {tag: 0})  # long past the visibility timeout: restored at once
-    proc, log_path = _start_worker(redis_url, tmp_path)
+    # A name of its own: under the module worker's, this one's registration replaced that worker's, and its stop
+    # left the module worker unlisted until its next heartbeat (10 s), when the next test submitted a job.
+    proc, log_path = _start_worker(redis_url, tmp_path, name="preprocess-restorer@%h")
     try:
         deadline = time.time() + 30
         while (r.hlen("unacked") or r.llen("preprocess")) and time.time() < deadline and proc.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -171,8 +172,12 @@ def test_a_stopping_worker_removes_its_own_registration_only(reg):
     one that stops first removed the other's registration too, and for up to a heartbeat no worker of the queue was
     listed (`submit-preprocess` refused: "no preprocessing worker is registered"). Now only the registrant's token
     removes it; a value that is not a registration (anything can write to Redis) is left alone."""
-    reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 1, "queues": ["preprocess"], "token": "first"})
-    reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 2, "queues": ["preprocess"], "token": "second"})
+    first = {"node": "preprocess@h", "pid": 1, "queues": ["preprocess"], "token": "first"}
+    assert reg.register_worker("preprocess@h", first) is None
+    assert reg.register_worker("preprocess@h", first) is None  # its own heartbeat
+    # The second says whose registration it replaced (its housekeeping warns of the shared name).
+    assert reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 2, "queues": ["preprocess"],
+                                                "token": "second"}) == first
     assert reg.unregister_worker("preprocess@h", "first") is False
     assert reg.workers() == [{"node": "preprocess@h", "pid": 2, "queues": ["preprocess"]}]  # the token is not shown
     assert reg.unregister_worker("preprocess@h", "second") is True and reg.workers() == []
@@ -181,6 +186,11 @@ def test_a_stopping_worker_removes_its_own_registration_only(reg):
     reg.r.set("facenet:worker:deep@h", "[" * 100_000 + "]" * 100_000)
     reg.r.set("facenet:worker:nameless@h", '{"queues": ["preprocess"]}')
     reg.register_worker("real@h", {"node": "real@h", "queues": ["preprocess"], "token": "t"})
+    for junk in ("not json", b"\xff not text", "[" * 100_000 + "]" * 100_000, '{"token": 1}'):
+        reg.r.set("facenet:worker:junk@h", junk)
+        assert reg.register_worker("junk@h", {"node": "junk@h", "token": "t"}) is None, junk[:10]
+        assert json.loads(reg.r.get("facenet:worker:junk@h"))["token"] == "t"  # written over all the same
+    reg.r.delete("facenet:worker:junk@h")
     assert reg.unregister_worker("odd@h", "") is False and reg.r.exists("facenet:worker:odd@h")
     assert reg.unregister_worker("odder@h", "") is False and reg.r.exists("facenet:worker:odder@h")
     # Neither is listed, and listing the workers still works (every submit and `workers` lists them).

@@ -563,8 +563,17 @@ class Registry:
         return self.r.lrange(key, start, -1), total
 
     # ---- workers and devices -----------------------------------------------------------------------
-    def register_worker(self, node: str, info: dict) -> None:
-        self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl)
+    def register_worker(self, node: str, info: dict) -> dict | None:
+        """Write `node`'s registration (for the TTL); returns the registration it replaced when that was another
+        registrant's (a different token: two processes given one node name), else None."""
+        try:
+            old = self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl, get=True)
+            prev = json.loads(old) if old else None
+        except (ValueError, RecursionError):  # the old value was not a registration (anything can write here);
+            return None  # UnicodeDecodeError (not text) is a ValueError; the new value is written either way
+        if isinstance(prev, dict) and isinstance(prev.get("token"), str) and prev["token"] != info.get("token"):
+            return prev
+        return None
 
     def unregister_worker(self, node: str, token: str) -> bool:
         """Remove `node`'s registration if it is still the one written with `token` (the caller's own); a worker

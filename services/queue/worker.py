@@ -81,9 +81,16 @@ def _housekeeping(info: dict, stop: threading.Event) -> None:
     s = load_settings()
     reg = registry_for(s)
     next_sweep = next_prune = 0.0
+    warned: set = set()
     while not stop.is_set():
         try:
-            reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
+            other = reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
+            if other and other["token"] not in warned:
+                warned.add(other["token"])
+                print(f"facenet housekeeping: another worker (pid {str(other.get('pid'))[:12]} on host "
+                      f"{str(other.get('host'))[:64]!r}) registers as node {info['node']!r} too; give each worker "
+                      "its own FACENET_WORKER_NAME. While both run `workers` lists one of them, and when one stops "
+                      "the other is unlisted until its next heartbeat.", flush=True)
             if time.time() >= next_sweep:
                 sweep(reg, s.max_attempts)
                 next_sweep = time.time() + s.sweep_seconds
