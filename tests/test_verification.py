@@ -332,6 +332,7 @@ def test_evaluate_scores_insightface_bins_as_the_folder(untrained_model, orl_fac
         assert report["set"] == name and report["pairs"] == n == ours["pairs"] and report["folds"] == 10
         assert report["identities"] is None and report["pairs_source"].startswith(f"{name}.bin ({n} pairs")
         assert report["auc"] == pytest.approx(ours["auc"], abs=1e-6)  # the same bytes, the same embeddings
+        assert report["images"] == ours["images"] == 100 < 2 * n  # each distinct image embedded once
         assert 0 <= report["accuracy_insightface"] <= 1 and len(report["thresholds_insightface"]) == 10
     assert lfw["accuracy"] == agedb["accuracy"] == cfp["accuracy"]
     assert lfw["accuracy_insightface"] == agedb["accuracy_insightface"] == cfp["accuracy_insightface"]

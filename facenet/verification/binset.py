@@ -339,16 +339,25 @@ def load_set(path: str, roots: confine.Roots | None = None, what: str = "--bin")
                         f"pairs or {MAX_HELD_BIN_BYTES} bytes of .bin sets allowed at once (all seven public sets "
                         "are 43,000 pairs)")
     _HELD.add(source)
-    return bin_pairs(path, issame), source
+    return bin_pairs(path, issame, same_as=first_of_each(images)), source
 
 
-def bin_pairs(path: str, issame: list[bool], folds: int = DEFAULT_FOLDS) -> PairSet:
+def first_of_each(images: list[bytes]) -> list[int]:
+    """For each image, the position of the first image with the same bytes. A set names most images more than
+    once (a photo in several of LFW's pairs; a set built from a few people's photos, many times over): each
+    distinct image is then decoded and embedded once, not at every place it is named."""
+    first: dict[bytes, int] = {}
+    return [first.setdefault(b, k) for k, b in enumerate(images)]
+
+
+def bin_pairs(path: str, issame: list[bool], folds: int = DEFAULT_FOLDS, same_as: list[int] | None = None) -> PairSet:
     """The pairs in file order, `folds` contiguous folds as insightface's KFold(shuffle=False) cuts them (the
     first len % folds folds one pair longer), marked for insightface's own accuracy too (`PairSet.insightface`).
-    Image k is named `<path>#<k>`."""
+    Image k is named `<path>#<k>`, or `<path>#<same_as[k]>` (`first_of_each`: the same bytes, the same name)."""
     n = len(issame)
     fold_of = kfold_folds(n, folds)
-    pairs = [Pair(f"{path}#{2 * i}", f"{path}#{2 * i + 1}", same, fold_of[i]) for i, same in enumerate(issame)]
+    at = same_as or range(2 * n)
+    pairs = [Pair(f"{path}#{at[2 * i]}", f"{path}#{at[2 * i + 1]}", same, fold_of[i]) for i, same in enumerate(issame)]
     name = os.path.basename(path)
     return PairSet(pairs, f"{name} ({n} pairs, {min(folds, n)} folds in file order)", insightface=True)
 
