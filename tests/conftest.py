@@ -33,33 +33,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_VERSION = "v2"
 
 
-@contextlib.contextmanager
-def _cache_lock(name: str):
-    """One builder of a cached data set at a time: the suite's worker processes (pytest-xdist) each open the
-    session fixtures, and two builders of one folder would write over each other."""
-    import fcntl
-
-    from facenet.samples import cache_dir
-
-    folder = os.path.join(cache_dir(), "test-data")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f".{name}.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.fixture(scope="session")
 def sample_root() -> str:
     """ROOT with raw/<identity>/*.jpg and prep/ (our preprocessing of it), cached per machine."""
-    from facenet.samples import build_sample_dataset, cache_dir
+    from facenet.samples import build_sample_dataset, cache_dir, cached
 
-    root = os.path.join(cache_dir(), "test-data", SAMPLE_VERSION)
-    done = os.path.join(root, ".complete")
-    with _cache_lock(SAMPLE_VERSION):
-        if not os.path.exists(done):
-            build_sample_dataset(root, per_identity=40, identities=8, seed=0)
-            open(done, "w").close()
-    return root
+    return cached(os.path.join(cache_dir(), "test-data", SAMPLE_VERSION),
+                  lambda root: build_sample_dataset(root, per_identity=40, identities=8, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -67,14 +47,10 @@ def orl_faces() -> str:
     """The AT&T (ORL) faces, 40 real people x 10 distinct photos, preprocessed at 96 px: train/ holds 30
     people (train_list.txt, test_list.txt), test/ 10 others and test_pairs.txt pairs them. Cached per
     machine."""
-    from facenet.samples import build_orl_dataset, cache_dir
+    from facenet.samples import build_orl_dataset, cache_dir, cached
 
-    root = os.path.join(cache_dir(), "test-data", "orl-v1")
-    done = os.path.join(root, ".complete")
-    with _cache_lock("orl-v1"):
-        if not os.path.exists(done):
-            build_orl_dataset(root, train_people=30, image_size=96)
-            open(done, "w").close()
+    root = cached(os.path.join(cache_dir(), "test-data", "orl-v1"),
+                  lambda root: build_orl_dataset(root, train_people=30, image_size=96))
     return os.path.join(root, "prep")
 
 

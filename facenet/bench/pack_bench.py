@@ -22,12 +22,10 @@ import time
 
 def _data_root(work: str, images: int) -> str:
     """A lists-layout root of `images` distinct crop files (the sample crops, copied round-robin)."""
-    from facenet.samples import build_sample_dataset, cache_dir
+    from facenet.samples import build_sample_dataset, cache_dir, cached
 
-    sample = os.path.join(cache_dir(), "bench-data", "sample-v2")
-    if not os.path.exists(os.path.join(sample, ".complete")):
-        build_sample_dataset(sample, per_identity=40, identities=8, seed=0)
-        open(os.path.join(sample, ".complete"), "w").close()
+    sample = cached(os.path.join(cache_dir(), "bench-data", "sample-v2"),
+                    lambda root: build_sample_dataset(root, per_identity=40, identities=8, seed=0))
     src = os.path.join(sample, "prep", "train")
     crops = [(person, name) for person in sorted(os.listdir(src)) for name in sorted(os.listdir(os.path.join(src, person)))]
     root = os.path.join(work, "files")

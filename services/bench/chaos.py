@@ -131,13 +131,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def sample_root(given: str | None) -> str:
     if given:
         return given
-    from facenet.samples import build_sample_dataset, cache_dir
+    from facenet.samples import build_sample_dataset, cache_dir, cached
 
-    root = os.path.join(cache_dir(), "test-data", "v2")
-    if not os.path.exists(os.path.join(root, ".complete")):
-        build_sample_dataset(root, per_identity=40, identities=8, seed=0)
-        open(os.path.join(root, ".complete"), "w").close()
-    return root
+    return cached(os.path.join(cache_dir(), "test-data", "v2"),
+                  lambda root: build_sample_dataset(root, per_identity=40, identities=8, seed=0))
 
 
 class Chaos:
