@@ -41,8 +41,16 @@ pin = $(shell sed -n 's/^$(1)=//p' images/ascend/pins.env)
 ASCEND_TESTS ?= tests/test_ascend.py tests/test_devices.py tests/test_spec_and_data.py tests/test_fast_path.py \
 	tests/test_train.py::test_learns_real_faces_with_amp_and_logs_to_mlflow \
 	tests/test_train.py::test_two_process_gloo_ddp_reads_disjoint_samples
+# Each use touches the venv's .used; another key's venv (older pins or pyproject) unused for 14 days is removed
+# (~3 GB each), unless a make holds its lock.
 install-ascend-torch:
 	@mkdir -p $(dir $(ASCEND_VENV)) && flock $(ASCEND_VENV).lock $(MAKE) --no-print-directory $(ASCEND_VENV)/.installed-$(ASCEND_KEY)
+	@touch $(ASCEND_VENV)/.used
+	@for old in $(dir $(ASCEND_VENV))venv-ascend-*; do \
+	    [ -d "$$old" ] && [ "$$old" != "$(ASCEND_VENV)" ] || continue; \
+	    [ -z "$$(find "$$old" -maxdepth 1 \( -name .used -o -name '.installed-*' \) -mtime -14 -print -quit)" ] || continue; \
+	    flock -n "$$old.lock" rm -rf "$$old" && rm -f "$$old.lock" && echo "removed $$old (unused for 14 days)" || true; \
+	done
 	@echo "Ascend torch venv: $(ASCEND_VENV)"
 # Named by the key too, so that ASCEND_VENV=DIR is brought up to date when the pins change.
 $(ASCEND_VENV)/.installed-$(ASCEND_KEY):
