@@ -175,9 +175,9 @@ def test_a_stopping_worker_removes_its_own_registration_only(reg):
     first = {"node": "preprocess@h", "pid": 1, "queues": ["preprocess"], "token": "first"}
     assert reg.register_worker("preprocess@h", first) is None
     assert reg.register_worker("preprocess@h", first) is None  # its own heartbeat
-    # The second says whose registration it replaced (its housekeeping warns of the shared name).
+    # The second says whose registration it replaced (its housekeeping warns of the shared name), in text.
     assert reg.register_worker("preprocess@h", {"node": "preprocess@h", "pid": 2, "queues": ["preprocess"],
-                                                "token": "second"}) == first
+                                                "token": "second"}) == {"token": "first", "pid": "1", "host": ""}
     assert reg.unregister_worker("preprocess@h", "first") is False
     assert reg.workers() == [{"node": "preprocess@h", "pid": 2, "queues": ["preprocess"]}]  # the token is not shown
     assert reg.unregister_worker("preprocess@h", "second") is True and reg.workers() == []
@@ -186,12 +186,45 @@ def test_a_stopping_worker_removes_its_own_registration_only(reg):
     reg.r.set("facenet:worker:deep@h", "[" * 100_000 + "]" * 100_000)
     reg.r.set("facenet:worker:nameless@h", '{"queues": ["preprocess"]}')
     reg.register_worker("real@h", {"node": "real@h", "queues": ["preprocess"], "token": "t"})
-    for junk in ("not json", b"\xff not text", "[" * 100_000 + "]" * 100_000, '{"token": 1}'):
+    for junk in ("not json", b"\xff not text", "[" * 100_000 + "]" * 100_000, '{"token": 1}', "x" * 100_000):
         reg.r.set("facenet:worker:junk@h", junk)
         assert reg.register_worker("junk@h", {"node": "junk@h", "token": "t"}) is None, junk[:10]
         assert json.loads(reg.r.get("facenet:worker:junk@h"))["token"] == "t"  # written over all the same
+    # A key of another type (SET ... GET refuses it: the worker stayed unlisted, its sweeps stopped) is replaced.
+    for kind, make in (("hash", lambda k: reg.r.hset(k, "x", "y")), ("list", lambda k: reg.r.rpush(k, "x"))):
+        reg.r.delete("facenet:worker:junk@h")
+        make("facenet:worker:junk@h")
+        assert reg.register_worker("junk@h", {"node": "junk@h", "token": "t"}) is None, kind
+        assert json.loads(reg.r.get("facenet:worker:junk@h"))["token"] == "t" and reg.r.ttl("facenet:worker:junk@h") > 0
+    # What another registrant wrote comes back cut to 64 characters, and only as text.
+    reg.r.set("facenet:worker:junk@h", json.dumps({"token": "k" * 1000, "pid": {"a": 1}, "host": "h\n" * 100}))
+    other = reg.register_worker("junk@h", {"node": "junk@h", "token": "t"})
+    assert other == {"token": "k" * 64, "pid": "", "host": ("h\n" * 32)}, other
     reg.r.delete("facenet:worker:junk@h")
     assert reg.unregister_worker("odd@h", "") is False and reg.r.exists("facenet:worker:odd@h")
     assert reg.unregister_worker("odder@h", "") is False and reg.r.exists("facenet:worker:odder@h")
     # Neither is listed, and listing the workers still works (every submit and `workers` lists them).
     assert [w["node"] for w in reg.workers()] == ["real@h"]
+
+
+def test_a_shared_node_name_is_warned_of_once_and_a_killed_predecessor_never(capsys):
+    """The housekeeping's warning (services.queue.worker): another registrant replaced on two heartbeats in a row is
+    a live process under our name, said once, what it wrote shown by repr; a predecessor killed and restarted
+    within the TTL is replaced once and never written again, which is no warning."""
+    from services.queue.worker import _warn_shared_name
+
+    warned: set = set()
+    dead = {"token": "old", "pid": "7", "host": "h"}
+    _warn_shared_name("preprocess@h", dead, None, warned)  # our first heartbeat replaces our killed predecessor
+    _warn_shared_name("preprocess@h", None, "old", warned)  # and then only our own
+    assert capsys.readouterr().out == ""
+    live = {"token": "live", "pid": "8", "host": "h\n[ERROR] forged"}
+    _warn_shared_name("preprocess@h", live, None, warned)
+    assert capsys.readouterr().out == ""
+    for _ in range(3):
+        _warn_shared_name("preprocess@h", live, "live", warned)
+    out = capsys.readouterr().out
+    assert out.count("another worker") == 1 and "'h\\n[ERROR] forged'" in out and out.count("\n") == 1, out
+    for k in range(40):  # at most 16 registrants are remembered
+        _warn_shared_name("preprocess@h", {"token": f"t{k}", "pid": "", "host": ""}, f"t{k}", warned)
+    assert len(warned) == 16 and capsys.readouterr().out.count("another worker") == 15

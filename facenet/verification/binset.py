@@ -22,7 +22,7 @@ A program that runs no code can still ask for memory: one byte of pickle can mak
 50 MB file 10 million pairs. So the opcodes are read first, before the unpickler makes anything (`_scan`): only
 those a verification set's writers use, at most MAX_PICKLE_OPS of them, every memo index below the opcodes read
 so far. Then the bounds below, each counted over every time the file names an image (an image named 20,000
-times is embedded 20,000 times, though held once). Every refusal is one line naming the option and the file.
+times is held once and, its bytes being the same, embedded once; the bounds count it 20,000 times all the same). Every refusal is one line naming the option and the file.
 
 The bounds. insightface's public sets (faces_emore and its other training sets ship them): LFW, AgeDB-30,
 CALFW and CPLFW 6,000 pairs each (12,000 images), CFP-FP and CFP-FF 7,000, VGG2-FP 5,000; 43,000 pairs in all.
@@ -66,8 +66,8 @@ MAX_BIN_IMAGE_PIXELS = 512 * 512
 # The file, read whole into memory: 40,000 images (MAX_BIN_PAIRS) of ~6 KB, 4x lfw.bin's 61.7 MB. Reading holds
 # at most twice the file (the file and the objects made of it, then those and the bytes made of any bytearrays).
 MAX_BIN_BYTES = 256 << 20
-# The images' bytes counted every time the file names one, as embedding reads them (1 MiB named 20,000 times is
-# 20 GB to decode): the same as the file's bound, since a real set names each image once.
+# The images' bytes counted every time the file names one (distinct objects with the same bytes are each made
+# bytes and hashed; identical images are embedded once, `first_of_each`): the same as the file's bound.
 MAX_BIN_REFERENCED_BYTES = 256 << 20
 # Pickle opcodes: an image takes 9 (bytes at protocol 2) to 35 (a numpy array at protocol 0) and a flag 1 or 2,
 # so a set of MAX_BIN_PAIRS pairs written by any of insightface's or numpy's writers needs at most ~72 a pair.

@@ -184,6 +184,24 @@ if ok and type(info) == 'table' and info['token'] == ARGV[1] then return redis.c
 return 0
 """
 
+# A worker's registration written for ARGV[2] seconds, whatever the key held (a value of another type, as anyone who
+# can write to Redis may leave there, is removed: SET ... GET would refuse it, and the worker would stay unlisted).
+# Returns {token, pid, host} of a registration of another token it replaced (each at most 64 characters), else nil.
+_REGISTER = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local old = nil
+if kind == 'string' then old = redis.call('GET', KEYS[1]) elseif kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if not old or string.len(old) > 65536 then return nil end
+local ok, info = pcall(cjson.decode, old)
+if not ok or type(info) ~= 'table' or type(info['token']) ~= 'string' or info['token'] == ARGV[3] then return nil end
+local function short(v)
+  if type(v) == 'string' or type(v) == 'number' then return string.sub(tostring(v), 1, 64) end
+  return ''
+end
+return {short(info['token']), short(info['pid']), short(info['host'])}
+"""
+
 # A preprocessing shard finished: record it, and tell exactly one caller when the last one is in.
 _SHARD_DONE = """
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -367,6 +385,7 @@ class Registry:
         self._misfit = client.register_script(_MISFIT)
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
+        self._register = client.register_script(_REGISTER)
         self._unregister = client.register_script(_UNREGISTER)
         self._lease = client.register_script(_LEASE)
         self._gang_lease = client.register_script(_GANG_LEASE)
@@ -564,16 +583,11 @@ class Registry:
 
     # ---- workers and devices -----------------------------------------------------------------------
     def register_worker(self, node: str, info: dict) -> dict | None:
-        """Write `node`'s registration (for the TTL); returns the registration it replaced when that was another
-        registrant's (a different token: two processes given one node name), else None."""
-        try:
-            old = self.r.set(f"{PREFIX}worker:{node}", json.dumps(info), ex=self.ttl, get=True)
-            prev = json.loads(old) if old else None
-        except (ValueError, RecursionError):  # the old value was not a registration (anything can write here);
-            return None  # UnicodeDecodeError (not text) is a ValueError; the new value is written either way
-        if isinstance(prev, dict) and isinstance(prev.get("token"), str) and prev["token"] != info.get("token"):
-            return prev
-        return None
+        """Write `node`'s registration (for the TTL) over whatever the key held; returns {token, pid, host} (text,
+        64 characters at most) of the registration it replaced when that was another registrant's (a different
+        token: two processes given one node name, or this node's previous process, killed), else None."""
+        got = self._register(keys=[f"{PREFIX}worker:{node}"], args=[json.dumps(info), self.ttl, info.get("token", "")])
+        return dict(zip(("token", "pid", "host"), got)) if got else None
 
     def unregister_worker(self, node: str, token: str) -> bool:
         """Remove `node`'s registration if it is still the one written with `token` (the caller's own); a worker

@@ -81,22 +81,34 @@ def _housekeeping(info: dict, stop: threading.Event) -> None:
     s = load_settings()
     reg = registry_for(s)
     next_sweep = next_prune = 0.0
-    warned: set = set()
+    last_other, warned = None, set()
     while not stop.is_set():
+        # Each part on its own: a registration Redis refuses must not stop the sweeps, nor the reverse.
         try:
             other = reg.register_worker(info["node"], {**info, "heartbeat": time.time()})
-            if other and other["token"] not in warned:
-                warned.add(other["token"])
-                print(f"facenet housekeeping: another worker (pid {str(other.get('pid'))[:12]} on host "
-                      f"{str(other.get('host'))[:64]!r}) registers as node {info['node']!r} too; give each worker "
-                      "its own FACENET_WORKER_NAME. While both run `workers` lists one of them, and when one stops "
-                      "the other is unlisted until its next heartbeat.", flush=True)
+            _warn_shared_name(info["node"], other, last_other, warned)
+            last_other = other["token"] if other else None
+        except Exception as exc:  # Redis restarting: keep trying; registrations come back with it
+            print(f"facenet housekeeping: {type(exc).__name__}: {exc}", flush=True)
+        try:
             if time.time() >= next_sweep:
                 sweep(reg, s.max_attempts)
                 next_sweep = time.time() + s.sweep_seconds
             if time.time() >= next_prune:
                 reg.prune(s.job_history)
                 next_prune = time.time() + PRUNE_SECONDS
-        except Exception as exc:  # Redis restarting: keep trying; registrations come back with it
+        except Exception as exc:
             print(f"facenet housekeeping: {type(exc).__name__}: {exc}", flush=True)
         stop.wait(max(1.0, s.heartbeat_ttl / 3))
+
+
+def _warn_shared_name(node: str, other: dict | None, last_token: str | None, warned: set) -> None:
+    """One line when another live process registers under this worker's node name: its registration replaced by
+    ours on two heartbeats in a row (a killed predecessor's is replaced once, then never written again). Once per
+    other registrant, for at most 16 of them; what it wrote (anyone can write to Redis) is shown by repr."""
+    if not other or other["token"] != last_token or other["token"] in warned or len(warned) >= 16:
+        return
+    warned.add(other["token"])
+    print(f"facenet housekeeping: another worker (pid {other['pid']!r} on host {other['host']!r}) registers as node "
+          f"{node!r} too; give each worker its own FACENET_WORKER_NAME. While both run `workers` lists one of them, "
+          "and when one stops the other is unlisted until its next heartbeat.", flush=True)
