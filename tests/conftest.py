@@ -206,12 +206,22 @@ def _free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the children it has reaped (with theirs): what a test's own processes cost
+    (a trainer, a CLI, a worker its fixture stopped). A stack service handed to init is not counted."""
+    import resource
+
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    before = _free_bytes()
+    before, cpu = _free_bytes(), _cpu_seconds()
     yield
     after = _free_bytes()
-    _DISK["rows"].append({"test": item.nodeid, "used_mib": round((before - after) / 2**20), "free_gib": round(after / 2**30, 1)})
+    _DISK["rows"].append({"test": item.nodeid, "used_mib": round((before - after) / 2**20), "free_gib": round(after / 2**30, 1),
+                          "cpu_s": round(_cpu_seconds() - cpu, 1)})
 
 
 def _worker_id(config) -> str | None:
@@ -261,6 +271,13 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", f"disk: lowest free {low:.1f} GiB; tests that kept the most")
     for r in top:
         terminalreporter.write_line(f"{r['used_mib']:>8} MiB  {r['test']}  ({r['free_gib']} GiB free after)")
+    # CPU is what a suite on 2 cores runs out of: the tests that cost the most of it (setup and teardown included;
+    # a module fixture's processes count where they are reaped, often at the module's last test).
+    timed = [r for r in rows if "cpu_s" in r]
+    if timed:
+        terminalreporter.write_sep("=", f"cpu: {sum(r['cpu_s'] for r in timed):.0f} s in all; tests that used the most")
+        for r in sorted(timed, key=lambda r: -r["cpu_s"])[:15]:
+            terminalreporter.write_line(f"{r['cpu_s']:>8.1f} s  {r['test']}")
 
 
 # ---- reclaiming a module's models -----------------------------------------------------------------------------
