@@ -220,8 +220,8 @@ def pytest_runtest_protocol(item, nextitem):
     before, cpu = _free_bytes(), _cpu_seconds()
     yield
     after = _free_bytes()
-    _DISK["rows"].append({"test": item.nodeid, "used_mib": round((before - after) / 2**20), "free_gib": round(after / 2**30, 1),
-                          "cpu_s": round(_cpu_seconds() - cpu, 1)})
+    _DISK["rows"].append({"test": item.nodeid, "used_mib": round((before - after) / 2**20),
+                          "free_gib": round(after / 2**30, 1), "cpu_s": round(_cpu_seconds() - cpu, 1)})
 
 
 def _worker_id(config) -> str | None:

@@ -22,7 +22,8 @@ A program that runs no code can still ask for memory: one byte of pickle can mak
 50 MB file 10 million pairs. So the opcodes are read first, before the unpickler makes anything (`_scan`): only
 those a verification set's writers use, at most MAX_PICKLE_OPS of them, every memo index below the opcodes read
 so far. Then the bounds below, each counted over every time the file names an image (an image named 20,000
-times is held once and, its bytes being the same, embedded once; the bounds count it 20,000 times all the same). Every refusal is one line naming the option and the file.
+times is held once and, its bytes being the same, embedded once; the bounds count it 20,000 times all the same).
+Every refusal is one line naming the option and the file.
 
 The bounds. insightface's public sets (faces_emore and its other training sets ship them): LFW, AgeDB-30,
 CALFW and CPLFW 6,000 pairs each (12,000 images), CFP-FP and CFP-FF 7,000, VGG2-FP 5,000; 43,000 pairs in all.
