@@ -273,11 +273,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{r['used_mib']:>8} MiB  {r['test']}  ({r['free_gib']} GiB free after)")
     # CPU is what a suite on 2 cores runs out of: the tests that cost the most of it (setup and teardown included;
     # a module fixture's processes count where they are reaped, often at the module's last test).
-    timed = [r for r in rows if "cpu_s" in r]
-    if timed:
-        terminalreporter.write_sep("=", f"cpu: {sum(r['cpu_s'] for r in timed):.0f} s in all; tests that used the most")
-        for r in sorted(timed, key=lambda r: -r["cpu_s"])[:15]:
-            terminalreporter.write_line(f"{r['cpu_s']:>8.1f} s  {r['test']}")
+    terminalreporter.write_sep("=", f"cpu: {sum(r['cpu_s'] for r in rows):.0f} s in all; tests that used the most")
+    for r in sorted(rows, key=lambda r: -r["cpu_s"])[:15]:
+        terminalreporter.write_line(f"{r['cpu_s']:>8.1f} s  {r['test']}")
 
 
 # ---- reclaiming a module's models -----------------------------------------------------------------------------
