@@ -228,3 +228,65 @@ def test_a_shared_node_name_is_warned_of_once_and_a_killed_predecessor_never(cap
     for k in range(40):  # at most 16 registrants are remembered
         _warn_shared_name("preprocess@h", {"token": f"t{k}", "pid": "", "host": ""}, f"t{k}", warned)
     assert len(warned) == 16 and capsys.readouterr().out.count("another worker") == 15
+
+
+def test_a_submission_rides_out_a_stalled_redis_and_writes_its_job_once(redis_url):
+    """A real stall: the Redis process stopped (SIGSTOP) for longer than a call may wait. Each step of a submission
+    is tried again until its deadline, the record (chosen id, named message) lands once; a longer stall is one line."""
+    import os
+    import signal
+    import threading
+
+    from facenet.errors import UserError
+    from services.queue.jobs import _steps
+
+    client = connect(redis_url, call_seconds=0.3)
+    client.flushdb()
+    reg, pid = Registry(client, heartbeat_ttl=2), int(client.info("server")["process_id"])
+
+    def stall(seconds):
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)).start()
+
+    stall(1.5)
+    step = _steps("queueing the job", seconds=10)
+    fields = {"device_type": "cpu", "npus": 1, "task_id": "t-1", "spec": {}}
+    started = time.monotonic()
+    job_id = step(lambda: reg.create("train", fields, job_id="j-stalled"))
+    assert job_id == "j-stalled" and time.monotonic() - started >= 1.4  # it waited the stall out
+    step(lambda: reg.create("train", fields, job_id="j-stalled"))  # a step repeated: still one job
+    assert reg.r.zrange("facenet:jobs", 0, -1) == ["j-stalled"] and reg.get(job_id)["task_id"] == "t-1"
+    stall(2.5)
+    with pytest.raises(UserError) as out:
+        _steps("queueing the job", seconds=1)(lambda: reg.get(job_id))
+    assert "Redis stopped answering while queueing the job (TimeoutError, for 1 s)" in str(out.value)
+    assert "\n" not in str(out.value)
+    time.sleep(1.6)
+
+
+def test_a_job_whose_submitter_died_before_sending_is_sent_by_the_sweep(redis_url):
+    """What a client killed (or cut off) between writing its job and sending the message leaves: a train job and a
+    preprocessing job whose records name a message no queue holds. Two sweeps in a row send each (nothing is stuck
+    QUEUED for ever), each message's id recorded; a third sweep sends nothing more while the messages wait."""
+    import os
+    import subprocess
+    import sys
+
+    client = connect(redis_url)
+    client.flushdb()
+    reg = Registry(client, heartbeat_ttl=2)
+    reg.create("train", {"spec": {}, "device_type": "cpu", "npus": 1, "task_id": "t-train"}, job_id="j-train")
+    reg.create("preprocess", {"status": "PREPROCESSING", "preprocess_from": "/raw", "task_id": "t-plan"},
+               job_id="j-plan", tasks={"plan": "t-plan"})
+    code = ("from services.queue.registry import Registry, connect\nfrom services.queue.sweep import sweep\n"
+            f"reg = Registry(connect({redis_url!r}), 2)\nprint(sweep(reg)); print(sweep(reg)); print(sweep(reg))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FACENET_REDIS_URL": redis_url})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line for line in out.stdout.split("\n") if line.startswith("[")] == \
+        ["[]", "['j-plan:plan', 'j-train']", "[]"], out.stdout
+    assert "job j-plan plan sent again (its message was lost)" in out.stdout
+    queued = [json.loads(m) for m in client.lrange("train.cpu", 0, -1)]
+    assert [m["headers"]["id"] for m in queued] == [reg.get("j-train")["task_id"]] != ["t-train"]
+    plans = [json.loads(m) for m in client.lrange("preprocess", 0, -1)]
+    assert len(plans) == 1 and plans[0]["headers"]["task"] == "facenet.plan_dataset"

@@ -19,7 +19,7 @@ def open_registry(settings: Settings) -> Registry:
     """A registry on a Redis that answers, or UserError in one line naming the URL."""
     import redis
 
-    reg = registry_for(settings, timeout=3)
+    reg = registry_for(settings, timeout=3, client=True)
     try:
         reg.r.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError, OSError) as exc:
@@ -140,47 +140,87 @@ def check_preprocess_submission(settings: Settings, raw: str, out: str, params) 
                                 check_path_allowed(out, settings.data_roots, "OUT"), params)
 
 
+# A submission is a few Redis calls and one message, and Redis can stall for seconds under it (an fsync-always AOF
+# on a busy disk: a docker build beside the stack held one for over a second here). Every step may be repeated:
+# the job id and its first message's id are chosen here, the record names that message before it is sent (one
+# MULTI), and a message sent twice finds the job taken by its first copy. So a step whose reply does not come is
+# tried again until SUBMIT_SECONDS have passed. A client that gives up (or dies) after the record was written
+# loses nothing either: the sweep sends a queued job's named message again when no queue holds it.
+SUBMIT_SECONDS = 30.0
+
+
+def _steps(what: str, seconds: float = SUBMIT_SECONDS) -> Callable:
+    """`step(fn)`: fn(), again on a Redis timeout or lost connection until `seconds` have passed (local monotonic
+    time), then UserError in one line."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    deadline = time.monotonic() + seconds
+
+    def step(fn: Callable):
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                if time.monotonic() >= deadline:
+                    raise UserError(f"Redis stopped answering while {what} ({type(exc).__name__}, for {seconds:.0f} "
+                                    "s); `facenet-cli jobs` shows whether it was queued (a recorded job is sent "
+                                    "by the workers' sweep, not lost)") from None
+                time.sleep(0.5)
+    return step
+
+
 def submit_train(settings: Settings, reg: Registry, sub: TrainSubmission) -> dict:
     """Create the job record of a checked submission and queue its first task; returns the job. What the
     record's spec says is what the client asked, with --data resolved, the device type picked and the node
     count a request larger than one worker needs; the worker decides the rest (TrainSpec.placed)."""
+    import uuid
+
+    step = _steps("queueing the job")
     spec = sub.spec
     if spec.nnodes == 1:  # --npus 16 on workers of 8 devices: a gang of 2
-        spec = dataclasses.replace(spec, nnodes=nodes_needed(reg, sub.device_type, spec.npus))
-    device_type = pick_device_type(reg, sub.device_type, spec.npus, spec.nnodes)
+        spec = dataclasses.replace(spec, nnodes=step(lambda: nodes_needed(reg, sub.device_type, spec.npus)))
+    device_type = step(lambda: pick_device_type(reg, sub.device_type, spec.npus, spec.nnodes))
     from services.queue import mlflow_runs
 
     mlflow_runs.check_reachable(settings.mlflow_uri)
-    fields = {"device_type": device_type, "npus": spec.npus, "experiment": sub.experiment or settings.experiment}
+    job_id, task_id = reg.new_id(), str(uuid.uuid4())
+    fields = {"device_type": device_type, "npus": spec.npus, "experiment": sub.experiment or settings.experiment,
+              "output": os.path.join(settings.runs_dir, job_id), "task_id": task_id}
+    tasks = None
     if sub.raw:
-        if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+        if not step(lambda: any("preprocess" in w.get("queues", []) for w in reg.workers())):
             raise UserError("--preprocess-from: no preprocessing worker is registered")
         fields["preprocess_from"], fields["preprocess_out"] = sub.raw, sub.data
         fields["params"] = dataclasses.asdict(sub.params or _default_params())
+        fields["status"], fields["message"], tasks = PREPROCESSING, "planning shards", {"plan": task_id}
     fields["spec"] = dataclasses.replace(spec, data=sub.data, device=device_type).to_dict()
-    job_id = reg.create("train", fields)
-    reg.update(job_id, output=os.path.join(settings.runs_dir, job_id))
+    step(lambda: reg.create("train", fields, job_id=job_id, tasks=tasks))
     from services.queue.send import send_stage, send_train
 
     if sub.raw:
-        reg.update(job_id, status=PREPROCESSING, message="planning shards")
-        task_id = send_stage(job_id, "plan", reg)
+        step(lambda: send_stage(job_id, "plan", task_id=task_id))
     else:
-        task_id = send_train(job_id, device_type)
-    reg.update(job_id, task_id=task_id, submitted=time.time())
-    return reg.get(job_id)
+        step(lambda: send_train(job_id, device_type, task_id=task_id))
+    step(lambda: reg.update(job_id, submitted=time.time()))
+    return step(lambda: reg.get(job_id))
 
 
 def submit_preprocess(settings: Settings, reg: Registry, sub: PreprocessSubmission) -> dict:
-    if not any("preprocess" in w.get("queues", []) for w in reg.workers()):
+    import uuid
+
+    step = _steps("queueing the job")
+    if not step(lambda: any("preprocess" in w.get("queues", []) for w in reg.workers())):
         raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
-    fields = {"preprocess_from": sub.raw, "preprocess_out": sub.out, "params": dataclasses.asdict(sub.params)}
-    job_id = reg.create("preprocess", fields)
+    job_id, task_id = reg.new_id(), str(uuid.uuid4())
+    fields = {"preprocess_from": sub.raw, "preprocess_out": sub.out, "params": dataclasses.asdict(sub.params),
+              "status": PREPROCESSING, "message": "planning shards", "task_id": task_id}
+    step(lambda: reg.create("preprocess", fields, job_id=job_id, tasks={"plan": task_id}))
     from services.queue.send import send_stage
 
-    reg.update(job_id, status=PREPROCESSING, message="planning shards")
-    reg.update(job_id, task_id=send_stage(job_id, "plan", reg), submitted=time.time())
-    return reg.get(job_id)
+    step(lambda: send_stage(job_id, "plan", task_id=task_id))
+    step(lambda: reg.update(job_id, submitted=time.time()))
+    return step(lambda: reg.get(job_id))
 
 
 def _default_params():

@@ -360,9 +360,19 @@ def registry_at(url: str, heartbeat_ttl: int = 30, retention_seconds: int = 30 *
     return Registry(connect(url, timeout, call_timeout(heartbeat_ttl)), heartbeat_ttl, retention_seconds)
 
 
-def registry_for(settings, timeout: float = 5.0) -> "Registry":
-    """The registry of `settings` (services.config.Settings): its Redis, heartbeat TTL and job retention."""
-    return registry_at(settings.redis_url, settings.heartbeat_ttl, settings.job_retention_seconds, timeout)
+# A client (facenet-cli, a script) holds no lease, so nothing of it expires while it waits: it waits this long for a
+# reply before it gives up (a stalled fsync-always Redis took over a second here), where a worker's heartbeat must
+# give up within call_timeout(ttl).
+CLIENT_CALL_SECONDS = 10.0
+
+
+def registry_for(settings, timeout: float = 5.0, client: bool = False) -> "Registry":
+    """The registry of `settings` (services.config.Settings): its Redis, heartbeat TTL and job retention; `client`:
+    for a process that holds no lease (each call may wait CLIENT_CALL_SECONDS)."""
+    if not client:
+        return registry_at(settings.redis_url, settings.heartbeat_ttl, settings.job_retention_seconds, timeout)
+    calls = max(call_timeout(settings.heartbeat_ttl), CLIENT_CALL_SECONDS)
+    return Registry(connect(settings.redis_url, timeout, calls), settings.heartbeat_ttl, settings.job_retention_seconds)
 
 
 def unreachable(url_display: str, exc: BaseException) -> UserError:
@@ -401,13 +411,22 @@ class Registry:
     def key(job_id: str) -> str:
         return f"{PREFIX}job:{job_id}"
 
-    def create(self, kind: str, fields: dict) -> str:
-        job_id = uuid.uuid4().hex[:12]
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    def create(self, kind: str, fields: dict, job_id: str | None = None, tasks: dict | None = None) -> str:
+        """Write a job's record in one MULTI (QUEUED unless `fields` says otherwise); `tasks`: stage -> the id of
+        the message about to be sent for it. With `job_id` chosen by the caller, writing the same record again
+        (after a reply that never came) changes nothing: no message is sent before it."""
+        job_id = job_id or self.new_id()
         now = time.time()
         record = {"id": job_id, "kind": kind, "status": QUEUED, "created": now, "updated": now, "attempts": 0,
                   "cancel_requested": 0, **fields}
         pipe = self.r.pipeline()
         pipe.hset(self.key(job_id), mapping=_encode(record))
+        if tasks:
+            pipe.hset(self.key(job_id) + ":tasks", mapping=tasks)
         pipe.zadd(f"{PREFIX}jobs", {job_id: now})
         pipe.sadd(ACTIVE_KEY, job_id)
         pipe.execute()

@@ -9,9 +9,10 @@ from services.queue.names import FINALIZE_TASK, PLAN_TASK, PREPROCESS_QUEUE, SHA
 from services.queue.registry import Registry
 
 
-def send_train(job_id: str, device_type: str) -> str:
-    """Queue an attempt at train job `job_id` on its device type's queue; returns the message's task id."""
-    return app.send_task(TRAIN_TASK, args=[job_id], queue=train_queue(device_type)).id
+def send_train(job_id: str, device_type: str, task_id: str | None = None) -> str:
+    """Queue an attempt at train job `job_id` on its device type's queue; returns the message's task id (`task_id`
+    when given: the id the job's record already names)."""
+    return app.send_task(TRAIN_TASK, args=[job_id], queue=train_queue(device_type), task_id=task_id).id
 
 
 def requeue_train(reg: Registry, job: dict, message: str, token: str = "") -> bool:
@@ -24,15 +25,15 @@ def requeue_train(reg: Registry, job: dict, message: str, token: str = "") -> bo
     return True
 
 
-def send_stage(job_id: str, stage: str, reg: Registry | None = None) -> str:
+def send_stage(job_id: str, stage: str, reg: Registry | None = None, task_id: str | None = None) -> str:
     """Queue a preprocessing stage: 'plan', 'shard:<i>' or 'finalize' (its task id is recorded, so the
-    sweep can report it failed if its worker dies)."""
+    sweep can report it failed if its worker dies; `task_id`: an id chosen before, already recorded)."""
     if stage.startswith("shard:"):
         task_id = app.send_task(SHARD_TASK, args=[job_id, int(stage.split(":", 1)[1])],
-                                queue=PREPROCESS_QUEUE).id
+                                queue=PREPROCESS_QUEUE, task_id=task_id).id
     else:
         name = {"plan": PLAN_TASK, "finalize": FINALIZE_TASK}[stage]
-        task_id = app.send_task(name, args=[job_id], queue=PREPROCESS_QUEUE).id
+        task_id = app.send_task(name, args=[job_id], queue=PREPROCESS_QUEUE, task_id=task_id).id
     if reg is not None:
         reg.r.hset(reg.key(job_id) + ":tasks", stage, task_id)
     return task_id

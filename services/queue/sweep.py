@@ -25,16 +25,19 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
     for job in jobs:
         if job["status"] != PREPROCESSING:
             continue
-        for stage in reg.stalled_stages(job["id"]) + _reserved_and_lost(reg, job):
+        lost_messages = _reserved_and_lost(reg, job)
+        for stage in reg.stalled_stages(job["id"]) + lost_messages:
             lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
             old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
             if lost > max_attempts:
                 reg.finish(job["id"], FAILED, when="preprocessing", error=stage_never_finished(stage, lost))
                 break
+            why = "its message was lost" if stage == "plan" and stage in lost_messages else "its worker was lost"
             if old_task:
-                report_lost_task(old_task, job["id"], f"preprocessing {stage}: its worker was lost")
+                report_lost_task(old_task, job["id"], f"preprocessing {stage}: {why}")
             send_stage(job["id"], stage, reg)
-            print(f"facenet sweep: job {job['id']} {stage} requeued (its worker was lost)", flush=True)
+            print(f"facenet sweep: job {job['id']} {stage} {'requeued' if 'worker' in why else 'sent again'} ({why})",
+                  flush=True)
             requeued.append(f"{job['id']}:{stage}")
     for job in jobs:  # queued train jobs whose message is gone (Redis killed within its AOF fsync second)
         if _queued_and_lost(reg, job):
@@ -80,16 +83,20 @@ _SUSPECTS: dict[str, frozenset] = {}
 
 
 def _reserved_and_lost(reg: Registry, job: dict) -> list[str]:
-    """Shards whose message a killed worker had taken but not started: nothing is queued, nothing of
-    the job runs, yet shards are missing. Sent again only when two sweeps in a row see the same gap
-    (a live worker holds a message it took for milliseconds, not for a whole sweep interval)."""
+    """Stages whose message is gone: nothing is queued, nothing of the job runs, yet shards are missing (a killed
+    worker had taken their message but not started it), or the job was never planned although its plan's message
+    was named (its submitter lost Redis, or died, between writing the job and sending the message). Sent again
+    only when two sweeps in a row see the same gap (a live worker holds a message it took for milliseconds, not
+    for a whole sweep interval)."""
     total = int(reg.r.hget(reg.key(job["id"]), "shards") or 0)
-    if not total or reg.r.llen(PREPROCESS_QUEUE) or reg.r.scard(reg.key(job["id"]) + ":started"):
+    planless = not total and not job.get("plan_id") and reg.r.hexists(reg.key(job["id"]) + ":tasks", "plan")
+    if not (total or planless) or reg.r.llen(PREPROCESS_QUEUE) or reg.r.scard(reg.key(job["id"]) + ":started"):
         _SUSPECTS.pop(job["id"], None)
         return []
     done = {int(i) for i in reg.r.smembers(reg.key(job["id"]) + ":shards")}
     # Every shard done but the job still preprocessing: finalize's message was the one lost.
-    missing = frozenset(f"shard:{i}" for i in range(total) if i not in done) or frozenset({"finalize"})
+    missing = (frozenset({"plan"}) if planless else
+               frozenset(f"shard:{i}" for i in range(total) if i not in done) or frozenset({"finalize"}))
     previous = _SUSPECTS.get(job["id"])
     _SUSPECTS[job["id"]] = missing
     return sorted(missing) if missing and missing == previous else []
