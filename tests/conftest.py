@@ -26,6 +26,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
+# Redis writes its append-only file with an fsync on every write: beside a docker build (the compose e2e's) such
+# fsyncs stalled for over a second here, past what the tests' 6 s leases allow, and jobs of the service tests were
+# requeued under them. The local stacks and Redis servers the tests start keep that file on tmpfs instead (a kill -9
+# of Redis keeps it all the same; only a reboot would not), in one private folder for the session.
+if "FACENET_STACK_REDIS_ROOT" not in os.environ and os.access("/dev/shm", os.W_OK):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FACENET_STACK_REDIS_ROOT"] = tempfile.mkdtemp(prefix="facenet-test-redis-", dir="/dev/shm")
+    atexit.register(shutil.rmtree, os.environ["FACENET_STACK_REDIS_ROOT"], True)
+
 from facenet.samples import copy_subset  # noqa: E402
 from facenet.fsutil import free_port
 
@@ -168,7 +180,11 @@ def redis_url(tmp_path_factory):
     """A real redis-server started by the entrypoint compose uses (password from a 0600 redis.conf)."""
     from services.queue.registry import connect
 
-    data = tmp_path_factory.mktemp("redis")
+    import pathlib
+    import tempfile
+
+    root = os.environ.get("FACENET_STACK_REDIS_ROOT")  # tmpfs, as for the stacks (above)
+    data = pathlib.Path(tempfile.mkdtemp(prefix="redis-", dir=root)) if root else tmp_path_factory.mktemp("redis")
     port = free_port()
     env = {**os.environ, "FACENET_REDIS_PORT": str(port), "FACENET_REDIS_PASSWORD": "pw-test",
            "FACENET_REDIS_DATA": str(data)}

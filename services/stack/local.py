@@ -115,6 +115,18 @@ def choose_data_roots(state_dir: str, given: list[str] | None, previous: dict, p
     return roots
 
 
+def _redis_dir(state_dir: str) -> str:
+    root = os.environ.get("FACENET_STACK_REDIS_ROOT")
+    if not root:
+        return os.path.join(state_dir, "redis")
+    import hashlib
+
+    st = os.lstat(root)  # a folder of this user's that no one else may write: never one a stranger made
+    if not os.path.isdir(root) or os.path.islink(root) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise UserError(f"FACENET_STACK_REDIS_ROOT={root}: must be a folder of yours that no one else can write")
+    return os.path.join(root, hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16])
+
+
 def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: float = 120,
        device_workers: int | None = None, data_roots: list[str] | None = None) -> dict:
     """Start whatever is not running; returns the stack description (also in STATE/stack.json)."""
@@ -142,6 +154,10 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     if not 1 <= device_workers <= 16:
         raise UserError(f"--device-workers {device_workers}: must be 1 to 16")
     stack["device_workers"] = device_workers
+    # Redis' append-only file (fsync on every write): STATE/redis, or a folder of this stack's own under
+    # FACENET_STACK_REDIS_ROOT (a private folder on a tmpfs takes a busy disk's fsync stalls off Redis, at the price
+    # of its data at a reboot: the test suite's choice). Kept in stack.json, so a later `up` finds the same data.
+    stack["redis_dir"] = previous.get("redis_dir") or _redis_dir(state_dir)
     common = {
         "FACENET_STATE_DIR": state_dir, "FACENET_REDIS_URL": redis_url, "FACENET_MLFLOW_URI": stack["mlflow_uri"],
         "FACENET_RUNS_DIR": stack["runs_dir"], "FACENET_DATA_ROOTS": os.pathsep.join(data_roots),
@@ -155,7 +171,7 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     per_service = {
         "redis": {"FACENET_REDIS_HOST": "127.0.0.1", "FACENET_REDIS_PORT": str(ports["redis"]),
                   "FACENET_REDIS_PASSWORD": sec["FACENET_REDIS_PASSWORD"],
-                  "FACENET_REDIS_DATA": os.path.join(state_dir, "redis")},
+                  "FACENET_REDIS_DATA": stack["redis_dir"]},
         "mlflow": {"FACENET_MLFLOW_HOST": "127.0.0.1", "FACENET_MLFLOW_PORT": str(ports["mlflow"]),
                    "FACENET_MLFLOW_BACKEND_STORE_URI": f"sqlite:///{state_dir}/mlflow/mlflow.db",
                    "FACENET_MLFLOW_ARTIFACTS_DESTINATION": os.path.join(state_dir, "mlflow", "artifacts"),
@@ -176,6 +192,7 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     }
     for d in ("mlflow", "flower", "redis"):
         os.makedirs(os.path.join(state_dir, d), exist_ok=True)
+    os.makedirs(stack["redis_dir"], mode=0o700, exist_ok=True)
 
     def save() -> None:
         _write_private(os.path.join(state_dir, STACK_FILE), json.dumps(stack, indent=2))
