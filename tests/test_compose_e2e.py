@@ -233,8 +233,10 @@ KEEP_FREE_GIB = 30
 
 
 def _prune(setting: str) -> bool:
-    if setting == "auto":
-        st = os.statvfs(REPO)
+    if setting == "auto":  # the free space of the file system Docker keeps them on
+        root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+        st = os.statvfs(root if root and os.path.isdir(root) else REPO)
         free = st.f_bavail * st.f_frsize / 2**30
         print(f"\ncompose e2e: {free:.0f} GiB free beside the images: "
               f"{'removing' if free < KEEP_FREE_GIB else 'keeping'} them (FACENET_E2E_PRUNE=auto)")

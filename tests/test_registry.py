@@ -246,7 +246,9 @@ def test_a_submission_rides_out_a_stalled_redis_and_writes_its_job_once(redis_ur
 
     def stall(seconds):
         os.kill(pid, signal.SIGSTOP)
-        threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)).start()
+        timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+        timer.start()
+        return timer
 
     stall(1.5)
     step = _steps("queueing the job", seconds=10)
@@ -256,12 +258,20 @@ def test_a_submission_rides_out_a_stalled_redis_and_writes_its_job_once(redis_ur
     assert job_id == "j-stalled" and time.monotonic() - started >= 1.4  # it waited the stall out
     step(lambda: reg.create("train", fields, job_id="j-stalled"))  # a step repeated: still one job
     assert reg.r.zrange("facenet:jobs", 0, -1) == ["j-stalled"] and reg.get(job_id)["task_id"] == "t-1"
-    stall(2.5)
+    # A write repeated after the job moved on (claimed, then cancelled) undoes nothing; another job's id is refused.
+    assert reg.claim(job_id, "attempt-1") == ("ok", 1)
+    reg.finish(job_id, CANCELLED)
+    step(lambda: reg.create("train", fields, job_id="j-stalled"))
+    assert reg.get(job_id)["status"] == CANCELLED and reg.get(job_id)["attempts"] == 1
+    assert job_id not in reg.active_ids()
+    with pytest.raises(UserError, match="job id j-stalled is taken by another job"):
+        reg.create("train", {**fields, "task_id": "t-2"}, job_id="j-stalled")
+    timer = stall(2.5)
     with pytest.raises(UserError) as out:
         _steps("queueing the job", seconds=1)(lambda: reg.get(job_id))
     assert "Redis stopped answering while queueing the job (TimeoutError, for 1 s)" in str(out.value)
     assert "\n" not in str(out.value)
-    time.sleep(1.6)
+    timer.join()
 
 
 def test_a_job_whose_submitter_died_before_sending_is_sent_by_the_sweep(redis_url):
@@ -290,3 +300,36 @@ def test_a_job_whose_submitter_died_before_sending_is_sent_by_the_sweep(redis_ur
     assert [m["headers"]["id"] for m in queued] == [reg.get("j-train")["task_id"]] != ["t-train"]
     plans = [json.loads(m) for m in client.lrange("preprocess", 0, -1)]
     assert len(plans) == 1 and plans[0]["headers"]["task"] == "facenet.plan_dataset"
+
+
+def test_the_local_stacks_redis_folder_under_a_root_is_private_and_checked_on_every_up(tmp_path, monkeypatch):
+    """FACENET_STACK_REDIS_ROOT (services.stack.local._redis_dir): the stack's folder is made 0700 under a private
+    root; a root others can write, a folder someone made first (not private), a link, or a root gone after a reboot
+    are each one line; the folder recorded in stack.json is checked again, not trusted."""
+    import os
+
+    from facenet.errors import UserError
+    from services.stack.local import _redis_dir
+
+    state, root = str(tmp_path / "state"), tmp_path / "root"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("FACENET_STACK_REDIS_ROOT", str(root))
+    leaf = _redis_dir(state, None)
+    assert os.path.dirname(leaf) == str(root) and os.stat(leaf).st_mode & 0o777 == 0o700
+    assert _redis_dir(state, leaf) == leaf  # the next up: the same folder
+    monkeypatch.delenv("FACENET_STACK_REDIS_ROOT")
+    assert _redis_dir(state, leaf) == leaf  # recorded: kept (and checked) without the variable
+    assert _redis_dir(state, None) == os.path.join(state, "redis")
+    os.chmod(leaf, 0o755)  # as a stranger's mkdir would leave it
+    with pytest.raises(UserError, match="must be yours, not a link, and private"):
+        _redis_dir(state, leaf)
+    os.rmdir(leaf)
+    os.symlink(str(tmp_path), leaf)
+    with pytest.raises(UserError, match="must be yours, not a link, and private"):
+        _redis_dir(state, leaf)
+    os.chmod(root, 0o777)
+    with pytest.raises(UserError, match="no one else can write"):
+        _redis_dir(state, leaf)
+    monkeypatch.setenv("FACENET_STACK_REDIS_ROOT", str(tmp_path / "gone"))
+    with pytest.raises(UserError, match="no such folder"):
+        _redis_dir(state, None)

@@ -28,12 +28,13 @@ def main() -> None:
         cli(prog_name="facenet-cli")
     except Exception as exc:  # noqa: BLE001 - only Redis' own faults become a line; the rest is a bug to see
         redis = sys.modules.get("redis")
-        if redis is None or not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        if redis is None or not isinstance(exc, redis.RedisError):
             raise
         # Each command opens Redis with a one-line refusal; this is Redis going away in the middle of one.
         from facenet.errors import one_line
 
-        print(f"Error: Redis stopped answering during the command ({type(exc).__name__}: {one_line(exc)}); "
+        what = "stopped answering" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else "failed"
+        print(f"Error: Redis {what} during the command ({type(exc).__name__}: {one_line(exc)}); "
               "it may not have finished: try it again, or see `facenet-cli jobs`", file=sys.stderr)
         sys.exit(1)
 

@@ -15,6 +15,10 @@ from kombu import Queue
 
 from services.config import DEVICE_TYPES, load_settings
 from services.queue.names import FINALIZE_TASK, PLAN_TASK, PREPROCESS_QUEUE, SHARD_TASK, TRANSPORT, train_queue
+from services.queue.registry import CLIENT_CALL_SECONDS
+
+_CLIENT_SOCKET = {"socket_timeout": CLIENT_CALL_SECONDS, "socket_connect_timeout": 5}
+
 
 def make_app() -> Celery:
     s = load_settings()
@@ -29,7 +33,12 @@ def make_app() -> Celery:
         task_serializer="json", result_serializer="json", event_serializer="json",
         accept_content=["json"], result_accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": vt}, result_backend_transport_options={"visibility_timeout": vt},
+        # A client (the CLI; not a worker) waits CLIENT_CALL_SECONDS for a reply from the broker and
+        # the result backend, as for the registry: kombu's default is no timeout, so a publish to a Redis that stops
+        # answering hung for ever. Workers keep Celery's own (_guard_task_queues below).
+        broker_transport_options={"visibility_timeout": vt, **_CLIENT_SOCKET},
+        result_backend_transport_options={"visibility_timeout": vt},
+        redis_socket_timeout=CLIENT_CALL_SECONDS, redis_socket_connect_timeout=5,
         visibility_timeout=vt,
         task_queues=[Queue(PREPROCESS_QUEUE)] + [Queue(train_queue(t)) for t in DEVICE_TYPES],
         task_default_queue=PREPROCESS_QUEUE,
@@ -71,6 +80,8 @@ def _guard_task_queues(conf=None, **_) -> None:
     tasks for that queue. Only workers: the transport's import path becomes the broker URL's scheme, which
     Flower's broker view cannot parse, and nothing else consumes a task queue."""
     conf.broker_transport = TRANSPORT
+    conf.broker_transport_options = {k: v for k, v in conf.broker_transport_options.items() if k not in _CLIENT_SOCKET}
+    conf.redis_socket_timeout, conf.redis_socket_connect_timeout = 120.0, None  # Celery's defaults
 
 
 app = make_app()

@@ -162,6 +162,10 @@ def _steps(what: str, seconds: float = SUBMIT_SECONDS) -> Callable:
             try:
                 return fn()
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                cause = exc.__cause__ or exc.__context__ if isinstance(exc, OperationalError) else exc
+                if isinstance(cause, redis.AuthenticationError) or not isinstance(
+                        cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                    raise UserError(f"Redis refused {what}: {type(cause or exc).__name__}: {cause or exc}") from None
                 if time.monotonic() >= deadline:
                     raise UserError(f"Redis stopped answering while {what} ({type(exc).__name__}, for {seconds:.0f} "
                                     "s); `facenet-cli jobs` shows whether it was queued (a recorded job is sent "

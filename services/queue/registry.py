@@ -133,6 +133,11 @@ local v = fit(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 if v[1] == 'gone' or v[1] == 'unfit' then return {v[1], v[2], 0} end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', 'a cancel was asked', 0} end
 if v[1] ~= 'ok' then return {v[1], v[2], 0} end
+-- Two copies of a plan message (a sweep's resend racing a slow submitter) must not both plan: a second plan may
+-- choose other shards and remove the first's files. A plan in flight whose heartbeat lives takes the second copy.
+if ARGV[3] == 'plan' and redis.call('SISMEMBER', KEYS[3], 'plan') == 1 and redis.call('EXISTS', KEYS[4]) == 1 then
+  return {'again', 'another delivery is planning it', 0}
+end
 local n = redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], ARGV[4], 'EX', tonumber(ARGV[5]))
@@ -320,6 +325,23 @@ if ARGV[1] == 'renew' then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])) else
 return 1
 """
 
+# Write a new job's record, its message ids and its place in the job lists, only when no record of that id exists:
+# a client that writes it again (its first reply never came) must not undo what happened since (a claim, a cancel).
+# KEYS: job hash, jobs zset, active set, tasks hash; ARGV: id, created, task_id, number of record items, record
+# field/value pairs, then stage/message id pairs. Returns 1 written, 0 written before (same task_id), -1 another job.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'task_id') == ARGV[3] then return 0 end
+  return -1
+end
+local n = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
+if #ARGV > 4 + n then redis.call('HSET', KEYS[4], unpack(ARGV, 5 + n)) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
 # Renew (or drop) keys only while they still hold this job.
 _RENEW = """
 local n = 0
@@ -390,6 +412,7 @@ class Registry:
         self.r = client
         self.ttl = heartbeat_ttl
         self.retention = retention_seconds
+        self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
         self._stage_enter = client.register_script(_STAGE_ENTER)
         self._misfit = client.register_script(_MISFIT)
@@ -423,13 +446,13 @@ class Registry:
         now = time.time()
         record = {"id": job_id, "kind": kind, "status": QUEUED, "created": now, "updated": now, "attempts": 0,
                   "cancel_requested": 0, **fields}
-        pipe = self.r.pipeline()
-        pipe.hset(self.key(job_id), mapping=_encode(record))
-        if tasks:
-            pipe.hset(self.key(job_id) + ":tasks", mapping=tasks)
-        pipe.zadd(f"{PREFIX}jobs", {job_id: now})
-        pipe.sadd(ACTIVE_KEY, job_id)
-        pipe.execute()
+        k = self.key(job_id)
+        pairs = [x for kv in _encode(record).items() for x in kv]
+        tasks = [x for kv in (tasks or {}).items() for x in kv]
+        made = self._create(keys=[k, f"{PREFIX}jobs", ACTIVE_KEY, k + ":tasks"],
+                            args=[job_id, now, str(record.get("task_id", "")), len(pairs), *pairs, *tasks])
+        if made == -1:
+            raise UserError(f"job id {job_id} is taken by another job")
         return job_id
 
     def get(self, job_id: str) -> dict | None:

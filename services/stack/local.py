@@ -115,16 +115,40 @@ def choose_data_roots(state_dir: str, given: list[str] | None, previous: dict, p
     return roots
 
 
-def _redis_dir(state_dir: str) -> str:
-    root = os.environ.get("FACENET_STACK_REDIS_ROOT")
+def _redis_dir(state_dir: str, recorded: str | None) -> str:
+    """Where this stack's Redis keeps its data (see up()): STATE/redis, or a folder of its own under
+    FACENET_STACK_REDIS_ROOT, which is checked on every `up` (the root and the folder: yours, not links, no one
+    else may write them; the folder is made 0700 when missing), since a tmpfs folder can be gone after a reboot
+    and another user of the host may have made one of that name first."""
+    default = os.path.join(state_dir, "redis")
+    root = os.path.dirname(recorded) if recorded and recorded != default else os.environ.get("FACENET_STACK_REDIS_ROOT")
     if not root:
-        return os.path.join(state_dir, "redis")
+        return default
     import hashlib
+    import stat
 
-    st = os.lstat(root)  # a folder of this user's that no one else may write: never one a stranger made
-    if not os.path.isdir(root) or os.path.islink(root) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise UserError(f"FACENET_STACK_REDIS_ROOT={root}: must be a folder of yours that no one else can write")
-    return os.path.join(root, hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16])
+    root = os.path.abspath(root)
+    leaf = recorded if recorded and recorded != default else \
+        os.path.join(root, hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16])
+
+    def mine(path: str, private: bool) -> bool:
+        st = os.lstat(path)
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (0o077 if private else 0o022)
+
+    try:
+        if not mine(root, private=False):
+            raise UserError(f"FACENET_STACK_REDIS_ROOT={root}: must be a folder of yours (not a link) that no one "
+                            "else can write")
+        try:
+            os.mkdir(leaf, 0o700)
+        except FileExistsError:
+            if not mine(leaf, private=True):
+                raise UserError(f"{leaf}: Redis' data folder must be yours, not a link, and private (mode 700); "
+                                "it is not, so someone else may have made it") from None
+    except FileNotFoundError:
+        raise UserError(f"FACENET_STACK_REDIS_ROOT={root}: no such folder (a tmpfs is emptied at a reboot: make it "
+                        "again, mode 700)") from None
+    return leaf
 
 
 def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: float = 120,
@@ -157,7 +181,7 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     # Redis' append-only file (fsync on every write): STATE/redis, or a folder of this stack's own under
     # FACENET_STACK_REDIS_ROOT (a private folder on a tmpfs takes a busy disk's fsync stalls off Redis, at the price
     # of its data at a reboot: the test suite's choice). Kept in stack.json, so a later `up` finds the same data.
-    stack["redis_dir"] = previous.get("redis_dir") or _redis_dir(state_dir)
+    stack["redis_dir"] = _redis_dir(state_dir, previous.get("redis_dir"))
     common = {
         "FACENET_STATE_DIR": state_dir, "FACENET_REDIS_URL": redis_url, "FACENET_MLFLOW_URI": stack["mlflow_uri"],
         "FACENET_RUNS_DIR": stack["runs_dir"], "FACENET_DATA_ROOTS": os.pathsep.join(data_roots),
@@ -192,7 +216,6 @@ def up(state_dir: str, cpu_devices: str | None = None, progress=print, timeout: 
     }
     for d in ("mlflow", "flower", "redis"):
         os.makedirs(os.path.join(state_dir, d), exist_ok=True)
-    os.makedirs(stack["redis_dir"], mode=0o700, exist_ok=True)
 
     def save() -> None:
         _write_private(os.path.join(state_dir, STACK_FILE), json.dumps(stack, indent=2))
