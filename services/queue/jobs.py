@@ -143,7 +143,7 @@ def check_preprocess_submission(settings: Settings, raw: str, out: str, params) 
 # A submission is a few Redis calls and one message, and Redis can stall for seconds under it (an fsync-always AOF
 # on a busy disk: a docker build beside the stack held one for over a second here). Every step may be repeated:
 # the job id and its first message's id are chosen here, the record names that message before it is sent (one
-# MULTI), and a message sent twice finds the job taken by its first copy. So a step whose reply does not come is
+# Lua step that writes only a record not there yet), and a message sent twice finds the job taken by its first copy. So a step whose reply does not come is
 # tried again until SUBMIT_SECONDS have passed. A client that gives up (or dies) after the record was written
 # loses nothing either: the sweep sends a queued job's named message again when no queue holds it.
 SUBMIT_SECONDS = 30.0

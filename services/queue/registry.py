@@ -439,9 +439,10 @@ class Registry:
         return uuid.uuid4().hex[:12]
 
     def create(self, kind: str, fields: dict, job_id: str | None = None, tasks: dict | None = None) -> str:
-        """Write a job's record in one MULTI (QUEUED unless `fields` says otherwise); `tasks`: stage -> the id of
-        the message about to be sent for it. With `job_id` chosen by the caller, writing the same record again
-        (after a reply that never came) changes nothing: no message is sent before it."""
+        """Write a new job's record in one step (_CREATE; QUEUED unless `fields` says otherwise); `tasks`: stage ->
+        the id of the message about to be sent for it. With `job_id` chosen by the caller, writing it again (after a
+        reply that never came) changes nothing, whatever happened to the job since; an id another job holds (another
+        task_id) is refused."""
         job_id = job_id or self.new_id()
         now = time.time()
         record = {"id": job_id, "kind": kind, "status": QUEUED, "created": now, "updated": now, "attempts": 0,
