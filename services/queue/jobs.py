@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import uuid
 from typing import Callable
 
 from facenet.confine import shown
@@ -174,12 +175,14 @@ def _steps(what: str, seconds: float = SUBMIT_SECONDS) -> Callable:
     return step
 
 
+def _preprocess_worker_registered(reg: Registry) -> bool:
+    return any("preprocess" in w.get("queues", []) for w in reg.workers())
+
+
 def submit_train(settings: Settings, reg: Registry, sub: TrainSubmission) -> dict:
     """Create the job record of a checked submission and queue its first task; returns the job. What the
     record's spec says is what the client asked, with --data resolved, the device type picked and the node
     count a request larger than one worker needs; the worker decides the rest (TrainSpec.placed)."""
-    import uuid
-
     step = _steps("queueing the job")
     spec = sub.spec
     if spec.nnodes == 1:  # --npus 16 on workers of 8 devices: a gang of 2
@@ -193,7 +196,7 @@ def submit_train(settings: Settings, reg: Registry, sub: TrainSubmission) -> dic
               "output": os.path.join(settings.runs_dir, job_id), "task_id": task_id}
     tasks = None
     if sub.raw:
-        if not step(lambda: any("preprocess" in w.get("queues", []) for w in reg.workers())):
+        if not step(lambda: _preprocess_worker_registered(reg)):
             raise UserError("--preprocess-from: no preprocessing worker is registered")
         fields["preprocess_from"], fields["preprocess_out"] = sub.raw, sub.data
         fields["params"] = dataclasses.asdict(sub.params or _default_params())
@@ -211,10 +214,8 @@ def submit_train(settings: Settings, reg: Registry, sub: TrainSubmission) -> dic
 
 
 def submit_preprocess(settings: Settings, reg: Registry, sub: PreprocessSubmission) -> dict:
-    import uuid
-
     step = _steps("queueing the job")
-    if not step(lambda: any("preprocess" in w.get("queues", []) for w in reg.workers())):
+    if not step(lambda: _preprocess_worker_registered(reg)):
         raise UserError("no preprocessing worker is registered; start one (`facenet-cli stack up`, or `make up`)")
     job_id, task_id = reg.new_id(), str(uuid.uuid4())
     fields = {"preprocess_from": sub.raw, "preprocess_out": sub.out, "params": dataclasses.asdict(sub.params),

@@ -376,10 +376,11 @@ def connect(url: str, timeout: float = 5.0, call_seconds: float = 30.0) -> redis
 
 
 def registry_at(url: str, heartbeat_ttl: int = 30, retention_seconds: int = 30 * 86400,
-                timeout: float = 5.0) -> "Registry":
+                timeout: float = 5.0, call_seconds: float | None = None) -> "Registry":
     """The one way a process opens a registry: the Redis at `url` (nothing is sent yet), each call bounded by
-    call_timeout(heartbeat_ttl)."""
-    return Registry(connect(url, timeout, call_timeout(heartbeat_ttl)), heartbeat_ttl, retention_seconds)
+    `call_seconds`, by default call_timeout(heartbeat_ttl)."""
+    return Registry(connect(url, timeout, call_seconds or call_timeout(heartbeat_ttl)), heartbeat_ttl,
+                    retention_seconds)
 
 
 # A client (facenet-cli, a script) holds no lease, so nothing of it expires while it waits: it waits this long for a
@@ -391,10 +392,8 @@ CLIENT_CALL_SECONDS = 10.0
 def registry_for(settings, timeout: float = 5.0, client: bool = False) -> "Registry":
     """The registry of `settings` (services.config.Settings): its Redis, heartbeat TTL and job retention; `client`:
     for a process that holds no lease (each call may wait CLIENT_CALL_SECONDS)."""
-    if not client:
-        return registry_at(settings.redis_url, settings.heartbeat_ttl, settings.job_retention_seconds, timeout)
-    calls = max(call_timeout(settings.heartbeat_ttl), CLIENT_CALL_SECONDS)
-    return Registry(connect(settings.redis_url, timeout, calls), settings.heartbeat_ttl, settings.job_retention_seconds)
+    calls = max(call_timeout(settings.heartbeat_ttl), CLIENT_CALL_SECONDS) if client else None
+    return registry_at(settings.redis_url, settings.heartbeat_ttl, settings.job_retention_seconds, timeout, calls)
 
 
 def unreachable(url_display: str, exc: BaseException) -> UserError:

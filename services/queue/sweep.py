@@ -32,11 +32,12 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             if lost > max_attempts:
                 reg.finish(job["id"], FAILED, when="preprocessing", error=stage_never_finished(stage, lost))
                 break
-            why = "its message was lost" if stage == "plan" and stage in lost_messages else "its worker was lost"
+            never_sent = stage == "plan" and stage in lost_messages
+            why = "its message was lost" if never_sent else "its worker was lost"
             if old_task:
                 report_lost_task(old_task, job["id"], f"preprocessing {stage}: {why}")
             send_stage(job["id"], stage, reg)
-            print(f"facenet sweep: job {job['id']} {stage} {'requeued' if 'worker' in why else 'sent again'} ({why})",
+            print(f"facenet sweep: job {job['id']} {stage} {'sent again' if never_sent else 'requeued'} ({why})",
                   flush=True)
             requeued.append(f"{job['id']}:{stage}")
     for job in jobs:  # queued train jobs whose message is gone (Redis killed within its AOF fsync second)

@@ -121,15 +121,15 @@ def _redis_dir(state_dir: str, recorded: str | None) -> str:
     else may write them; the folder is made 0700 when missing), since a tmpfs folder can be gone after a reboot
     and another user of the host may have made one of that name first."""
     default = os.path.join(state_dir, "redis")
-    root = os.path.dirname(recorded) if recorded and recorded != default else os.environ.get("FACENET_STACK_REDIS_ROOT")
+    rooted = recorded if recorded and recorded != default else None  # a folder under a root, from stack.json
+    root = os.path.dirname(rooted) if rooted else os.environ.get("FACENET_STACK_REDIS_ROOT")
     if not root:
         return default
     import hashlib
     import stat
 
     root = os.path.abspath(root)
-    leaf = recorded if recorded and recorded != default else \
-        os.path.join(root, hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16])
+    leaf = rooted or os.path.join(root, hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16])
 
     def mine(path: str, private: bool) -> bool:
         st = os.lstat(path)
