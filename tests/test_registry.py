@@ -300,6 +300,16 @@ def test_a_job_whose_submitter_died_before_sending_is_sent_by_the_sweep(redis_ur
     assert [m["headers"]["id"] for m in queued] == [reg.get("j-train")["task_id"]] != ["t-train"]
     plans = [json.loads(m) for m in client.lrange("preprocess", 0, -1)]
     assert len(plans) == 1 and plans[0]["headers"]["task"] == "facenet.plan_dataset"
+    # The plan's message lost again, past the bound: the job fails saying so, not "killed for memory?".
+    client.delete("preprocess")
+    code = ("from services.queue.registry import Registry, connect\nfrom services.queue.sweep import sweep\n"
+            f"reg = Registry(connect({redis_url!r}), 2)\nprint(sweep(reg, 1)); print(sweep(reg, 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FACENET_REDIS_URL": redis_url})
+    assert out.returncode == 0, out.stderr[-2000:]
+    failed = reg.get("j-plan")
+    assert failed["status"] == FAILED and "never reached a worker" in failed["error"], failed
+    assert "killed for memory" not in failed["error"] and client.llen("preprocess") == 0
 
 
 def test_the_local_stacks_redis_folder_under_a_root_is_private_and_checked_on_every_up(tmp_path, monkeypatch):

@@ -29,10 +29,13 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
         for stage in reg.stalled_stages(job["id"]) + lost_messages:
             lost = reg.r.hincrby(reg.key(job["id"]) + ":resends", stage, 1)
             old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
-            if lost > max_attempts:
-                reg.finish(job["id"], FAILED, when="preprocessing", error=stage_never_finished(stage, lost))
-                break
             never_sent = stage == "plan" and stage in lost_messages
+            if lost > max_attempts:
+                error = (f"preprocessing plan: its message was sent {lost} times and never reached a worker (is "
+                         "Redis losing writes? see its log); submit the job again" if never_sent
+                         else stage_never_finished(stage, lost))
+                reg.finish(job["id"], FAILED, when="preprocessing", error=error)
+                break
             why = "its message was lost" if never_sent else "its worker was lost"
             if old_task:
                 report_lost_task(old_task, job["id"], f"preprocessing {stage}: {why}")
