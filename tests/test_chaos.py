@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TEST_IMAGE_SIZE
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -24,7 +24,8 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     # the proxy); 2 epochs left ~50 s to spare on this host, too little on one twice as fast.
     proc = subprocess.run([sys.executable, "-m", "services.bench.chaos", "--seed", "5", "--jobs", "4", "--timeout", "480",
                            "--epochs", "3", "--fault-gap", "1", "4", "--mlflow-outage", "20", "30", "--out", str(out),
-                           "--workdir", str(tmp_path / "work"), "--sample-root", sample_root],
+                           "--workdir", str(tmp_path / "work"), "--sample-root", sample_root,
+                           *TEST_IMAGE_SIZE],
                           capture_output=True, text=True, timeout=840, cwd=REPO)
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert out.exists(), log
@@ -56,4 +57,8 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     # One message of each stage, for a job in a state it does not act in, and each was dropped.
     assert r["forged"] == {"plan": 1, "shard": 1, "finalize": 1, "train": 1}, r["forged_log"]
     assert all(f["dropped"] for f in r["forged_log"]), r["forged_log"]
+    # A forged finalize taken only after its job's last shard ended did the real one's work on the whole set (the
+    # reference's crops) and was forged again; one that acted on part of a set would have stayed a violation above.
+    assert len(r["forged_late"]) <= 3 and all(f["kind"] == "finalize" and "skipped" not in f["result"]
+                                              for f in r["forged_late"]), r["forged_late"]
     assert r["lease_check"] == "ok" and r["attempts_seen"] >= 4 and r["lease_samples"] > 100, r

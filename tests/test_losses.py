@@ -16,6 +16,10 @@ from conftest import REPO, read_events, read_json, run_train
 
 LOSSES = ("softmax", "triplet", "arcface")
 VERIFY = ("verify_acc", "val_far_1e-3", "auc", "eer")
+# The runs train at 80 px (0.75x the step time of the suite's 96 px; the model's smallest size that still pools to
+# 1 x 1 is ~75). Measured on 4 unseen people: the last two epochs' AUC beat the untrained model's by 0.17-0.30 at
+# 80 px, where 0.05 is asked.
+SIZE = 80
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,8 @@ def trained(sample_split, mlflow_server, tmp_path_factory) -> dict:
         res = run_train("--data", sample_split, "--loss", loss, "--epochs", "5", "--batch-size", "16", "--lr", "0.001",
                         "--workers", "0", "--output", str(out), "--json-out", str(out / "summary.json"),
                         "--mlflow-uri", mlflow_server.uri, "--experiment", "test-losses", "--run-name", loss,
-                        "--log-checkpoints", "none", "--no-log-model")  # the learn test checks those
+                        "--log-checkpoints", "none", "--no-log-model",  # the learn test checks those
+                        "--image-size", str(SIZE))
         assert res.returncode == 0, res.stderr[-3000:]
         runs[loss] = {"out": out, "stdout": res.stdout, "summary": read_json(out / "summary.json"),
                       "events": read_events(out / "events.jsonl")}
@@ -138,12 +143,12 @@ def test_export_onnx_and_pt2_to_the_run_and_serve_embed_and_evaluate(trained, sa
     from facenet.evaluate import load_model
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == ["batch", 3, 96, 96] and session.get_outputs()[0].shape == ["batch", 512]
+    assert session.get_inputs()[0].shape == ["batch", 3, SIZE, SIZE] and session.get_outputs()[0].shape == ["batch", 512]
     crops = sorted(os.path.join(root, f) for root, _, files in os.walk(os.path.join(sample_split, "test")) for f in files)
     net = load_model(str(trained["arcface"]["out"] / "model.pt")).model.eval()
     net.classify = False
     for batch in (crops[:1], crops[1:8]):
-        dataset = FaceImages([(p, i) for i, p in enumerate(batch)], 96)
+        dataset = FaceImages([(p, i) for i, p in enumerate(batch)], SIZE)
         x = to_device(collate([dataset[i] for i in range(len(batch))]).images, torch.device("cpu"), False)
         with torch.inference_mode():
             want = net(x).numpy()
@@ -154,7 +159,7 @@ def test_export_onnx_and_pt2_to_the_run_and_serve_embed_and_evaluate(trained, sa
         "cpu")
     embedded = np.load(tmp_path / "e.npz")
     first = os.path.join(sample_split, "test", str(embedded["paths"][0]))
-    dataset = FaceImages([(first, 0)], 96)
+    dataset = FaceImages([(first, 0)], SIZE)
     with torch.inference_mode():
         want = net(to_device(collate([dataset[0]]).images, torch.device("cpu"), False)).numpy()[0]
     assert len(embedded["paths"]) == len(crops) and np.abs(embedded["embeddings"][0] - want).max() <= 1e-4

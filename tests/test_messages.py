@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TEST_SIZE
 from facenet.samples import copy_subset
 
 pytestmark = pytest.mark.timeout(300)
@@ -481,7 +481,7 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
     for raw in (raw_p, raw_t2):  # 9 photos, 9 shards of one: a window of several shards to forge in
         make_raw_identities(str(raw), per_identity=3, identities=3)
     p = cli("submit-preprocess", str(raw_p), str(data / "forged-out-p"), "--shard-size", "1",
-            "--image-size", "96")["id"]
+            "--image-size", str(TEST_SIZE))["id"]
     train_p = forge("train.cpu", "facenet.train", p)
     wait(p, shards_pending, 120)
     finalize_p = forge("preprocess", "facenet.finalize_dataset", p)
@@ -495,7 +495,7 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
     # A train job with its trainer running: plan, shard, finalize and train messages for it.
     crops = copy_subset(os.path.join(sample_root, "prep", "train"), str(data / "forged-crops"), 4, 8)
     t = cli("submit-train", "--data", crops, "--npus", "1", "--epochs", "50", "--batch-size", "8", "--image-size",
-            "96", "--log-checkpoints", "none", "--no-log-model")["id"]
+            str(TEST_SIZE), "--log-checkpoints", "none", "--no-log-model")["id"]
     job = wait(t, lambda j: j["status"] == "RUNNING" and j.get("trainer_pid"), 180)
     assert job["status"] == "RUNNING", job
     for what, task_id, skipped in [
@@ -511,7 +511,7 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
 
     # A train job still preprocessing (2 devices: its own attempt waits while the running job holds one).
     t2 = cli("submit-train", "--preprocess-from", str(raw_t2), "--data", str(data / "forged-out-t2"), "--npus", "2",
-             "--shard-size", "1", "--epochs", "1", "--image-size", "96", "--log-checkpoints", "none")["id"]
+             "--shard-size", "1", "--epochs", "1", "--image-size", str(TEST_SIZE), "--log-checkpoints", "none")["id"]
     wait(t2, shards_pending, 120)
     train_t2 = forge("train.cpu", "facenet.train", t2)
     finalize_t2 = forge("preprocess", "facenet.finalize_dataset", t2)

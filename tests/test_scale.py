@@ -14,7 +14,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import REPO, read_json, run_train
+from conftest import REPO, TEST_IMAGE_SIZE, read_json, run_train
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "finalize_v1")
 
@@ -167,7 +167,7 @@ def test_pack_refuses_a_folder_that_holds_other_files(orl_faces, tmp_path):
 def test_training_on_a_pack_verifies_on_its_pairs(orl_faces, packed_orl, tmp_path):
     out, summary = packed_orl
     r = run_train("--data", out, "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32",
-                  "--image-size", "96", "--json-out", str(tmp_path / "summary.json"), env={"MLFLOW_TRACKING_URI": ""})
+                  *TEST_IMAGE_SIZE, "--json-out", str(tmp_path / "summary.json"), env={"MLFLOW_TRACKING_URI": ""})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     said = r.stdout + r.stderr
     assert f"packed dataset at {out}: {summary['classes']} identities, {summary['train']} training images" in said

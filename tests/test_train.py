@@ -19,7 +19,7 @@ import yaml
 
 from facenet.devices import cpu_has_bf16
 
-from conftest import REPO, read_events, read_json, run_train, train_cmd
+from conftest import REPO, TEST_IMAGE_SIZE, TEST_SIZE, read_events, read_json, run_train, train_cmd
 
 
 def test_learns_real_faces_with_amp_and_logs_to_mlflow(sample_faces, mlflow_server, tmp_path):
@@ -131,7 +131,7 @@ def test_two_process_gloo_ddp_reads_disjoint_samples(small_faces, tmp_path):
 
     net = InceptionResnetV1(classify=True, num_classes=4)
     net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"])
-    batch = collate([FaceImages(split.test, 96)[i] for i in range(8)])
+    batch = collate([FaceImages(split.test, TEST_SIZE)[i] for i in range(8)])
     with torch.inference_mode():
         predicted = net.eval()(to_device(batch.images, torch.device("cpu"), False)).argmax(1)
     assert not batch.bad and sorted(batch.fed) == sorted(test_set)
@@ -414,7 +414,7 @@ def test_modelzoo_script_runs_as_the_seed_calls_it(small_faces, tmp_path):
     """`bash scripts/train_performance_1p.sh --data_path=DIR` (the seed's spelling), extra flags winning over
     the preset: the Final block on stdout and the ModelZoo key = value log."""
     res = subprocess.run(["bash", os.path.join(REPO, "scripts", "train_performance_1p.sh"), f"--data_path={small_faces}",
-                          "--batch-size", "8", "--workers", "0", "--image-size", "96"],
+                          "--batch-size", "8", "--workers", "0", *TEST_IMAGE_SIZE],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Final Performance images/sec :" in res.stdout and "E2E Training Duration sec :" in res.stdout
@@ -432,7 +432,7 @@ def test_make_bench_runs_on_a_tiny_setting(small_faces, tmp_path):
     res = subprocess.run(["make", "--no-print-directory", "bench", f"BENCH_DIR={out}",
                           f"BENCH_ARGS=--epochs 1 --batch-size 8 --data {small_faces} --raw-per-identity 3 "
                           "--ceiling-steps 3",
-                          f"BENCH_QUEUE_ARGS=--epochs 1 --batch-size 8 --data {small_faces} --image-size 96 "
+                          f"BENCH_QUEUE_ARGS=--epochs 1 --batch-size 8 --data {small_faces} --image-size {TEST_SIZE} "
                           "--no-artifacts"],
                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
