@@ -252,13 +252,54 @@ def _disk_file(worker: str | None) -> str:
     return os.path.join(REPO, "build", f"test-disk{'-' + worker if worker else ''}.jsonl")
 
 
+def _host_cpu() -> tuple[float, float]:
+    """(busy, all) jiffies of every core of the host since boot (/proc/stat's first line; iowait counts idle)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])  # guest time is already inside user
+    return total - idle, total
+
+
+# The host's CPU over the session, sampled every 5 s by the controller: whether the suite is bound by the cores
+# (then only less work helps) or by waits on processes and services (then more side by side helps).
+_HOST: dict = {"samples": []}
+
+
+def _sample_host(stop) -> None:
+    last = _host_cpu()
+    while not stop.wait(5):
+        now = _host_cpu()
+        if now[1] > last[1]:
+            _HOST["samples"].append((now[0] - last[0]) / (now[1] - last[1]))
+        last = now
+
+
 def pytest_sessionstart(session):
     if _worker_id(session.config) is None:  # the controller (or a plain run): last session's files go
         import glob
+        import threading
 
         for path in glob.glob(os.path.join(REPO, "build", "test-disk*.jsonl")):
             with contextlib.suppress(OSError):
                 os.remove(path)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            _HOST.update(start=_host_cpu(), t0=time.monotonic(), stop=threading.Event())
+            threading.Thread(target=_sample_host, args=(_HOST["stop"],), daemon=True, name="host-cpu").start()
+
+
+def _host_summary(terminalreporter) -> None:
+    if "start" not in _HOST:
+        return
+    _HOST["stop"].set()
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        busy, total = (b - a for a, b in zip(_HOST["start"], _host_cpu()))
+        seconds = time.monotonic() - _HOST["t0"]
+        cores = os.cpu_count() or 1
+        samples = _HOST["samples"]
+        half_idle = sum(s < 0.5 for s in samples) * 5
+        terminalreporter.write_sep("=", f"host cpu: {100 * busy / max(total, 1):.0f}% busy over {seconds:.0f} s on "
+                                        f"{cores} cores; {half_idle} s of it at least half idle")
 
 
 def pytest_sessionfinish(session):
@@ -274,6 +315,7 @@ def pytest_sessionfinish(session):
 def pytest_terminal_summary(terminalreporter):
     import glob
 
+    _host_summary(terminalreporter)
     rows = list(_DISK["rows"])
     for path in glob.glob(os.path.join(REPO, "build", "test-disk-*.jsonl")):  # each worker's, under pytest-xdist
         with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as fh:
