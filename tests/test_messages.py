@@ -494,7 +494,9 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
 
     # A train job with its trainer running: plan, shard, finalize and train messages for it.
     crops = copy_subset(os.path.join(sample_root, "prep", "train"), str(data / "forged-crops"), 4, 8)
-    t = cli("submit-train", "--data", crops, "--npus", "1", "--epochs", "50", "--batch-size", "8", "--image-size",
+    # Epochs enough to outlast every check below (it is cancelled at the end): 50 at 80 px ended on their own in
+    # a CI run, and the job meant to wait behind it then ran.
+    t = cli("submit-train", "--data", crops, "--npus", "1", "--epochs", "1000", "--batch-size", "8", "--image-size",
             str(TEST_SIZE), "--log-checkpoints", "none", "--no-log-model")["id"]
     job = wait(t, lambda j: j["status"] == "RUNNING" and j.get("trainer_pid"), 180)
     assert job["status"] == "RUNNING", job
@@ -511,7 +513,8 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
 
     # A train job still preprocessing (2 devices: its own attempt waits while the running job holds one).
     t2 = cli("submit-train", "--preprocess-from", str(raw_t2), "--data", str(data / "forged-out-t2"), "--npus", "2",
-             "--shard-size", "1", "--epochs", "1", "--image-size", str(TEST_SIZE), "--log-checkpoints", "none")["id"]
+             "--shard-size", "1", "--epochs", "1", "--batch-size", "4", "--image-size", str(TEST_SIZE),
+             "--log-checkpoints", "none")["id"]
     wait(t2, shards_pending, 120)
     train_t2 = forge("train.cpu", "facenet.train", t2)
     finalize_t2 = forge("preprocess", "facenet.finalize_dataset", t2)
