@@ -253,7 +253,8 @@ def _disk_file(worker: str | None) -> str:
 
 
 def _host_cpu() -> tuple[float, float]:
-    """(busy, all) jiffies of every core of the host since boot (/proc/stat's first line; iowait counts idle)."""
+    """(busy, all) jiffies of every core of the host since boot (/proc/stat's first line; iowait counts idle, a VM's
+    steal time busy: the cores were not ours to use)."""
     with open("/proc/stat", encoding="ascii") as fh:
         fields = [int(v) for v in fh.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
@@ -269,10 +270,11 @@ _HOST: dict = {"samples": []}
 def _sample_host(stop) -> None:
     last = _host_cpu()
     while not stop.wait(5):
-        now = _host_cpu()
-        if now[1] > last[1]:
-            _HOST["samples"].append((now[0] - last[0]) / (now[1] - last[1]))
-        last = now
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            now = _host_cpu()
+            if now[1] > last[1]:
+                _HOST["samples"].append((now[0] - last[0]) / (now[1] - last[1]))
+            last = now
 
 
 def pytest_sessionstart(session):

@@ -25,7 +25,7 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     proc = subprocess.run([sys.executable, "-m", "services.bench.chaos", "--seed", "5", "--jobs", "4", "--timeout", "480",
                            "--epochs", "3", "--fault-gap", "1", "4", "--mlflow-outage", "20", "30", "--out", str(out),
                            "--workdir", str(tmp_path / "work"), "--sample-root", sample_root,
-                           *TEST_IMAGE_SIZE],
+                           "--extra-jobs", "3", *TEST_IMAGE_SIZE],
                           capture_output=True, text=True, timeout=840, cwd=REPO)
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert out.exists(), log
@@ -37,7 +37,8 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
     real = [j["id"] for j in r["jobs"] if not j["poison"]]
     poison = [j for j in r["jobs"] if j["poison"]]
     # An ordinary job more when the four ended before every fault kind or forged message had landed (a slow host).
-    assert len(real) == 3 + r["extra_jobs"] and r["extra_jobs"] <= 2 and len(poison) == 1
+    # (3, not the driver's default 2: a forged finalize taken late is forged again, and may need a job to land on.)
+    assert len(real) == 3 + r["extra_jobs"] and r["extra_jobs"] <= 3 and len(poison) == 1
     assert sorted(r["succeeded"]) == sorted(real), r["jobs"]
     assert [f["id"] for f in r["failed"]] == [poison[0]["id"]]
     assert "--pretrained" in r["failed"][0]["reason"], r["failed"]
@@ -55,7 +56,7 @@ def test_jobs_survive_killed_workers_trainers_redis_and_mlflow(tmp_path, sample_
                                                     "mlflow", "redis_freeze", "redis_slow", "redis_cut",
                                                     "mlflow_freeze")), r["fault_log"]
     # One message of each stage, for a job in a state it does not act in, and each was dropped.
-    assert r["forged"] == {"plan": 1, "shard": 1, "finalize": 1, "train": 1}, r["forged_log"]
+    assert r["forged"] == {"plan": 1, "shard": 1, "finalize": 1, "train": 1}, (r["forged_log"], r["forged_late"])
     assert all(f["dropped"] for f in r["forged_log"]), r["forged_log"]
     # A forged finalize taken only after its job's last shard ended did the real one's work on the whole set (the
     # reference's crops) and was forged again; one that acted on part of a set would have stayed a violation above.

@@ -359,7 +359,7 @@ def test_down_and_up_keep_jobs_and_runs(stack):
         assert jobs[earlier["id"]]["status"] == "SUCCEEDED", jobs
         run = stack.mlflow(f"/api/2.0/mlflow/runs/get?run_id={earlier['mlflow_run_id']}")["run"]
         assert run["info"]["status"] == "FINISHED"
-    # No second `make down` here: the fixture's teardown takes the stack down (with its volumes) right after.
+    stack.make("down", timeout=300)  # down before the next test's image build, which needs the 2 cores
 
 
 def test_an_image_build_reaches_the_package_index_through_the_ca_secret(tmp_path):

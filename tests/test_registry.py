@@ -308,7 +308,7 @@ def test_a_job_whose_submitter_died_before_sending_is_sent_by_the_sweep(redis_ur
                          env={**os.environ, "FACENET_REDIS_URL": redis_url})
     assert out.returncode == 0, out.stderr[-2000:]
     failed = reg.get("j-plan")
-    assert failed["status"] == FAILED and "never reached a worker" in failed["error"], failed
+    assert failed["status"] == FAILED and "never planned, its message lost again" in failed["error"], failed
     assert "killed for memory" not in failed["error"] and client.llen("preprocess") == 0
 
 

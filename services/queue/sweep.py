@@ -31,8 +31,8 @@ def sweep(reg: Registry, max_attempts: int = 3) -> list[str]:
             old_task = reg.r.hget(reg.key(job["id"]) + ":tasks", stage)
             never_sent = stage == "plan" and stage in lost_messages
             if lost > max_attempts:
-                error = (f"preprocessing plan: its message was sent {lost} times and never reached a worker (is "
-                         "Redis losing writes? see its log); submit the job again" if never_sent
+                error = (f"preprocessing plan: sent {lost} times and never planned, its message lost again (is Redis "
+                         "losing writes? see its log); submit the job again" if never_sent
                          else stage_never_finished(stage, lost))
                 reg.finish(job["id"], FAILED, when="preprocessing", error=error)
                 break
