@@ -476,39 +476,40 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
         finalize taken after it finds every shard done, which is a finalize that fits.)"""
         return bool(job.get("plan_id")) and r.scard(reg.key(job["id"]) + ":shards") <= job["shards"] - 2
 
-    def planned_then_paused(*submit: str) -> str:
-        """Submit with the preprocessing worker stopped (SIGSTOP to its process group), let it plan, and stop it again
-        at once: the job is planned with at least 7 of its 9 shards pending for as long as the checks take. A shard
-        of these small photos takes 30-100 ms and the plan is watched every millisecond; polling the job every
-        0.1 s after the submit returned once found all 9 shards done (0.6 s in all). `resume()` lets it go on."""
-        os.killpg(preprocessing_worker.pid, signal.SIGSTOP)
+    def forged_into_a_planned_job(submit: list[str], train_what: str, finalize_what: str) -> str:
+        """Submit with the preprocessing worker stopped (SIGSTOP to its process group), let it plan, and stop it
+        again at once: the job is planned with at least 7 of its 9 shards pending. Then a train and a finalize
+        message for it, the train message's drop read while the worker stays stopped (the job cannot leave
+        preprocessing meanwhile), the finalize's once it runs again; returns the job id. (A shard of these small
+        photos takes 30-100 ms and the plan is watched every millisecond; polling the job every 0.1 s after the
+        submit returned once found all 9 shards done, 0.6 s in all.)"""
+        group = preprocessing_worker.pid
+        os.killpg(group, signal.SIGSTOP)
         try:
             job_id = cli(*submit)["id"]
         finally:
-            os.killpg(preprocessing_worker.pid, signal.SIGCONT)
+            os.killpg(group, signal.SIGCONT)
         deadline = time.monotonic() + 60
         while not r.hget(reg.key(job_id), "plan_id") and time.monotonic() < deadline:
             time.sleep(0.001)
-        os.killpg(preprocessing_worker.pid, signal.SIGSTOP)
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            assert shards_pending(reg.get(job_id)), reg.get(job_id)
+            train = forge("train.cpu", "facenet.train", job_id)
+            finalize = forge("preprocess", "facenet.finalize_dataset", job_id)
+            expect_dropped(train_what, train, "unfit")
+        finally:
+            os.killpg(group, signal.SIGCONT)
+        expect_dropped(finalize_what, finalize, "unfit")
         return job_id
-
-    def resume() -> None:
-        os.killpg(preprocessing_worker.pid, signal.SIGCONT)
 
     # A preprocessing job: a train message for it, a finalize while its shards run.
     raw_p, raw_t2 = data / "forged-raw-p", data / "forged-raw-t2"
     for raw in (raw_p, raw_t2):  # 9 photos, 9 shards of one: a window of several shards to forge in
         make_raw_identities(str(raw), per_identity=3, identities=3)
-    p = planned_then_paused("submit-preprocess", str(raw_p), str(data / "forged-out-p"), "--shard-size", "1",
-                            "--image-size", str(TEST_SIZE))
-    try:
-        assert shards_pending(reg.get(p)), reg.get(p)
-        train_p = forge("train.cpu", "facenet.train", p)
-        finalize_p = forge("preprocess", "facenet.finalize_dataset", p)
-        expect_dropped("train for a preprocessing job", train_p, "unfit")
-    finally:
-        resume()
-    expect_dropped("finalize while its shards run", finalize_p, "unfit")
+    p = forged_into_a_planned_job(["submit-preprocess", str(raw_p), str(data / "forged-out-p"), "--shard-size", "1",
+                                   "--image-size", str(TEST_SIZE)],
+                                  "train for a preprocessing job", "finalize while its shards run")
     job = wait(p, lambda j: False)
     if job["status"] != "SUCCEEDED" or (job.get("result") or {}).get("images") != 9 or job.get("attempts"):
         got_through.append(f"preprocessing job {p} ended {job['status']} ({job.get('error')}), "
@@ -534,17 +535,10 @@ def test_stage_messages_for_a_job_in_the_wrong_state_are_dropped(worker, device_
                            "attempt(s)")
 
     # A train job still preprocessing (2 devices: its own attempt waits while the running job holds one).
-    t2 = planned_then_paused("submit-train", "--preprocess-from", str(raw_t2), "--data", str(data / "forged-out-t2"),
-                             "--npus", "2", "--shard-size", "1", "--epochs", "1", "--batch-size", "4", "--image-size",
-                             str(TEST_SIZE), "--log-checkpoints", "none")
-    try:
-        assert shards_pending(reg.get(t2)), reg.get(t2)
-        train_t2 = forge("train.cpu", "facenet.train", t2)
-        finalize_t2 = forge("preprocess", "facenet.finalize_dataset", t2)
-        expect_dropped("train during preprocessing", train_t2, "unfit")
-    finally:
-        resume()
-    expect_dropped("finalize while its shards run (a train job)", finalize_t2, "unfit")
+    t2 = forged_into_a_planned_job(["submit-train", "--preprocess-from", str(raw_t2), "--data",
+                                    str(data / "forged-out-t2"), "--npus", "2", "--shard-size", "1", "--epochs", "1",
+                                    "--batch-size", "4", "--image-size", str(TEST_SIZE), "--log-checkpoints", "none"],
+                                   "train during preprocessing", "finalize while its shards run (a train job)")
     # Claimed before its preprocessing ended: the forged train message acted. (Both drops took up to 20 s each, and the
     # last shards and finalize may have ended in them: then the job's own train message claims it, as it should, and
     # the wait below counts that one attempt.)
