@@ -267,8 +267,8 @@ def _host_cpu() -> tuple[float, float]:
 _HOST: dict = {"samples": []}
 
 
-def _sample_host(stop) -> None:
-    last = _host_cpu()
+def _sample_host(stop, last: tuple[float, float]) -> None:
+    """Each 5 s, the busy share of the cores since the sample before (`last`: the session's start)."""
     while not stop.wait(5):
         with contextlib.suppress(OSError, ValueError, IndexError):
             now = _host_cpu()
@@ -287,7 +287,8 @@ def pytest_sessionstart(session):
                 os.remove(path)
         with contextlib.suppress(OSError, ValueError, IndexError):
             _HOST.update(start=_host_cpu(), t0=time.monotonic(), stop=threading.Event())
-            threading.Thread(target=_sample_host, args=(_HOST["stop"],), daemon=True, name="host-cpu").start()
+            threading.Thread(target=_sample_host, args=(_HOST["stop"], _HOST["start"]), daemon=True,
+                             name="host-cpu").start()
 
 
 def _host_summary(terminalreporter) -> None:
